@@ -1,0 +1,502 @@
+//! Configuration: the serde `RawConfig` tree and its figment loading (built-in defaults < TOML
+//! file < `DLMS_BRIDGE_*` env, `__` for nesting). Validation into typed values lives in
+//! `validate.rs`; this module must not open sockets or files other than the config file itself.
+
+pub mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub use validate::{validate, Config};
+
+/// Default location of the config file (a conffile of the .deb).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dlms-bridge/config.toml";
+/// Prefix of environment overrides: `DLMS_BRIDGE_THINGSBOARD__ACCESS_TOKEN=...`.
+pub const ENV_PREFIX: &str = "DLMS_BRIDGE_";
+
+/// A secret (token, password): `Debug`/`Display` print `***` so it never reaches a log line.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+/// Serialising masks the value too, so `print-config` can never print a secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself: only for putting it on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// One configuration problem, named by its key path (`thingsboard.port`, `meters[2].obis`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Errors from loading (not validating) the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config file {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigError>),
+}
+
+impl From<figment::Error> for Error {
+    fn from(e: figment::Error) -> Self {
+        // figment names the key path and the source (file or env var) in each error.
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| {
+                let key = if e.path.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", e.path.join("."))
+                };
+                let src = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref().map(|s| format!(" (in {s})")))
+                    .unwrap_or_default();
+                format!("{key}{}{src}", e.kind)
+            })
+            .collect();
+        Error::Parse(msgs.join("\n"))
+    }
+}
+
+/// The whole configuration file as written by a user. Every table denies unknown keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub log: LogConfig,
+    pub broker: BrokerConfig,
+    pub thingsboard: ThingsboardConfig,
+    pub store: StoreConfig,
+    pub local: LocalConfig,
+    pub shutdown: ShutdownConfig,
+    /// Built-in simulated meters started inside the bridge (demo and benchmarks).
+    pub simulator: SimulatorConfig,
+    /// DLMS meters to poll.
+    pub meters: Vec<MeterConfig>,
+    /// Mapping rules for local MQTT messages (tb-gateway MQTT connector semantics).
+    pub mappings: Vec<MappingConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info` or `info,dlms_bridge::uplink=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// The embedded local MQTT broker that replaces Mosquitto.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub enabled: bool,
+    /// Where local publishers connect (MQTT 3.1.1 and 5 on the same port).
+    pub listen: String,
+    /// Optional credentials; when set, anonymous clients are refused.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Largest MQTT packet accepted from a local client, bytes.
+    pub max_packet_size: usize,
+    /// Most simultaneous local client connections.
+    pub max_connections: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            enabled: true,
+            listen: "127.0.0.1:1884".into(),
+            username: None,
+            password: None,
+            max_packet_size: 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Which MQTT version the uplink speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttProtocol {
+    /// MQTT 5, falling back to 3.1.1 when the server refuses 5.
+    Auto,
+    V5,
+    V311,
+}
+
+/// The single ThingsBoard gateway uplink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThingsboardConfig {
+    pub host: String,
+    pub port: u16,
+    /// The gateway device's access token (MQTT username). Never logged.
+    pub access_token: Secret,
+    /// MQTT client id; ThingsBoard ignores it, but some proxies log it.
+    pub client_id: String,
+    pub protocol: MqttProtocol,
+    /// Keep-alive: short, so a dead link is noticed well within a minute.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest packet sent or accepted; ThingsBoard's default `NETTY_MAX_PAYLOAD_SIZE`.
+    pub max_packet_size: usize,
+    /// Publishes awaiting PUBACK at once (ThingsBoard reports 100; stay at 80 %).
+    pub max_inflight: u16,
+    /// How long a batch may wait to collect more records of the same device.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// A publish with no PUBACK after this long means the link is dead: reconnect and resend.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Retry period after ThingsBoard refused the credentials (permanent error).
+    #[serde(with = "humantime_serde")]
+    pub auth_retry: Duration,
+}
+
+impl Default for ThingsboardConfig {
+    fn default() -> Self {
+        ThingsboardConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            access_token: Secret::default(),
+            client_id: "dlms-bridge".into(),
+            protocol: MqttProtocol::Auto,
+            keep_alive: Duration::from_secs(20),
+            max_packet_size: 65_536,
+            max_inflight: 80,
+            batch_linger: Duration::from_millis(5),
+            ack_timeout: Duration::from_secs(20),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(60),
+            auth_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What to do when the queue reaches its size cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Delete the oldest records (counted, WARN once a minute).
+    DropOldest,
+    /// Refuse new records (counted, WARN once a minute).
+    DropNewest,
+}
+
+/// The durable store-and-forward queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file (WAL). Its directory must be writable.
+    pub path: PathBuf,
+    /// Cap on the database size on disk, bytes.
+    pub max_bytes: u64,
+    /// Records older than this are deleted unsent (counted).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub on_full: OnFull,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("/var/lib/dlms-bridge/queue.db"),
+            max_bytes: 1024 * 1024 * 1024,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            on_full: OnFull::DropOldest,
+        }
+    }
+}
+
+/// Where the device name comes from for a local client speaking the ThingsBoard *device* API
+/// (`v1/devices/me/*`) without `deviceName` in its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceNameSource {
+    /// The MQTT username, else the client id.
+    UsernameThenClientId,
+    /// Always the client id.
+    ClientId,
+}
+
+/// Built-in handling of local MQTT traffic (what works with no mapping written).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Device profile for devices created from local messages.
+    pub device_type: String,
+    pub device_name_source: DeviceNameSource,
+    /// Accept the ThingsBoard gateway API (`v1/gateway/*`) from local clients and forward it.
+    pub gateway_api: bool,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            device_type: DEFAULT_DEVICE_TYPE.into(),
+            device_name_source: DeviceNameSource::UsernameThenClientId,
+            gateway_api: true,
+        }
+    }
+}
+
+/// Default ThingsBoard profile for meters and local devices.
+pub const DEFAULT_DEVICE_TYPE: &str = "DLMS Energy Meter";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long shutdown may take before remaining tasks are aborted (exit non-zero).
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Built-in simulated meters (for the demo run and benchmarks), served on loopback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Number of simulated meters; 0 = none. Each becomes a polled meter named `sim-meter-NNNN`.
+    pub meters: usize,
+    /// `wrapper` or `hdlc`.
+    pub transport: DlmsTransport,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig {
+            meters: 0,
+            transport: DlmsTransport::Hdlc,
+            interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How DLMS APDUs travel over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DlmsTransport {
+    /// HDLC frames (IEC 62056-46) carried on TCP, e.g. a serial-to-Ethernet converter.
+    #[default]
+    Hdlc,
+    /// IEC 62056-47 TCP wrapper (usually port 4059).
+    Wrapper,
+}
+
+/// Meter authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DlmsAuth {
+    #[default]
+    None,
+    /// Low-level security: password.
+    Lls,
+}
+
+/// One register to read: `key` is the ThingsBoard telemetry key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    pub key: String,
+    /// OBIS code, `1.0.32.7.0.255` (also `1-0:32.7.0*255`).
+    pub obis: String,
+    #[serde(default = "default_class_id")]
+    pub class_id: u16,
+    #[serde(default = "default_attribute")]
+    pub attribute: i8,
+}
+
+fn default_class_id() -> u16 {
+    3
+}
+fn default_attribute() -> i8 {
+    2
+}
+
+/// One DLMS meter (or, with `database`, every meter listed in the original system's registry).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeterConfig {
+    /// ThingsBoard device name.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Instead of name/host/port: the original system's SQLite registry
+    /// (`meters(id, name, ip_address, port, ...)`); every row becomes a meter with this entry's
+    /// other settings.
+    pub database: Option<PathBuf>,
+    pub transport: DlmsTransport,
+    /// Client SAP (16 = public client).
+    pub client_address: u16,
+    /// HDLC server upper (logical) address.
+    pub logical_address: u16,
+    /// HDLC server lower (physical) address.
+    pub physical_address: u16,
+    /// HDLC server address size in bytes: 1, 2 or 4.
+    pub address_size: u8,
+    pub auth: DlmsAuth,
+    pub password: Option<Secret>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// ThingsBoard profile; defaults to `DLMS Energy Meter`.
+    pub device_type: Option<String>,
+    /// Named register set (`default` = the five registers of the original system).
+    pub profile: String,
+    /// Explicit registers; replace the profile's when non-empty.
+    pub registers: Vec<RegisterConfig>,
+}
+
+impl Default for MeterConfig {
+    fn default() -> Self {
+        MeterConfig {
+            name: String::new(),
+            host: String::new(),
+            port: 0,
+            database: None,
+            transport: DlmsTransport::Hdlc,
+            client_address: 16,
+            logical_address: 1,
+            physical_address: 16,
+            address_size: 1,
+            auth: DlmsAuth::None,
+            password: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            device_type: None,
+            profile: "default".into(),
+            registers: Vec::new(),
+        }
+    }
+}
+
+/// One local-MQTT mapping rule (tb-gateway MQTT connector `mapping` entry, in TOML).
+/// Extended by the mapping engine; the core fields below cover the common cases.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MappingConfig {
+    /// MQTT topic filter with `+`/`#`.
+    pub topic_filter: String,
+    /// Device name expression, e.g. `${deviceName}` (JSON) ...
+    pub device_name_json: Option<String>,
+    /// ... or a regex over the topic (last capture group) ...
+    pub device_name_topic: Option<String>,
+    /// ... or a constant.
+    pub device_name: Option<String>,
+    /// Device profile expression or constant; default `local.device_type`.
+    pub device_type: Option<String>,
+    /// Telemetry keys to take (`*` = all numeric/string/bool top-level keys).
+    pub timeseries: Vec<String>,
+    /// Client attribute keys to take.
+    pub attributes: Vec<String>,
+    /// tb-gateway connector JSON file used as is (its `mapping` etc.), instead of the fields above.
+    pub tb_gateway_file: Option<PathBuf>,
+}
+
+/// Load the configuration: built-in defaults, then the TOML file (if `path` is given it must
+/// exist; the default path may be absent), then `DLMS_BRIDGE_*` environment overrides.
+pub fn load(path: Option<&Path>) -> Result<RawConfig, Error> {
+    let mut fig = Figment::from(Serialized::defaults(RawConfig::default()));
+    match path {
+        Some(p) => {
+            if !p.exists() {
+                return Err(Error::Missing {
+                    path: p.to_path_buf(),
+                });
+            }
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        None => {
+            let p = Path::new(DEFAULT_CONFIG_PATH);
+            if p.exists() {
+                fig = fig.merge(Toml::file_exact(p));
+            }
+        }
+    }
+    fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    Ok(fig.extract()?)
+}
+
+/// Load from a TOML string only (tests, `check-config` of a fixture).
+pub fn load_str(toml: &str) -> Result<RawConfig, Error> {
+    Ok(Figment::from(Serialized::defaults(RawConfig::default()))
+        .merge(Toml::string(toml))
+        .extract()?)
+}
+
+/// Parse `host:port` (also `[::1]:port`) for a listen address.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:1884 or [::1]:1884"))
+}

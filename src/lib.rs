@@ -1,0 +1,5 @@
+//! dlms-bridge library.
+#![forbid(unsafe_code)]
+pub mod config;
+pub mod model;
+pub mod sources;

@@ -1,0 +1,1 @@
+//! DLMS/COSEM meter polling (issue #3).
