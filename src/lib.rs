@@ -2,4 +2,6 @@
 #![forbid(unsafe_code)]
 pub mod config;
 pub mod model;
+pub mod router;
+pub mod shutdown;
 pub mod sources;

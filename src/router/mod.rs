@@ -1,0 +1,2 @@
+//! Router placeholder (wired after merges).
+pub mod builtin;
