@@ -30,14 +30,21 @@ fn shipped_configs_are_valid() {
 fn invalid_fixtures_fail_with_a_key() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/invalid");
     let files = toml_files(&dir);
-    assert!(files.len() >= 5, "expected invalid fixtures, found {files:?}");
+    assert!(
+        files.len() >= 5,
+        "expected invalid fixtures, found {files:?}"
+    );
     for f in files {
         let text = std::fs::read_to_string(&f).expect("read");
         let msg = match config::load_str(&text) {
             Err(e) => e.to_string(),
             Ok(raw) => match config::validate(raw) {
                 Ok(_) => panic!("{} validated but must fail", f.display()),
-                Err(errs) => errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+                Err(errs) => errs
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             },
         };
         // Every message names a dotted key path (`section.key` or `meters[0].key`).
