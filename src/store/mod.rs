@@ -481,7 +481,10 @@ impl Worker {
         let mut next_tick = Instant::now() + MAINTENANCE_INTERVAL;
         loop {
             let deadline = tokio::time::Instant::from_std(next_tick);
-            let first = rt.block_on(tokio::time::timeout_at(deadline, self.req_rx.recv()));
+            // The timer must be created inside the runtime, hence the async block.
+            let req_rx = &mut self.req_rx;
+            let first =
+                rt.block_on(async { tokio::time::timeout_at(deadline, req_rx.recv()).await });
             let first = match first {
                 Err(_elapsed) => {
                     self.maintain();
@@ -694,7 +697,10 @@ impl Worker {
         };
         if used < self.limits.max_bytes {
             if self.full {
-                info!(used_bytes = used, "Store has room again; accepting records.");
+                info!(
+                    used_bytes = used,
+                    "Store has room again; accepting records."
+                );
             }
             self.full = false;
             return;
@@ -702,7 +708,11 @@ impl Worker {
         match self.limits.on_full {
             OnFull::DropNewest => {
                 if !self.full {
-                    warn!(used_bytes = used, max_bytes = self.limits.max_bytes, "Store is full; refusing new records until the uplink drains it.");
+                    warn!(
+                        used_bytes = used,
+                        max_bytes = self.limits.max_bytes,
+                        "Store is full; refusing new records until the uplink drains it."
+                    );
                 }
                 self.full = true;
             }

@@ -195,7 +195,8 @@ impl Db {
             let mut scanned = 0usize;
             {
                 let mut stmt = self.conn.prepare_cached(READ_SQL)?;
-                let mut rows = stmt.query(params![cursor, i64::try_from(want).unwrap_or(i64::MAX)])?;
+                let mut rows =
+                    stmt.query(params![cursor, i64::try_from(want).unwrap_or(i64::MAX)])?;
                 while let Some(row) = rows.next()? {
                     scanned += 1;
                     let id: i64 = row.get(0)?;
@@ -485,6 +486,31 @@ mod tests {
         assert_eq!(
             sidecar(p, "-wal"),
             PathBuf::from("/var/lib/dlms-bridge/queue.db-wal")
+        );
+    }
+
+    #[test]
+    fn move_aside_takes_the_wal_and_shm_along() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("queue.db");
+        for (p, body) in [
+            (db.clone(), "db"),
+            (sidecar(&db, "-wal"), "wal"),
+            (sidecar(&db, "-shm"), "shm"),
+        ] {
+            std::fs::write(p, body).expect("write");
+        }
+        let aside = move_aside(&db, 42).expect("move aside");
+        assert_eq!(aside, dir.path().join("queue.db.corrupt-42"));
+        assert!(!db.exists() && !sidecar(&db, "-wal").exists() && !sidecar(&db, "-shm").exists());
+        assert_eq!(std::fs::read_to_string(&aside).expect("db"), "db");
+        assert_eq!(
+            std::fs::read_to_string(sidecar(&aside, "-wal")).expect("wal"),
+            "wal"
+        );
+        assert_eq!(
+            std::fs::read_to_string(sidecar(&aside, "-shm")).expect("shm"),
+            "shm"
         );
     }
 }
