@@ -1,0 +1,4 @@
+//! Router: local MQTT messages and meter readings → ThingsBoard records; downlink dispatch.
+pub mod convert;
+pub mod expr;
+pub mod mapping;
