@@ -433,7 +433,11 @@ mod tests {
         ];
         for (t, want) in cases {
             let tpl = Template::parse(t).unwrap_or_else(|e| panic!("{t}: {e}"));
-            assert_eq!(tpl.render(&p, Render::Plain).as_deref().map_err(|e| *e), *want, "{t}");
+            assert_eq!(
+                tpl.render(&p, Render::Plain).as_deref().map_err(|e| *e),
+                *want,
+                "{t}"
+            );
         }
     }
 

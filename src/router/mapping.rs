@@ -512,10 +512,17 @@ impl MappingSet {
                 .iter()
                 .filter(|o| o.is_some())
                 .count();
-            if name_sources > 1 {
+            let needs_name = matches!(
+                m.kind,
+                MappingKind::Data
+                    | MappingKind::Connect
+                    | MappingKind::Disconnect
+                    | MappingKind::AttributeRequest
+            );
+            if name_sources > 1 || (needs_name && name_sources == 0) {
                 errs.push(ConfigError::new(
                     format!("{base}.device_name_json"),
-                    "set only one of device_name_json, device_name_topic, device_name",
+                    "set exactly one of device_name_json, device_name_topic, device_name",
                 ));
                 continue;
             }
@@ -2045,4 +2052,655 @@ fn native_key(aliases: &[(String, String)], json_key: &str) -> String {
         .max_by_key(|(j, _)| j.len())
         .map(|(j, t)| format!("{t}{}", &json_key[j.len()..]))
         .unwrap_or_else(|| json_key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_str, DEFAULT_DEVICE_TYPE};
+    use bytes::Bytes;
+
+    fn publish(topic: &str, payload: &str) -> LocalPublish {
+        LocalPublish {
+            client_id: "c1".into(),
+            username: None,
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_string()),
+            received_ms: 1_000,
+        }
+    }
+
+    fn native(toml: &str) -> MappingSet {
+        let raw = load_str(toml).expect("toml parses");
+        MappingSet::from_config(&raw.mappings, DEFAULT_DEVICE_TYPE).expect("compiles")
+    }
+
+    fn native_errs(toml: &str) -> Vec<ConfigError> {
+        let raw = load_str(toml).expect("toml parses");
+        MappingSet::from_config(&raw.mappings, DEFAULT_DEVICE_TYPE).expect_err("must not compile")
+    }
+
+    fn connector(v: Value) -> MappingSet {
+        MappingSet::from_connector_json(&v, "test").unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn values(r: &Record) -> &Value {
+        match r.kind {
+            RecordKind::Telemetry => &r.payload["values"],
+            _ => &r.payload,
+        }
+    }
+
+    const BENCH_TOML: &str = r#"
+        [[mappings]]
+        topic_filter = "sensors/+/telemetry"
+        device_name_json = "${deviceName}"
+        timeseries = ["*"]
+    "#;
+
+    #[test]
+    fn native_pass_through_maps_every_key_but_the_name() {
+        let mut set = native(BENCH_TOML);
+        let out = set
+            .map(&publish(
+                "sensors/a/telemetry",
+                r#"{"deviceName":"S1","t":21.5,"on":true}"#,
+            ))
+            .expect("matched")
+            .expect("mapped");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].device, "S1");
+        assert_eq!(out[0].device_type, DEFAULT_DEVICE_TYPE);
+        assert_eq!(out[0].kind, RecordKind::Telemetry);
+        assert_eq!(
+            out[0].payload,
+            json!({"ts": 1000, "values": {"t": 21.5, "on": true}})
+        );
+        assert!(set.map(&publish("sensors/a/other", "{}")).is_none());
+    }
+
+    fn original_connector() -> Value {
+        json!({
+            "broker": {"name": "Local", "host": "127.0.0.1", "port": 1884},
+            "mapping": [{
+                "topicFilter": "v1/devices/me/telemetry",
+                "converter": {
+                    "type": "json",
+                    "deviceNameJsonExpression": "${deviceName}",
+                    "deviceTypeJsonExpression": "DLMS Energy Meter",
+                    "timeseries": [
+                        {"type": "double", "key": "voltage_l1", "value": "${voltage_l1}"},
+                        {"type": "double", "key": "current_l1", "value": "${current_l1}"},
+                        {"type": "double", "key": "frequency", "value": "${frequency}"},
+                        {"type": "double", "key": "active_power", "value": "${active_power}"},
+                        {"type": "double", "key": "active_energy", "value": "${active_energy}"}
+                    ]
+                }
+            }]
+        })
+    }
+
+    #[test]
+    fn old_format_original_connector() {
+        let mut set = connector(original_connector());
+        let out = set
+            .map(&publish(
+                "v1/devices/me/telemetry",
+                r#"{"deviceName":"Meter 1","voltage_l1":230.1,"current_l1":"1.5","frequency":50,"active_power":345,"ts":1700000000000}"#,
+            ))
+            .expect("matched")
+            .expect("mapped");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].device, "Meter 1");
+        assert_eq!(out[0].device_type, "DLMS Energy Meter");
+        assert_eq!(
+            out[0].payload,
+            json!({"ts": 1700000000000i64, "values": {
+                "voltage_l1": 230.1, "current_l1": 1.5, "frequency": 50.0, "active_power": 345.0}})
+        );
+    }
+
+    fn new_connector() -> Value {
+        json!({
+            "mapping": [{
+                "topicFilter": "meters/+/data",
+                "converter": {
+                    "type": "json",
+                    "deviceInfo": {
+                        "deviceNameExpressionSource": "topic",
+                        "deviceNameExpression": "(?<=meters/)(.*?)(?=/data)",
+                        "deviceProfileExpressionSource": "constant",
+                        "deviceProfileExpression": "DLMS meter"
+                    },
+                    "attributes": [{"type": "string", "key": "model", "value": "${info.model}"}],
+                    "timeseries": [
+                        {"type": "double", "key": "kWh", "value": "${energy.import}"},
+                        {"type": "string", "key": "label", "value": "${id}:${phase}"},
+                        {"type": "integer", "key": "${name}", "value": "${list[1].v}"}
+                    ]
+                }
+            }],
+            "requestsMapping": {
+                "connectRequests": [{"topicFilter": "sensor/connect",
+                    "deviceInfo": {"deviceNameExpressionSource": "message", "deviceNameExpression": "${SerialNumber}",
+                                   "deviceProfileExpressionSource": "constant", "deviceProfileExpression": "Thermometer"}}],
+                "disconnectRequests": [{"topicFilter": "sensor/+/disconnect",
+                    "deviceInfo": {"deviceNameExpressionSource": "topic", "deviceNameExpression": "sensor/(.*)/disconnect"}}],
+                "attributeRequests": [{"topicFilter": "v1/devices/me/attributes/request",
+                    "deviceInfo": {"deviceNameExpressionSource": "message", "deviceNameExpression": "${serialNumber}"},
+                    "attributeNameExpressionSource": "message", "attributeNameExpression": "${versionAttribute}, ${pduAttribute}",
+                    "topicExpression": "devices/${deviceName}/attrs", "valueExpression": "${attributeKey}: ${attributeValue}",
+                    "retain": false}],
+                "attributeUpdates": [{"retain": true, "deviceNameFilter": "SN.*", "attributeFilter": "firmware.*",
+                    "topicExpression": "sensor/${deviceName}/${attributeKey}", "valueExpression": "{\"${attributeKey}\":${attributeValue}}"}],
+                "serverSideRpc": [
+                    {"type": "twoWay", "deviceNameFilter": ".*", "methodFilter": "echo",
+                     "requestTopicExpression": "sensor/${deviceName}/request/${methodName}/${requestId}",
+                     "responseTopicExpression": "sensor/${deviceName}/response/${methodName}/${requestId}",
+                     "responseTimeout": 10000, "valueExpression": "${params}"},
+                    {"type": "oneWay", "deviceNameFilter": ".*", "methodFilter": "no-reply",
+                     "requestTopicExpression": "sensor/${deviceName}/request/${methodName}/${requestId}",
+                     "valueExpression": "${params.pin}"}
+                ]
+            }
+        })
+    }
+
+    #[test]
+    fn new_format_data_mapping() {
+        let mut set = connector(new_connector());
+        let out = set
+            .map(&publish(
+                "meters/M-7/data",
+                r#"{"info":{"model":"X1"},"energy":{"import":"12.5"},"id":3,"phase":"L1","name":"pulses","list":[{"v":1},{"v":"7.9"}]}"#,
+            ))
+            .expect("matched")
+            .expect("mapped");
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].kind, RecordKind::Attributes);
+        assert_eq!(out[0].device, "M-7");
+        assert_eq!(out[0].device_type, "DLMS meter");
+        assert_eq!(out[0].payload, json!({"model": "X1"}));
+        assert_eq!(
+            out[1].payload["values"],
+            json!({"kWh": 12.5, "label": "3:L1", "pulses": 7})
+        );
+        // Missing datapoint fields are skipped, not errors.
+        let out = set
+            .map(&publish("meters/M-7/data", r#"{"id":1}"#))
+            .expect("matched")
+            .expect("mapped");
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn unusable_messages_are_errors_never_panics() {
+        let mut set = connector(original_connector());
+        let topic = "v1/devices/me/telemetry";
+        let cases: &[(&str, &str)] = &[
+            ("not json", "not valid JSON"),
+            ("", "not valid JSON"),
+            ("{\"voltage_l1\": 1}", "found no `deviceName`"),
+            ("{\"deviceName\": null}", "found no `deviceName`"),
+            ("{\"deviceName\": \"\"}", "empty"),
+            ("{\"deviceName\": \"${deviceName}\"}", "unresolved"),
+            ("[{\"deviceName\":\"A\"}, 5]", "found no `deviceName`"),
+            ("42", "found no `deviceName`"),
+            ("\"text\"", "found no `deviceName`"),
+        ];
+        for (payload, want) in cases {
+            let err = set
+                .map(&publish(topic, payload))
+                .expect("matched")
+                .expect_err(payload);
+            assert!(err.to_string().contains(want), "{payload}: {err}");
+        }
+        // Non-object items and odd values never panic.
+        let _ = set.map(&publish(topic, "[]"));
+        let _ = set.map(&publish(
+            topic,
+            r#"{"deviceName":"A","voltage_l1":{"x":[1]}}"#,
+        ));
+        let _ = set.map(&publish(topic, r#"{"deviceName":"A","ts":"soon"}"#));
+    }
+
+    #[test]
+    fn topic_regex_without_match_is_an_error() {
+        let mut set = connector(new_connector());
+        let err = set
+            .map(&publish("sensor//disconnect", ""))
+            .expect("matched")
+            .expect_err("regex needs a name");
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn arrays_are_merged_per_device_and_timestamps_honoured() {
+        let mut set = native(
+            r#"
+            [[mappings]]
+            topic_filter = "batch"
+            device_name_json = "${dev}"
+            timeseries = ["*"]
+            attributes = [{ key = "fw", type = "string" }]
+            "#,
+        );
+        let out = set
+            .map(&publish(
+                "batch",
+                r#"[{"dev":"A","t":1,"ts":5000,"fw":2},{"dev":"B","t":2},{"dev":"A","u":3,"timestamp":5000},{"dev":"A","t":9,"ts":6000}]"#,
+            ))
+            .expect("matched")
+            .expect("mapped");
+        let summary: Vec<(String, RecordKind, Value)> = out
+            .iter()
+            .map(|r| (r.device.clone(), r.kind, r.payload.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("A".into(), RecordKind::Attributes, json!({"fw": "2"})),
+                (
+                    "A".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 5000, "values": {"t": 1, "fw": 2, "u": 3}})
+                ),
+                (
+                    "A".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 6000, "values": {"t": 9}})
+                ),
+                (
+                    "B".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 1000, "values": {"t": 2}})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn ts_values_payloads_and_received_ts() {
+        let cases: &[(bool, &str, i64, Value)] = &[
+            (
+                false,
+                r#"{"dev":"A","ts":7000,"values":{"k":1}}"#,
+                7000,
+                json!({"k": 1}),
+            ),
+            (
+                true,
+                r#"{"dev":"A","ts":7000,"values":{"k":1}}"#,
+                1000,
+                json!({"k": 1}),
+            ),
+            (
+                false,
+                r#"{"dev":"A","ts":"8000","k":2}"#,
+                8000,
+                json!({"k": 2}),
+            ),
+            (
+                true,
+                r#"{"dev":"A","ts":8000,"k":2}"#,
+                1000,
+                json!({"k": 2}),
+            ),
+        ];
+        for (received, payload, ts, vals) in cases {
+            let mut set = native(&format!(
+                "[[mappings]]\ntopic_filter = \"t\"\ndevice_name = \"A\"\ntimeseries = [\"*\"]\nuse_received_ts = {received}\n"
+            ));
+            let out = set
+                .map(&publish("t", payload))
+                .expect("matched")
+                .expect("mapped");
+            assert_eq!(out[0].payload["ts"], json!(ts), "{payload}");
+            assert_eq!(
+                out[0].payload["values"].get("k"),
+                vals.get("k"),
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn report_strategies() {
+        let mk = |strategy: &str| {
+            native(&format!(
+                "[[mappings]]\ntopic_filter = \"t\"\ndevice_name = \"A\"\ntimeseries = [\"v\"]\nreport_strategy = {strategy}\n"
+            ))
+        };
+        let send = |set: &mut MappingSet, v: i64, at: i64| -> Vec<Value> {
+            let mut p = publish("t", &format!("{{\"v\":{v}}}"));
+            p.received_ms = at;
+            set.map(&p)
+                .expect("matched")
+                .expect("mapped")
+                .iter()
+                .map(|r| values(r).clone())
+                .collect()
+        };
+        // ON_RECEIVED: everything.
+        let mut s = mk(r#"{ type = "ON_RECEIVED" }"#);
+        assert_eq!(send(&mut s, 1, 0).len(), 1);
+        assert_eq!(send(&mut s, 1, 1).len(), 1);
+        // ON_CHANGE: only changes.
+        let mut s = mk(r#"{ type = "ON_CHANGE" }"#);
+        assert_eq!(send(&mut s, 1, 0), vec![json!({"v": 1})]);
+        assert!(send(&mut s, 1, 1).is_empty());
+        assert_eq!(send(&mut s, 2, 2), vec![json!({"v": 2})]);
+        assert!(s.due(1_000_000).is_empty());
+        // DISABLED: nothing.
+        let mut s = mk(r#"{ type = "DISABLED" }"#);
+        assert!(send(&mut s, 1, 0).is_empty());
+        // ON_REPORT_PERIOD: latest value once per period, repeated.
+        let mut s = mk(r#"{ type = "ON_REPORT_PERIOD", report_period = "1s" }"#);
+        assert!(send(&mut s, 1, 0).is_empty());
+        assert!(send(&mut s, 2, 500).is_empty());
+        assert_eq!(s.next_due(), Some(1000));
+        assert!(s.due(999).is_empty());
+        let due = s.due(1000);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].payload, json!({"ts": 1000, "values": {"v": 2}}));
+        assert_eq!(due[0].device_type, DEFAULT_DEVICE_TYPE);
+        assert!(s.due(1500).is_empty());
+        assert_eq!(s.due(2000).len(), 1, "re-sent without new data");
+        // ON_CHANGE_OR_REPORT_PERIOD: changes at once, repeats when quiet.
+        let mut s = mk(r#"{ type = "ON_CHANGE_OR_REPORT_PERIOD", report_period = "1s" }"#);
+        assert_eq!(send(&mut s, 1, 0).len(), 1);
+        assert!(send(&mut s, 1, 400).is_empty());
+        assert!(s.due(999).is_empty());
+        assert_eq!(s.due(1000).len(), 1);
+        assert_eq!(send(&mut s, 3, 1200).len(), 1);
+        assert!(s.due(2000).is_empty(), "a change restarted the period");
+        assert_eq!(s.due(2200).len(), 1);
+        // Old sendDataOnlyOnChange.
+        let mut s = native("[[mappings]]\ntopic_filter = \"t\"\ndevice_name = \"A\"\ntimeseries = [\"v\"]\nsend_data_only_on_change = true\n");
+        assert_eq!(send(&mut s, 1, 0).len(), 1);
+        assert!(send(&mut s, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn datapoint_strategy_overrides_rule_strategy() {
+        let mut set = connector(json!({"mapping": [{
+            "topicFilter": "t",
+            "converter": {"deviceInfo": {"deviceNameExpressionSource": "constant", "deviceNameExpression": "A"},
+                "timeseries": [
+                    {"type": "raw", "key": "a", "value": "${a}", "reportStrategy": {"type": "ON_CHANGE"}},
+                    {"type": "raw", "key": "b", "value": "${b}"}]}}]}));
+        let first = set
+            .map(&publish("t", r#"{"a":1,"b":1}"#))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(values(&first[0]), &json!({"a": 1, "b": 1}));
+        let second = set
+            .map(&publish("t", r#"{"a":1,"b":1}"#))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(values(&second[0]), &json!({"b": 1}));
+    }
+
+    #[test]
+    fn connect_disconnect_and_attribute_requests() {
+        let mut set = connector(new_connector());
+        let out = set
+            .map(&publish("sensor/connect", r#"{"SerialNumber":"SN-1"}"#))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(out[0].kind, RecordKind::Connect);
+        assert_eq!(
+            (out[0].device.as_str(), out[0].device_type.as_str()),
+            ("SN-1", "Thermometer")
+        );
+        let out = set
+            .map(&publish("sensor/SN-1/disconnect", ""))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(out[0].kind, RecordKind::Disconnect);
+        assert_eq!(out[0].device, "SN-1");
+
+        let out = set
+            .map(&publish(
+                "v1/devices/me/attributes/request",
+                r#"{"serialNumber":"SN-1","versionAttribute":"fw","pduAttribute":"pdu"}"#,
+            ))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(out[0].kind, RecordKind::AttributeRequest);
+        let id = out[0].payload["id"].as_i64().expect("id");
+        assert_eq!(
+            out[0].payload,
+            json!({"id": id, "client": false, "keys": ["fw", "pdu"]})
+        );
+        assert_eq!(
+            set.attribute_response_publish("other", id, &json!({})),
+            None
+        );
+        let answer = set
+            .attribute_response_publish("SN-1", id, &json!({"fw": "1.2", "pdu": 3}))
+            .expect("routed");
+        assert_eq!(answer.topic, "devices/SN-1/attrs");
+        assert_eq!(answer.payload, br#"{"fw":"1.2","pdu":3}"#.to_vec());
+        assert_eq!(
+            set.attribute_response_publish("SN-1", id, &json!({})),
+            None,
+            "answered once"
+        );
+
+        // One key: the value expression applies.
+        let out = set
+            .map(&publish(
+                "v1/devices/me/attributes/request",
+                r#"{"serialNumber":"SN-1","versionAttribute":"fw"}"#,
+            ))
+            .expect("m");
+        // `${pduAttribute}` is missing: the expression fails, the request is refused.
+        assert!(out.is_err());
+        let mut set = connector(json!({"requestsMapping": {"attributeRequests": [{
+            "topicFilter": "req", "deviceInfo": {"deviceNameExpressionSource": "constant", "deviceNameExpression": "D"},
+            "attributeNameExpressionSource": "constant", "attributeNameExpression": "fw",
+            "topicExpression": "devices/${deviceName}/${attributeKey}", "valueExpression": "${attributeKey}: ${attributeValue}"}]}}));
+        let out = set.map(&publish("req", "")).expect("m").expect("ok");
+        let id = out[0].payload["id"].as_i64().expect("id");
+        let answer = set
+            .attribute_response_publish("D", id, &json!("1.2"))
+            .expect("routed");
+        assert_eq!(
+            (answer.topic.as_str(), answer.payload.as_slice()),
+            ("devices/D/fw", &b"fw: \"1.2\""[..])
+        );
+    }
+
+    #[test]
+    fn attribute_updates_publish_one_message_per_key() {
+        let set = connector(new_connector());
+        let mut data = Map::new();
+        data.insert("firmwareVersion".into(), json!("2.0"));
+        data.insert("other".into(), json!(1));
+        data.insert("deleted".into(), json!(["x"]));
+        let outs = set.attribute_update_publishes(&AttributeUpdate {
+            device: "SN-1".into(),
+            data: data.clone(),
+        });
+        assert_eq!(
+            outs,
+            vec![LocalOut {
+                topic: "sensor/SN-1/firmwareVersion".into(),
+                payload: br#"{"firmwareVersion":"2.0"}"#.to_vec(),
+                retain: true
+            }]
+        );
+        let none = set.attribute_update_publishes(&AttributeUpdate {
+            device: "XSN-1".into(),
+            data,
+        });
+        assert!(
+            none.is_empty(),
+            "deviceNameFilter is anchored at the start (re.match)"
+        );
+    }
+
+    #[test]
+    fn rpc_routes() {
+        let set = connector(new_connector());
+        let req = |method: &str, params: Value| RpcRequest {
+            device: "SN-1".into(),
+            id: 42,
+            method: method.into(),
+            params,
+        };
+        let r = set
+            .rpc_route(&req("echo", json!({"a": 1})))
+            .expect("two-way");
+        assert_eq!(r.request.topic, "sensor/SN-1/request/echo/42");
+        assert_eq!(r.request.payload, br#"{"a":1}"#.to_vec());
+        assert_eq!(
+            r.response_topic.as_deref(),
+            Some("sensor/SN-1/response/echo/42")
+        );
+        assert_eq!(r.timeout, Duration::from_secs(10));
+        let r = set
+            .rpc_route(&req("no-reply", json!({"pin": 4})))
+            .expect("one-way");
+        assert_eq!(
+            (r.request.payload.as_slice(), r.response_topic, r.timeout),
+            (&b"4"[..], None, Duration::ZERO)
+        );
+        assert_eq!(
+            set.rpc_route(&req("unknown", json!(null))),
+            None,
+            "no rule: caller replies an error"
+        );
+        let r = set
+            .rpc_route(&req("get", json!("requestTopicExpression=dev/${deviceName}/get;responseTopicExpression=dev/${deviceName}/val;value=1;")))
+            .expect("reserved get");
+        assert_eq!(
+            (
+                r.request.topic.as_str(),
+                r.response_topic.as_deref(),
+                r.timeout
+            ),
+            ("dev/SN-1/get", Some("dev/SN-1/val"), RESERVED_RPC_TIMEOUT)
+        );
+        let r = set
+            .rpc_route(&req(
+                "mqtt_set",
+                json!("requestTopicExpression=dev/set;value=on;"),
+            ))
+            .expect("reserved set");
+        assert_eq!(
+            (
+                r.request.topic.as_str(),
+                r.request.payload.as_slice(),
+                r.response_topic
+            ),
+            ("dev/set", &b"on"[..], None)
+        );
+        // Reserved names with non-string params fall through to the rules (none here).
+        assert_eq!(set.rpc_route(&req("set", json!({"x": 1}))), None);
+    }
+
+    #[test]
+    fn bytes_converter() {
+        let mut set = native(
+            r#"
+            [[mappings]]
+            topic_filter = "raw/+"
+            converter = "bytes"
+            device_name_json = "dev-[0:2]"
+            hex_mode = true
+            timeseries = [{ key = "body", value = "[2:]" }]
+            "#,
+        );
+        let out = set
+            .map(&publish("raw/x", "AB\u{1}\u{ff}"))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(out[0].device, "dev-AB");
+        assert_eq!(values(&out[0]), &json!({"body": "01c3bf"}));
+    }
+
+    #[test]
+    fn config_errors_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[[mappings]]\ntopic_filter = \"a/#/b\"\ndevice_name = \"x\"\n", "mappings[0].topic_filter", "#"),
+            ("[[mappings]]\ntopic_filter = \"a\"\n", "mappings[0].device_name_json", "exactly one"),
+            ("[[mappings]]\ntopic_filter = \"a\"\ndevice_name = \"x\"\ndevice_name_json = \"${x}\"\n", "mappings[0].device_name_json", "exactly one"),
+            ("[[mappings]]\ntopic_filter = \"a\"\ndevice_name_topic = \"(\"\n", "mappings[0].device_name_topic", "regex"),
+            ("[[mappings]]\ntopic_filter = \"a\"\ndevice_name_json = \"${x\"\n", "mappings[0].device_name_json", "not closed"),
+            ("[[mappings]]\ntopic_filter = \"a\"\ndevice_name = \"x\"\ntimeseries = [{ key = \"k\", type = \"decimal\" }]\n", "mappings[0].timeseries[0].type", "decimal"),
+            ("[[mappings]]\ntopic_filter = \"a\"\ndevice_name = \"x\"\nreport_strategy = { type = \"ON_REPORT_PERIOD\" }\n", "mappings[0].report_strategy.reportPeriod", "needs"),
+            ("[[mappings]]\nkind = \"rpc\"\nmethod_filter = \"(\"\ntopic_expression = \"t\"\n", "mappings[0].method_filter", "regex"),
+            ("[[mappings]]\nkind = \"rpc\"\n", "mappings[0].topic_expression", "required"),
+            ("[[mappings]]\ntb_gateway_file = \"/nonexistent/mqtt.json\"\n", "mappings[0].tb_gateway_file", "cannot read"),
+        ];
+        for (toml, key, msg) in cases {
+            let errs = native_errs(toml);
+            assert!(
+                errs.iter()
+                    .any(|e| e.key == *key && e.message.contains(msg)),
+                "{toml}: want {key} ~ {msg}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn connector_errors_name_their_json_path() {
+        let cases: &[(Value, &str, &str)] = &[
+            (
+                json!({"mapping": [{"topicFilter": "a", "converter": {"type": "custom", "extension": "CustomMqttUplinkConverter"}}]}),
+                "test:mapping[0].converter.type",
+                "CustomMqttUplinkConverter",
+            ),
+            (
+                json!({"mapping": [{"topicFilter": "a", "converter": {"type": "json", "useEval": true, "deviceNameJsonExpression": "x"}}]}),
+                "test:mapping[0].converter.useEval",
+                "not supported",
+            ),
+            (
+                json!({"mapping": [{"converter": {"deviceNameJsonExpression": "x"}}]}),
+                "test:mapping[0].topicFilter",
+                "required",
+            ),
+            (
+                json!({"requestsMapping": {"serverSideRpc": [{"type": "twoWay", "requestTopicExpression": "r", "responseTopicExpression": "s"}]}}),
+                "test:requestsMapping.serverSideRpc[0].responseTimeout",
+                "responseTimeout",
+            ),
+            (
+                json!({"mapping": [{"topicFilter": "a", "converter": {"deviceInfo": {"deviceNameExpressionSource": "header", "deviceNameExpression": "x"}}}]}),
+                "test:mapping[0].converter.deviceInfo.deviceNameExpression",
+                "header",
+            ),
+            (json!([1, 2]), "test:", "JSON object"),
+        ];
+        for (v, key, msg) in cases {
+            let errs = MappingSet::from_connector_json(v, "test").expect_err("invalid");
+            assert!(
+                errs.iter()
+                    .any(|e| e.key == *key && e.message.contains(msg)),
+                "want {key} ~ {msg}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn topic_regexes() {
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("(?<=meters/)(.*?)(?=/data)", "meters/M1/data", Some("M1")),
+            ("meters/(.*)/data", "x/meters/M2/data", Some("M2")),
+            ("meters/[^/]+", "meters/M3/data", Some("meters/M3")),
+            ("(a)|(b)", "b", Some("b")),
+            ("(?<=x/)[^/]+", "x/y/z", Some("y")),
+            ("nomatch", "meters/M1", None),
+        ];
+        for (re, topic, want) in cases {
+            let r = TopicRegex::compile(re).unwrap_or_else(|e| panic!("{re}: {e}"));
+            assert_eq!(r.extract(topic), *want, "{re} on {topic}");
+        }
+        for bad in ["(", "a(?=b)c", "(?<!x)y"] {
+            assert!(TopicRegex::compile(bad).is_err(), "{bad}");
+        }
+    }
 }
