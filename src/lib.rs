@@ -1,6 +1,7 @@
 //! dlms-bridge library.
 #![forbid(unsafe_code)]
 pub mod config;
+pub mod import;
 pub mod model;
 pub mod router;
 pub mod shutdown;
