@@ -232,6 +232,14 @@ impl Connect {
         }
     }
 
+    /// Drop the will's v5 properties: rumqttd 0.20 would publish them to v3.1.1 subscribers,
+    /// which crashes their connections (see [`Session::inbound`]).
+    pub fn strip_will_properties(&mut self) {
+        if let Connect::V5(_, Some(will), _) = self {
+            will.properties = None;
+        }
+    }
+
     /// Drop the password so the backend (which does no auth) never holds it.
     pub fn strip_password(&mut self) {
         match self {
@@ -312,11 +320,12 @@ pub enum Refusal {
     NotAuthorized,
 }
 
-/// A v5 DISCONNECT with the given reason, sent before the front closes a v5 client.
+/// A v5 DISCONNECT with the given reason and an empty property list, sent before the front
+/// closes a v5 client. Built by hand: rumqttc 0.25's `Disconnect::write` appends a property
+/// length its remaining length does not count, and its reader rejects the shorter valid form
+/// without a property length, so this is the form every client parses.
 pub fn v5_disconnect(reason: v5::DisconnectReasonCode) -> Bytes {
-    let mut out = BytesMut::new();
-    let _ = v5::Disconnect::new(reason).write(&mut out);
-    out.freeze()
+    Bytes::from(vec![0xE0, 0x02, reason as u8, 0x00])
 }
 
 /// Rewrite rumqttd's v5 CONNACK: add the client id the front assigned (rumqttd never saw an empty
@@ -370,6 +379,9 @@ pub enum Inbound {
         payload: Bytes,
         qos: u8,
         pkid: u16,
+        /// What to forward instead of the client's frame (v5: alias resolved, properties
+        /// dropped, see [`Session::inbound`]).
+        rewritten: Option<Bytes>,
     },
     /// PUBREL: ends a QoS 2 exchange.
     PubRel(u16),
@@ -422,11 +434,26 @@ impl Session {
                 if !rumqttc::mqttbytes::valid_topic(&topic) {
                     return Err(Error::InvalidTopic);
                 }
+                // rumqttd 0.20 panics writing a PUBLISH that carries v5 properties to a v3.1.1
+                // subscriber (killing that subscriber's connection), so the front forwards v5
+                // publishes without properties, with the alias already resolved.
+                let plain = v5::Publish {
+                    dup: p.dup,
+                    qos: p.qos,
+                    retain: p.retain,
+                    topic: Bytes::from(topic.clone()),
+                    pkid: p.pkid,
+                    payload: p.payload.clone(),
+                    properties: None,
+                };
+                let mut out = BytesMut::with_capacity(frame.len() + topic.len());
+                plain.write(&mut out).map_err(Error::MalformedV5)?;
                 Inbound::Publish {
                     topic,
                     payload: p.payload,
                     qos: p.qos as u8,
                     pkid: p.pkid,
+                    rewritten: Some(out.freeze()),
                 }
             }
             P::PubRel(r) => Inbound::PubRel(r.pkid),
@@ -466,6 +493,7 @@ fn inbound_v4(frame: &[u8]) -> Result<Inbound, Error> {
                 payload: p.payload,
                 qos: p.qos as u8,
                 pkid: p.pkid,
+                rewritten: None,
             }
         }
         P::PubRel(r) => Inbound::PubRel(r.pkid),

@@ -218,6 +218,7 @@ impl Connection {
             connect.set_keep_alive(self.shared.tuning.zero_keep_alive_secs.max(1));
         }
         connect.strip_password();
+        connect.strip_will_properties();
         let connect_bytes = connect.to_bytes().map_err(Error::Protocol)?;
 
         let addr = if version.is_v4() {
@@ -367,11 +368,14 @@ impl Upstream<'_> {
                         payload,
                         qos,
                         pkid,
+                        rewritten,
                     } => {
                         let first_delivery = qos != 2 || self.qos2_seen.insert(pkid);
                         if first_delivery {
                             self.report(topic, payload).await?;
                         }
+                        out.extend_from_slice(rewritten.as_deref().unwrap_or(&frame));
+                        continue;
                     }
                     Inbound::PubRel(pkid) => {
                         self.qos2_seen.remove(&pkid);
