@@ -1,5 +1,6 @@
 //! dlms-bridge library.
 #![forbid(unsafe_code)]
+pub mod broker;
 pub mod config;
 pub mod import;
 pub mod model;
