@@ -1,1 +1,4 @@
 //! DLMS/COSEM meter polling (issue #3).
+
+pub mod apdu;
+pub mod obis;
