@@ -2,3 +2,6 @@
 
 pub mod apdu;
 pub mod obis;
+pub mod hdlc;
+pub mod link;
+pub mod wrapper;
