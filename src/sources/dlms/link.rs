@@ -944,6 +944,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerLink<S> {
         }
     }
 
+    /// SAP of the client that sent the last SNRM (HDLC) or request (wrapper).
+    pub fn client_sap(&self) -> u16 {
+        match self {
+            ServerLink::Hdlc(s) => s.peer.upper,
+            ServerLink::Wrapper(s) => s.peer,
+        }
+    }
+
     /// Negotiated information field the server sends, for sizing responses (wrapper: unlimited).
     pub fn params(&self) -> LinkParams {
         match self {

@@ -12,6 +12,7 @@ pub mod hdlc;
 pub mod link;
 pub mod obis;
 pub mod poller;
+pub mod simulator;
 pub mod wrapper;
 
 use std::sync::Arc;
