@@ -423,3 +423,64 @@ async fn cancel_stops_meters_with_open_connections() {
     sim.stop().await;
     drop(links);
 }
+
+/// Measurement, not a test: latency of one five-register GET-with-list cycle against one meter,
+/// and a thousand meters polled at once. Prints numbers; asserts nothing about speed.
+/// Run: `cargo test --release --test dlms_simulator -- --ignored --nocapture measure_`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; prints timings"]
+async fn measure_read_cycle_and_thousand_meters() {
+    for transport in [DlmsTransport::Hdlc, DlmsTransport::Wrapper] {
+        let sim = Sim::start(
+            1,
+            SimOptions {
+                transport,
+                ..SimOptions::default()
+            },
+        )
+        .await;
+        let mut link = connect(sim.addrs[0], transport, LinkParams::default()).await;
+        associate(&mut link, 1024).await;
+        let mut samples = Vec::with_capacity(2000);
+        for _ in 0..2000 {
+            let t = std::time::Instant::now();
+            read_five(&mut link).await;
+            samples.push(t.elapsed());
+        }
+        samples.sort();
+        println!(
+            "{transport:?} five-register cycle: p50 {:?} p99 {:?} max {:?}",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100],
+            samples[samples.len() - 1]
+        );
+        sim.stop().await;
+    }
+
+    const METERS: usize = 1000;
+    const CYCLES: usize = 5;
+    let started = std::time::Instant::now();
+    let sim = Sim::start(METERS, SimOptions::default()).await;
+    println!("{METERS} meters listening after {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for addr in sim.addrs.clone() {
+        clients.spawn(async move {
+            let mut link = connect(addr, DlmsTransport::Hdlc, LinkParams::default()).await;
+            associate(&mut link, 1024).await;
+            for _ in 0..CYCLES {
+                read_five(&mut link).await;
+            }
+            let _ = link.close().await;
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.expect("client task");
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{METERS} meters x (connect + SNRM + AARQ + {CYCLES} cycles + DISC), clients in the same process: {elapsed:?} ({:.0} cycles/s)",
+        (METERS * CYCLES) as f64 / elapsed.as_secs_f64()
+    );
+    sim.stop().await;
+}
