@@ -1,7 +1,7 @@
 //! The built-in simulator over real loopback TCP, driven by our own client link and APDU codec:
 //! association, the five default registers with GET-with-list, block transfer combined with
 //! HDLC segmentation, SET/ACTION, DISC + new SNRM on one connection, the wrapper, many meters at
-//! once, and shutdown on cancel.
+//! once, and shutdown on cancel; then an independent client (Gurux, Python) reading the simulator.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -483,4 +483,134 @@ async fn measure_read_cycle_and_thousand_meters() {
         (METERS * CYCLES) as f64 / elapsed.as_secs_f64()
     );
     sim.stop().await;
+}
+
+/// An independent client (the Gurux Python stack installed for meter-sim) reading the simulator:
+/// SNRM/UA, AARQ/AARE, registers with scaler/unit, clock, device name, the object list (block
+/// transfer when the PDU is small), RLRQ and DISC. Prints "OK ..." on success.
+const GURUX_CLIENT: &str = r#"
+import socket, sys
+from gurux_dlms import GXDLMSClient, GXReplyData, GXByteBuffer
+from gurux_dlms.enums import InterfaceType, Authentication
+from gurux_dlms.objects import GXDLMSRegister, GXDLMSClock, GXDLMSData
+
+port = int(sys.argv[1]); transport = sys.argv[2]; max_info = int(sys.argv[3]); pdu = int(sys.argv[4])
+iface = InterfaceType.HDLC if transport == "hdlc" else InterfaceType.WRAPPER
+server = GXDLMSClient.getServerAddress(1, 17) if iface == InterfaceType.HDLC else 1
+c = GXDLMSClient(True, 16, server, Authentication.NONE, None, iface)
+c.hdlcSettings.maxInfoTX = c.hdlcSettings.maxInfoRX = max_info
+c.setMaxReceivePDUSize(pdu)
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+def packet(data, reply):
+    if not data:
+        return
+    s.sendall(bytes(data))
+    rd = GXByteBuffer()
+    notify = GXReplyData()
+    while not c.getData(rd, reply, notify):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("closed")
+        rd.set(chunk)
+    if reply.error != 0:
+        raise RuntimeError("dlms error %s" % reply.error)
+
+def block(data, reply):
+    if isinstance(data, list):
+        for it in data:
+            reply.clear()
+            block(it, reply)
+        return
+    packet(data, reply)
+    while reply.isMoreData():
+        data = None if reply.isStreaming() else c.receiverReady(reply)
+        packet(data, reply)
+
+def read(obj, attr):
+    r = GXReplyData()
+    block(c.read(obj, attr), r)
+    c.updateValue(obj, attr, r.value)
+    return r.value
+
+if iface == InterfaceType.HDLC:
+    r = GXReplyData()
+    block(c.snrmRequest(), r)
+    c.parseUAResponse(r.data)
+r = GXReplyData()
+block(c.aarqRequest(), r)
+c.parseAareResponse(r.data)
+out = []
+for ln in ["1.0.32.7.0.255", "1.0.31.7.0.255", "1.0.14.7.0.255", "1.0.1.7.0.255", "1.0.1.8.0.255"]:
+    reg = GXDLMSRegister(ln)
+    read(reg, 3)
+    read(reg, 2)
+    out.append("%s=%s unit=%d" % (ln, reg.value, int(reg.unit)))
+clock = GXDLMSClock("0.0.1.0.0.255")
+read(clock, 2)
+out.append("clock=%s" % clock.time)
+out.append("name=%s" % bytes(read(GXDLMSData("0.0.42.0.0.255"), 2)).decode())
+r = GXReplyData()
+block(c.getObjectsRequest(), r)
+out.append("objects=%d" % len(c.parseObjects(r.data, True)))
+r = GXReplyData()
+block(c.releaseRequest(), r)
+if iface == InterfaceType.HDLC:
+    r = GXReplyData()
+    block(c.disconnectRequest(), r)
+print("OK " + "; ".join(out))
+"#;
+
+async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, pdu: u16) {
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            transport,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let name = match transport {
+        DlmsTransport::Hdlc => "hdlc",
+        DlmsTransport::Wrapper => "wrapper",
+    };
+    let child = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(GURUX_CLIENT)
+        .arg(sim.addrs[0].port().to_string())
+        .arg(name)
+        .arg(max_info.to_string())
+        .arg(pdu.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = timeout(Duration::from_secs(60), child)
+        .await
+        .expect("gurux client finished in time")
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("OK "),
+        "gurux client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1.0.32.7.0.255="), "{stdout}");
+    assert!(stdout.contains("unit=35"), "{stdout}");
+    assert!(stdout.contains("objects=9"), "{stdout}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn gurux_client_reads_simulator_over_hdlc() {
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024).await;
+}
+
+#[tokio::test]
+async fn gurux_client_reads_simulator_with_small_frames_and_pdu() {
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 32, 64).await;
+}
+
+#[tokio::test]
+async fn gurux_client_reads_simulator_over_wrapper() {
+    gurux_client_reads_simulator(DlmsTransport::Wrapper, 128, 1024).await;
 }
