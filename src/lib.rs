@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 pub mod broker;
 pub mod config;
+pub mod downlink;
 pub mod import;
 pub mod model;
 pub mod router;
