@@ -78,13 +78,20 @@ impl Bridge {
         }
     }
 
-    async fn wait_status(&mut self, what: &str, pred: impl Fn(&UplinkStatus) -> bool) -> UplinkStatus {
+    async fn wait_status(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&UplinkStatus) -> bool,
+    ) -> UplinkStatus {
         let got = match tokio::time::timeout(WAIT, self.status.wait_for(|s| pred(s))).await {
             Ok(Ok(s)) => Some(s.clone()),
             _ => None,
         };
         got.unwrap_or_else(|| {
-            panic!("timed out waiting for {what}; status {:?}", *self.status.borrow())
+            panic!(
+                "timed out waiting for {what}; status {:?}",
+                *self.status.borrow()
+            )
         })
     }
 
@@ -134,16 +141,25 @@ async fn records_arrive_batched_one_device_per_publish_after_connect() {
     let emu = TbEmulator::start(TOKEN).await;
     let devices = ["Meter 1", "Meter 2", "Meter 3"];
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
-    bridge.store.enqueue(readings(&devices, 0..50)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&devices, 0..50))
+        .await
+        .expect("enqueue");
 
     let r = emu
         .wait_for("150 readings", WAIT, |r| all_arrived(r, &devices, 50))
         .await;
     assert_in_order(&r, &devices, 0..50);
-    assert!(r.connect_precedes_data(), "connect before data: {:?}", r.events);
+    assert!(
+        r.connect_precedes_data(),
+        "connect before data: {:?}",
+        r.events
+    );
     for d in devices {
         assert!(
-            r.connects.contains(&(d.to_string(), Some(PROFILE.to_string()))),
+            r.connects
+                .contains(&(d.to_string(), Some(PROFILE.to_string()))),
             "connect with type for {d}"
         );
     }
@@ -173,7 +189,11 @@ async fn records_arrive_batched_one_device_per_publish_after_connect() {
     assert_eq!(bridge.depth().await, 0);
 
     // Live traffic after the backlog still flows.
-    bridge.store.enqueue(readings(&devices, 50..60)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&devices, 50..60))
+        .await
+        .expect("enqueue");
     let r = emu
         .wait_for("live readings", WAIT, |r| all_arrived(r, &devices, 60))
         .await;
@@ -195,13 +215,20 @@ async fn large_backlog_is_split_below_the_packet_limit() {
         .collect();
     bridge.store.enqueue(recs).await.expect("enqueue");
     let r = emu
-        .wait_for("300 large readings", WAIT, |r| r.telemetry_ts("Big").len() >= 300)
+        .wait_for("300 large readings", WAIT, |r| {
+            r.telemetry_ts("Big").len() >= 300
+        })
         .await;
     assert_eq!(r.oversize_packets, 0);
-    assert!(r.telemetry_publishes >= 5, "~300 KB needs several 64 KiB packets");
+    assert!(
+        r.telemetry_publishes >= 5,
+        "~300 KB needs several 64 KiB packets"
+    );
     assert_eq!(r.sessions, 1, "no connection was closed for size");
     assert_in_order(&r, &["Big"], 0..300);
-    bridge.wait_status("acked", |s| s.acked_records == 300).await;
+    bridge
+        .wait_status("acked", |s| s.acked_records == 300)
+        .await;
     bridge.stop().await;
 }
 
@@ -209,11 +236,15 @@ async fn large_backlog_is_split_below_the_packet_limit() {
 async fn mqtt_311_when_configured() {
     let emu = TbEmulator::start(TOKEN).await;
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V311)).await;
-    bridge.store.enqueue(readings(&["A", "B"], 0..20)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&["A", "B"], 0..20))
+        .await
+        .expect("enqueue");
     let r = emu
         .wait_for("40 readings", WAIT, |r| all_arrived(r, &["A", "B"], 20))
         .await;
-    assert_eq!(r.protocol_levels, vec![4]);
+    assert_eq!(r.protocol_levels, vec![4], "{:?}", r.clients);
     assert!(r.connect_precedes_data());
     assert_in_order(&r, &["A", "B"], 0..20);
     let s = bridge.wait_status("acked", |s| s.acked_records == 40).await;
@@ -226,7 +257,11 @@ async fn auto_falls_back_to_311_when_v5_is_refused() {
     let emu = TbEmulator::start(TOKEN).await;
     emu.set_refuse_v5(true);
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
-    bridge.store.enqueue(readings(&["A"], 0..10)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..10))
+        .await
+        .expect("enqueue");
     let r = emu
         .wait_for("10 readings", WAIT, |r| r.telemetry_ts("A").len() >= 10)
         .await;
@@ -244,7 +279,11 @@ async fn wrong_token_is_refused_and_not_retried_in_a_loop() {
         let mut cfg = tb_config(&emu, protocol);
         cfg.access_token = Secret::new("not-the-token");
         let mut bridge = Bridge::start(cfg).await;
-        bridge.store.enqueue(readings(&["A"], 0..5)).await.expect("enqueue");
+        bridge
+            .store
+            .enqueue(readings(&["A"], 0..5))
+            .await
+            .expect("enqueue");
         emu.wait_for("the refused attempt", WAIT, |r| r.auth_failures >= 1)
             .await;
         let s = bridge
@@ -253,11 +292,17 @@ async fn wrong_token_is_refused_and_not_retried_in_a_loop() {
         assert!(!s.connected);
         let err = s.last_error.unwrap_or_default();
         assert!(err.contains("access token refused"), "{err}");
-        assert!(!err.contains("not-the-token"), "the token is never shown: {err}");
+        assert!(
+            !err.contains("not-the-token"),
+            "the token is never shown: {err}"
+        );
         // Observation window: with reconnect_min = 50 ms a tight loop would make ~20 attempts.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let r = emu.snapshot();
-        assert_eq!(r.connect_attempts, 1, "{protocol:?}: retried only every auth_retry");
+        assert_eq!(
+            r.connect_attempts, 1,
+            "{protocol:?}: retried only every auth_retry"
+        );
         assert_eq!(r.sessions, 0);
         assert_eq!(bridge.depth().await, 5, "nothing lost while refused");
         bridge.stop().await;
@@ -289,9 +334,15 @@ async fn second_client_with_the_same_token_is_detected_as_takeover() {
     drop(other);
 
     // The bridge comes back and keeps delivering.
-    bridge.store.enqueue(readings(&["A"], 0..5)).await.expect("enqueue");
-    emu.wait_for("delivery after takeover", WAIT, |r| r.telemetry_ts("A").len() >= 5)
-        .await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..5))
+        .await
+        .expect("enqueue");
+    emu.wait_for("delivery after takeover", WAIT, |r| {
+        r.telemetry_ts("A").len() >= 5
+    })
+    .await;
     bridge.stop().await;
 }
 
@@ -301,7 +352,11 @@ async fn thingsboard_restart_under_load_loses_nothing() {
     let devices = ["M1", "M2", "M3", "M4"];
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
 
-    bridge.store.enqueue(readings(&devices, 0..100)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&devices, 0..100))
+        .await
+        .expect("enqueue");
     emu.wait_for("first readings", WAIT, |r| r.telemetry_ts("M1").len() >= 10)
         .await;
     emu.stop().await;
@@ -325,7 +380,10 @@ async fn thingsboard_restart_under_load_loses_nothing() {
         .await;
     assert!(r.sessions > sessions_before, "reconnected");
     assert_in_order(&r, &devices, 0..600);
-    assert!(r.connect_precedes_data(), "re-announced before data in every session");
+    assert!(
+        r.connect_precedes_data(),
+        "re-announced before data in every session"
+    );
     let announced_after: Vec<&String> = r
         .events
         .iter()
@@ -351,7 +409,11 @@ async fn withheld_pubacks_keep_rows_and_the_link_is_declared_dead() {
     bridge.wait_status("connected", |s| s.connected).await;
 
     emu.set_withhold_pubacks(true);
-    bridge.store.enqueue(readings(&["A"], 0..10)).await.expect("enqueue");
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..10))
+        .await
+        .expect("enqueue");
     emu.wait_for("data received, not acked", WAIT, |r| {
         r.telemetry_ts("A").len() >= 10 && r.pubacks_withheld >= 1
     })
@@ -385,11 +447,20 @@ async fn withheld_pubacks_keep_rows_and_the_link_is_declared_dead() {
 async fn rpc_and_attributes_reach_the_downlink_and_replies_reach_thingsboard() {
     let emu = TbEmulator::start(TOKEN).await;
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
-    bridge.store.enqueue(readings(&["Meter 1"], 0..1)).await.expect("enqueue");
-    emu.wait_for("device announced", WAIT, |r| r.telemetry_ts("Meter 1").len() == 1)
-        .await;
+    bridge
+        .store
+        .enqueue(readings(&["Meter 1"], 0..1))
+        .await
+        .expect("enqueue");
+    emu.wait_for("device announced", WAIT, |r| {
+        r.telemetry_ts("Meter 1").len() == 1
+    })
+    .await;
 
-    assert!(emu.push_rpc("Meter 1", 42, "getVoltage", json!({"phase": 1})).await);
+    assert!(
+        emu.push_rpc("Meter 1", 42, "getVoltage", json!({"phase": 1}))
+            .await
+    );
     let msg = tokio::time::timeout(WAIT, bridge.downlink_rx.recv())
         .await
         .expect("rpc in time")
@@ -403,15 +474,23 @@ async fn rpc_and_attributes_reach_the_downlink_and_replies_reach_thingsboard() {
         }
         other => panic!("expected an RPC, got {other:?}"),
     }
-    assert!(emu.push_attributes("Meter 1", json!({"tariff": "T2"})).await);
+    assert!(
+        emu.push_attributes("Meter 1", json!({"tariff": "T2"}))
+            .await
+    );
     let msg = tokio::time::timeout(WAIT, bridge.downlink_rx.recv())
         .await
         .expect("attributes in time")
         .expect("downlink open");
-    assert!(matches!(msg, Downlink::Attributes(ref u) if u.device == "Meter 1" && u.data["tariff"] == "T2"));
+    assert!(
+        matches!(msg, Downlink::Attributes(ref u) if u.device == "Meter 1" && u.data["tariff"] == "T2")
+    );
 
     // Malformed pushes are counted, not fatal.
-    assert!(emu.push("v1/gateway/rpc", json!({"device": "Meter 1"})).await);
+    assert!(
+        emu.push("v1/gateway/rpc", json!({"device": "Meter 1"}))
+            .await
+    );
 
     bridge
         .store
@@ -434,7 +513,11 @@ async fn rpc_and_attributes_reach_the_downlink_and_replies_reach_thingsboard() {
         .wait_status("malformed counted", |s| s.downlink_malformed == 1)
         .await;
     assert_eq!(s.downlink_forwarded, 2);
-    assert_eq!(emu.snapshot().sessions, 1, "the session survived the malformed push");
+    assert_eq!(
+        emu.snapshot().sessions,
+        1,
+        "the session survived the malformed push"
+    );
     bridge.stop().await;
 }
 
@@ -442,8 +525,14 @@ async fn rpc_and_attributes_reach_the_downlink_and_replies_reach_thingsboard() {
 async fn stop_waits_for_outstanding_pubacks() {
     let emu = TbEmulator::start(TOKEN).await;
     let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
-    bridge.store.enqueue(readings(&["A"], 0..200)).await.expect("enqueue");
-    bridge.wait_status("some acks", |s| s.acked_records > 0).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..200))
+        .await
+        .expect("enqueue");
+    bridge
+        .wait_status("some acks", |s| s.acked_records > 0)
+        .await;
     let store = bridge.store.clone();
     bridge.stop().await;
     // Whatever was not acked is still queued; nothing acked is lost.

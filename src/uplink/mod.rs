@@ -50,6 +50,8 @@ const SHORT_SESSION: Duration = Duration::from_secs(5);
 const SHORT_SESSIONS_FOR_TAKEOVER: u32 = 3;
 /// Requests rumqttc may hold beyond our publish window (subscribes, disconnect).
 const REQUEST_CHANNEL_SLACK: usize = 16;
+/// Events buffered between the event-loop task and the session logic.
+const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// How long a graceful stop waits for the DISCONNECT to be written.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -189,7 +191,9 @@ impl Uplink {
                 }
                 cfg.auth_retry
             }
-            Failure::Connect(NetError::ProtocolRefused(why))
+            // A 3.1.1-only server refuses a v5 CONNECT with a v3 CONNACK (unreadable as v5) or
+            // simply closes the socket before any CONNACK.
+            Failure::Connect(NetError::ProtocolRefused(why) | NetError::Closed(why))
                 if life.auto && life.protocol == Protocol::V5 =>
             {
                 info!(reason = %why, "ThingsBoard does not accept MQTT 5; falling back to MQTT 3.1.1.");
@@ -264,7 +268,12 @@ impl Uplink {
 
     /// One connection attempt and, if it connects, the live session until it ends.
     async fn session(&self, life: &mut Life, cancel: &CancellationToken) -> SessionEnd {
-        let (client, mut el) = Conn::new(&self.cfg, life.protocol);
+        let (client, conn) = Conn::new(&self.cfg, life.protocol);
+        // The event loop gets a task of its own: `EventLoop::poll` is not cancel-safe while it
+        // connects or flushes, so it must never be a losing `select!` branch, and store I/O here
+        // must not stall it. Dropping the guard aborts it, which closes the socket.
+        let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let _poller = AbortOnDrop(tokio::spawn(conn.drive(ev_tx)));
         self.status_tx.send_modify(|s| s.connect_attempts += 1);
         let mut s = Session::default();
         let mut store_rx = self.store.subscribe();
@@ -289,7 +298,7 @@ impl Uplink {
                     }
                     client.disconnect();
                     let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-                        while let Ok(ev) = el.poll().await {
+                        while let Some(Ok(ev)) = ev_rx.recv().await {
                             if matches!(ev, NetEvent::SentDisconnect) {
                                 break;
                             }
@@ -302,7 +311,7 @@ impl Uplink {
             let live = s.connected_at.is_some() && s.stopping.is_none();
             let read_at = s.read_at;
             tokio::select! {
-                ev = el.poll() => match ev {
+                ev = ev_rx.recv() => match ev.unwrap_or_else(|| Err(NetError::Other("event loop task ended".into()))) {
                     Ok(ev) => {
                         if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
                             return SessionEnd::Failed(f);
@@ -358,7 +367,10 @@ impl Uplink {
             self.status_tx.send_modify(|st| st.dead_links += 1);
             return Err(Failure::DeadLink);
         }
-        for tag in s.inflight.expire_untracked(now.into_std(), self.cfg.ack_timeout) {
+        for tag in s
+            .inflight
+            .expire_untracked(now.into_std(), self.cfg.ack_timeout)
+        {
             debug!(device = %tag.device, "No PUBACK for an announcement; ThingsBoard may have failed to create the device.");
         }
         if let Some(at) = s.resend_at {
@@ -446,10 +458,10 @@ impl Uplink {
                     s.announced.remove(&device);
                     life.known.remove(&device);
                 } else {
-                    life.known
-                        .insert(device.clone(), first.device_type.clone());
+                    life.known.insert(device.clone(), first.device_type.clone());
                     if kind != RecordKind::Connect && s.announced.insert(device.clone()) {
-                        s.pending.push_back(announcement(&device, &first.device_type));
+                        s.pending
+                            .push_back(announcement(&device, &first.device_type));
                     }
                 }
                 let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
@@ -490,11 +502,12 @@ impl Uplink {
                         )
                         .map_err(|e| (run[0].id, e))]
                     }
-                    RecordKind::Disconnect => vec![single(
-                        tb::TOPIC_DISCONNECT,
-                        Ok(tb::disconnect_payload(&device)),
-                    )
-                    .map_err(|e| (run[0].id, e))],
+                    RecordKind::Disconnect => {
+                        vec![
+                            single(tb::TOPIC_DISCONNECT, Ok(tb::disconnect_payload(&device)))
+                                .map_err(|e| (run[0].id, e)),
+                        ]
+                    }
                     RecordKind::RpcReply => vec![single(
                         tb::TOPIC_RPC,
                         tb::rpc_reply_payload(&device, &first.payload),
@@ -529,7 +542,12 @@ impl Uplink {
         if life.invalid_reported.insert(device.to_owned()) {
             error!(device, row = id, reason = why, "Dropping a record ThingsBoard cannot accept; further drops for this device are logged at DEBUG.");
         } else {
-            debug!(device, row = id, reason = why, "Dropping a record ThingsBoard cannot accept.");
+            debug!(
+                device,
+                row = id,
+                reason = why,
+                "Dropping a record ThingsBoard cannot accept."
+            );
         }
     }
 
@@ -644,15 +662,24 @@ impl Uplink {
                 Ok(()) => self.status_tx.send_modify(|st| st.downlink_forwarded += 1),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.status_tx.send_modify(|st| st.downlink_dropped += 1);
-                    warn!(topic, "Downlink channel full; dropping a message from ThingsBoard.");
+                    warn!(
+                        topic,
+                        "Downlink channel full; dropping a message from ThingsBoard."
+                    );
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.status_tx.send_modify(|st| st.downlink_dropped += 1);
-                    debug!(topic, "Downlink receiver gone; dropping a message from ThingsBoard.");
+                    debug!(
+                        topic,
+                        "Downlink receiver gone; dropping a message from ThingsBoard."
+                    );
                 }
             },
             Ok(None) => {
-                debug!(topic, "Ignoring a message for the gateway device itself (not handled yet).")
+                debug!(
+                    topic,
+                    "Ignoring a message for the gateway device itself (not handled yet)."
+                )
             }
             Err(e) => {
                 self.status_tx.send_modify(|st| st.downlink_malformed += 1);
@@ -852,7 +879,12 @@ impl Client {
     fn publish(&self, topic: &'static str, payload: Bytes) -> Result<(), String> {
         match self {
             Client::V5(c) => c
-                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
                 .map_err(|e| e.to_string()),
             Client::V4(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, Vec::from(payload))
@@ -922,6 +954,27 @@ impl Conn {
             Conn::V4(el) => el.poll().await.map(v4_event).map_err(v4_error),
         }
     }
+
+    /// Poll until the first error (rumqttc would reconnect on the next poll; the session logic
+    /// decides that instead), forwarding every event. Ends when the receiver is gone.
+    async fn drive(mut self, ev_tx: mpsc::Sender<Result<NetEvent, NetError>>) {
+        loop {
+            let ev = self.poll().await;
+            let failed = ev.is_err();
+            if ev_tx.send(ev).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// Aborts the event-loop task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn v5_event(ev: rumqttc::v5::Event) -> NetEvent {
@@ -978,7 +1031,9 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
         E::ConnectionRefused(C::BadUserNamePassword) => {
             NetError::AuthRefused("0x86 bad user name or password".into())
         }
-        E::ConnectionRefused(C::NotAuthorized) => NetError::AuthRefused("0x87 not authorized".into()),
+        E::ConnectionRefused(C::NotAuthorized) => {
+            NetError::AuthRefused("0x87 not authorized".into())
+        }
         E::ConnectionRefused(c @ (C::UnsupportedProtocolVersion | C::RefusedProtocolVersion)) => {
             NetError::ProtocolRefused(format!("{c:?}"))
         }

@@ -64,6 +64,8 @@ pub struct Recorded {
     /// Sessions accepted; `protocol_levels[i]` is session i+1's MQTT level (4 or 5).
     pub sessions: u64,
     pub protocol_levels: Vec<u8>,
+    /// Client id and peer address of every CONNECT, accepted or not.
+    pub clients: Vec<(String, SocketAddr)>,
     /// Sessions closed because a newer one used the same token.
     pub evictions: u64,
     pub granted_filters: Vec<String>,
@@ -104,7 +106,9 @@ impl Recorded {
     pub fn connect_precedes_data(&self) -> bool {
         let mut first: HashMap<(u64, &str), &str> = HashMap::new();
         for e in &self.events {
-            first.entry((e.session, e.device.as_str())).or_insert(e.kind);
+            first
+                .entry((e.session, e.device.as_str()))
+                .or_insert(e.kind);
         }
         first
             .values()
@@ -273,7 +277,11 @@ impl TbEmulator {
         if let Some(task) = task {
             let _ = task.await;
         }
-        self.inner.current.lock().expect("emulator session lock").take();
+        self.inner
+            .current
+            .lock()
+            .expect("emulator session lock")
+            .take();
         self.inner.version.send_modify(|v| *v += 1);
     }
 
@@ -390,7 +398,11 @@ fn read_in(proto: Proto, buf: &mut BytesMut) -> Parsed<In> {
             }),
             Ok(v4::Packet::Subscribe(s)) => Parsed::Packet(In::Subscribe {
                 pkid: s.pkid,
-                filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, f.qos as u8))
+                    .collect(),
             }),
             Ok(v4::Packet::PingReq) => Parsed::Packet(In::PingReq),
             Ok(v4::Packet::Disconnect) => Parsed::Packet(In::Disconnect),
@@ -418,7 +430,11 @@ fn read_in(proto: Proto, buf: &mut BytesMut) -> Parsed<In> {
                 }),
                 Ok(v5::Packet::Subscribe(s)) => Parsed::Packet(In::Subscribe {
                     pkid: s.pkid,
-                    filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| (f.path, f.qos as u8))
+                        .collect(),
                 }),
                 Ok(v5::Packet::PingReq(_)) => Parsed::Packet(In::PingReq),
                 Ok(v5::Packet::Disconnect(_)) => Parsed::Packet(In::Disconnect),
@@ -444,6 +460,7 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
 /// The CONNECT: protocol level and username.
 struct Hello {
     proto: Proto,
+    client_id: String,
     username: Option<String>,
 }
 
@@ -459,18 +476,26 @@ fn read_connect(buf: &mut BytesMut) -> Parsed<Hello> {
     if buf.len() < total {
         return Parsed::NeedMore;
     }
-    let header = 1 + buf[1..].iter().take(4).take_while(|b| *b & 0x80 != 0).count() + 1;
+    let header = 1
+        + buf[1..]
+            .iter()
+            .take(4)
+            .take_while(|b| *b & 0x80 != 0)
+            .count()
+        + 1;
     match buf.get(header + 6) {
         Some(4) => match v4::Packet::read(buf, MAX_PACKET_SIZE) {
             Ok(v4::Packet::Connect(c)) => Parsed::Packet(Hello {
                 proto: Proto::V4,
+                client_id: c.client_id,
                 username: c.login.map(|l| l.username),
             }),
             _ => Parsed::Bad { oversize: false },
         },
         Some(5) => match v5::Packet::read(buf, Some(MAX_PACKET_SIZE as u32)) {
-            Ok(v5::Packet::Connect(_, _, login)) => Parsed::Packet(Hello {
+            Ok(v5::Packet::Connect(c, _, login)) => Parsed::Packet(Hello {
                 proto: Proto::V5,
+                client_id: c.client_id,
                 username: login.map(|l| l.username),
             }),
             _ => Parsed::Bad { oversize: false },
@@ -493,7 +518,11 @@ fn qos5(q: u8) -> QoS5 {
     }
 }
 
-fn encode(proto: Proto, p4: impl FnOnce() -> v4::Packet, p5: impl FnOnce() -> v5::Packet) -> BytesMut {
+fn encode(
+    proto: Proto,
+    p4: impl FnOnce() -> v4::Packet,
+    p5: impl FnOnce() -> v5::Packet,
+) -> BytesMut {
     let mut out = BytesMut::new();
     let written = match proto {
         Proto::V4 => p4().write(&mut out, usize::MAX).is_ok(),
@@ -535,7 +564,13 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
         }
     };
     let proto = hello.proto;
-    inner.update(|r| r.connect_attempts += 1);
+    let peer = sock
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    inner.update(|r| {
+        r.connect_attempts += 1;
+        r.clients.push((hello.client_id.clone(), peer));
+    });
 
     if proto == Proto::V5 && inner.refuse_v5.load(Ordering::SeqCst) {
         inner.update(|r| r.v5_refusals += 1);
@@ -547,7 +582,12 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
         inner.update(|r| r.auth_failures += 1);
         let refused = encode(
             proto,
-            || v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::NotAuthorized, false)),
+            || {
+                v4::Packet::ConnAck(v4::ConnAck::new(
+                    v4::ConnectReturnCode::NotAuthorized,
+                    false,
+                ))
+            },
             || {
                 v5::Packet::ConnAck(v5::ConnAck {
                     session_present: false,
@@ -711,12 +751,9 @@ async fn session_loop(
                 Some(Cmd::Evict) => {
                     inner.update(|r| r.evictions += 1);
                     if proto == Proto::V5 {
-                        let bytes = encode(proto, || v4::Packet::Disconnect, || {
-                            v5::Packet::Disconnect(v5::Disconnect::new(
-                                v5::DisconnectReasonCode::SessionTakenOver,
-                            ))
-                        });
-                        let _ = sock.write_all(&bytes).await;
+                        // DISCONNECT, reason 0x8E session taken over, empty properties. Written
+                        // by hand: rumqttc 0.25's v5 encoder mis-sizes a reason-only DISCONNECT.
+                        let _ = sock.write_all(&[0xE0, 0x02, 0x8E, 0x00]).await;
                     }
                     return;
                 }
@@ -765,7 +802,12 @@ fn device_field(m: &Map<String, Value>) -> Option<String> {
 
 /// Validate a gateway publish like ThingsBoard (spec §2) and record it; `Err` is the v5 PUBACK
 /// reason for a payload ThingsBoard rejects.
-fn accept(r: &mut Recorded, session: u64, topic: &str, payload: &[u8]) -> Result<(), v5::PubAckReason> {
+fn accept(
+    r: &mut Recorded,
+    session: u64,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(), v5::PubAckReason> {
     use v5::PubAckReason::{PayloadFormatInvalid as Invalid, TopicNameInvalid};
     let m = obj(payload).ok_or(Invalid)?;
     let mut evs: Vec<(String, &'static str)> = Vec::new();
