@@ -1,1 +1,2 @@
+//! Placeholder until the modules land (see app.rs).
 fn main() {}

@@ -96,7 +96,7 @@ impl Bridge {
     }
 
     async fn depth(&self) -> u64 {
-        self.store.stats().await.expect("store stats").depth as u64
+        self.store.stats().await.expect("store stats").depth
     }
 
     async fn stop(self) {
