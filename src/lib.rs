@@ -9,3 +9,4 @@ pub mod router;
 pub mod shutdown;
 pub mod sources;
 pub mod store;
+pub mod uplink;
