@@ -424,6 +424,33 @@ async fn cancel_stops_meters_with_open_connections() {
     drop(links);
 }
 
+#[tokio::test]
+async fn simulate_command_serves_until_cancelled() {
+    let args = simulator::SimulateArgs {
+        host: LOCALHOST,
+        port: 0,
+        count: 2,
+        transport: DlmsTransport::Hdlc,
+        logical_address: 1,
+        physical_address: 17,
+        any_address: true,
+        password: None,
+        max_info: 128,
+        window: 1,
+        pdu_size: 1024,
+        energy_scaler: 0,
+        seed: 7,
+    };
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(simulator::simulate(args, cancel.clone()));
+    cancel.cancel();
+    timeout(STEP, run)
+        .await
+        .expect("stops in time")
+        .expect("task")
+        .expect("no error");
+}
+
 /// Measurement, not a test: latency of one five-register GET-with-list cycle against one meter,
 /// and a thousand meters polled at once. Prints numbers; asserts nothing about speed.
 /// Run: `cargo test --release --test dlms_simulator -- --ignored --nocapture measure_`.

@@ -24,7 +24,7 @@ use super::apdu::{Conformance, Data, DataAccessResult};
 use super::link::{
     HdlcServer, HdlcServerConfig, LinkParams, ServerLink, WrapperServer, WrapperServerConfig,
 };
-use crate::config::DlmsTransport;
+use crate::config::{DlmsTransport, Secret};
 
 /// The public client SAP: may always associate without authentication.
 pub const PUBLIC_CLIENT: u16 = 16;
@@ -1037,6 +1037,135 @@ pub async fn spawn_meters(
     Ok(addrs)
 }
 
+/// Arguments of `dlms-bridge simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Address to listen on (loopback by default; a LAN address exposes the meters).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// First TCP port; meter i listens on port + i. 0 = ephemeral ports (printed at start).
+    #[arg(long, default_value_t = 4059)]
+    pub port: u16,
+    /// Number of meters.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Link layer: `hdlc` or `wrapper`.
+    #[arg(long, default_value = "hdlc", value_parser = parse_transport)]
+    pub transport: DlmsTransport,
+    /// Server logical device address (HDLC upper address; wrapper destination port).
+    #[arg(long, default_value_t = 1)]
+    pub logical_address: u16,
+    /// Server physical device address (HDLC lower address).
+    #[arg(long, default_value_t = 17)]
+    pub physical_address: u16,
+    /// Answer any server address.
+    #[arg(long)]
+    pub any_address: bool,
+    /// LLS password required from every client except the public client 16.
+    #[arg(long, env = "DLMS_BRIDGE_SIM_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub password: Option<Secret>,
+    /// Largest HDLC information field the meters accept and send.
+    #[arg(long, default_value_t = 128)]
+    pub max_info: usize,
+    /// HDLC window size the meters offer (1..=7).
+    #[arg(long, default_value_t = 1)]
+    pub window: u8,
+    /// Largest APDU the meters send; longer GET responses use block transfer.
+    #[arg(long, default_value_t = DEFAULT_MAX_PDU)]
+    pub pdu_size: u16,
+    /// Scaler of the active energy register.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub energy_scaler: i8,
+    /// Seed that makes values differ between runs and meters.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn parse_transport(s: &str) -> Result<DlmsTransport, String> {
+    match s {
+        "hdlc" => Ok(DlmsTransport::Hdlc),
+        "wrapper" => Ok(DlmsTransport::Wrapper),
+        other => Err(format!("`{other}` is not `hdlc` or `wrapper`")),
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
+impl SimulateArgs {
+    /// The per-meter options these arguments describe.
+    pub fn options(&self) -> SimOptions {
+        SimOptions {
+            transport: self.transport,
+            logical: self.logical_address,
+            physical: self.physical_address,
+            any_address: self.any_address,
+            password: self
+                .password
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map(|p| p.expose().as_bytes().to_vec()),
+            hdlc: LinkParams {
+                max_info_tx: self.max_info,
+                max_info_rx: self.max_info,
+                window_tx: self.window,
+                window_rx: self.window,
+            },
+            max_pdu: self.pdu_size,
+            energy_scaler: self.energy_scaler,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `dlms-bridge simulate`: serves the meters until `cancel` fires (the binary cancels on
+/// SIGINT/SIGTERM), printing where they listen.
+pub async fn simulate(args: SimulateArgs, cancel: CancellationToken) -> Result<(), Error> {
+    let tracker = TaskTracker::new();
+    let opts = args.options();
+    let addrs = spawn_meters(
+        args.host,
+        args.port,
+        args.count,
+        &opts,
+        &tracker,
+        cancel.clone(),
+    )
+    .await;
+    let addrs = match addrs {
+        Ok(a) => a,
+        Err(e) => {
+            cancel.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return Err(e);
+        }
+    };
+    let transport = match args.transport {
+        DlmsTransport::Hdlc => "hdlc",
+        DlmsTransport::Wrapper => "wrapper",
+    };
+    match (addrs.first(), addrs.last()) {
+        (Some(first), Some(last)) if addrs.len() > 1 && args.port != 0 => println!(
+            "Simulating {} {transport} meters on {}:{}-{}.",
+            addrs.len(),
+            first.ip(),
+            first.port(),
+            last.port()
+        ),
+        _ => {
+            for addr in &addrs {
+                println!("Simulating a {transport} meter on {addr}.");
+            }
+        }
+    }
+    tracker.close();
+    cancel.cancelled().await;
+    tracker.wait().await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::apdu::{self, AarqParams, AttrRef, GetResponse, MethodRef};
@@ -1293,6 +1422,38 @@ mod tests {
             let resp = s.handle(16, req);
             assert!(!resp.is_empty());
         }
+    }
+
+    #[test]
+    fn simulate_args_parse_and_hide_the_password() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SimulateArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "simulate",
+            "--count",
+            "3",
+            "--transport",
+            "wrapper",
+            "--energy-scaler",
+            "-1",
+            "--password",
+            "s3cret",
+            "--max-info",
+            "64",
+        ])
+        .expect("parses");
+        let opts = cli.args.options();
+        assert_eq!(opts.transport, DlmsTransport::Wrapper);
+        assert_eq!(opts.energy_scaler, -1);
+        assert_eq!(opts.password.as_deref(), Some(&b"s3cret"[..]));
+        assert_eq!(opts.hdlc.max_info_rx, 64);
+        assert_eq!(cli.args.count, 3);
+        assert!(!format!("{cli:?}").contains("s3cret"));
+        assert!(Cli::try_parse_from(["simulate", "--transport", "serial"]).is_err());
     }
 
     #[test]
