@@ -296,6 +296,40 @@ async fn hdlc_duplex_window_three_polls_every_third_frame() {
     );
 }
 
+#[tokio::test]
+async fn default_proposal_sends_an_empty_snrm_and_takes_the_servers_limits() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let log: Log = Arc::default();
+    let server = HdlcServer::new(
+        b,
+        HdlcServerConfig {
+            limits: params(40, 1),
+            ..HdlcServerConfig::default()
+        },
+    );
+    spawn_server(server, long_answer);
+    let client_io = Tap {
+        inner: a,
+        side: Side::Client,
+        log: log.clone(),
+    };
+    let mut link =
+        ClientLink::hdlc(client_io, address(1, 0), LinkParams::default()).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(negotiated, params(40, 1));
+    let snrm = &frames(&log)[0].1;
+    assert_eq!(snrm.control, Control::Snrm);
+    assert!(snrm.info.is_empty());
+    let response = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&AARQ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scripted meters: a task answering each client frame with canned frames.
 // ---------------------------------------------------------------------------------------------

@@ -255,7 +255,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
     /// SNRM/UA: connects the link and negotiates its limits.
     pub async fn open(&mut self) -> Result<LinkParams, Error> {
         self.open = false;
-        let snrm = self.frame(Control::Snrm, false, self.proposal.encode());
+        // Default parameters are implied by an empty SNRM; some older meters refuse an SNRM that
+        // carries an information field, so only send one when it says something.
+        let info = if self.proposal == Parameters::default() {
+            Vec::new()
+        } else {
+            self.proposal.encode()
+        };
+        let snrm = self.frame(Control::Snrm, false, info);
         self.io.send(&snrm, self.sizes).await?;
         loop {
             let frame = self.read_own().await?;
