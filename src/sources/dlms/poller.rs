@@ -473,14 +473,13 @@ impl Meter {
                 values.insert("poll_ok".into(), false.into());
                 values.insert("consecutive_failures".into(), failures.into());
                 values.insert("last_error".into(), text.into());
-                if self.announced || failures <= DOWN_AFTER_FAILURES {
-                    records.push(Record::telemetry(
-                        &self.cfg.name,
-                        &self.device_type,
-                        ts,
-                        values,
-                    ));
-                }
+                // One health entry per attempt; the backoff bounds how often that is.
+                records.push(Record::telemetry(
+                    &self.cfg.name,
+                    &self.device_type,
+                    ts,
+                    values,
+                ));
                 if self.announced && failures >= DOWN_AFTER_FAILURES {
                     records.push(self.record(RecordKind::Disconnect, Value::Object(Map::new())));
                     self.announced = false;
