@@ -440,6 +440,9 @@ async fn simulate_command_serves_until_cancelled() {
         pdu_size: 1024,
         energy_scaler: 0,
         seed: 7,
+        delay: Duration::ZERO,
+        drop_every: 0,
+        no_reply_every: 0,
     };
     let cancel = CancellationToken::new();
     let run = tokio::spawn(simulator::simulate(args, cancel.clone()));
@@ -449,6 +452,53 @@ async fn simulate_command_serves_until_cancelled() {
         .expect("stops in time")
         .expect("task")
         .expect("no error");
+}
+
+#[tokio::test]
+async fn fault_injection_drops_and_swallows_requests() {
+    // every 3rd request closes the connection
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            drop_every: 3,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let mut link = connect(sim.addrs[0], DlmsTransport::Hdlc, LinkParams::default()).await;
+    associate(&mut link, 1024).await; // request 1
+    read_five(&mut link).await; // request 2
+    let attrs = [AttrRef::new(3, REGISTERS[0].0, 2)];
+    let r = timeout(
+        STEP,
+        link.exchange(&apdu::encode_get_with_list(0xC1, &attrs)),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        matches!(r, Err(dlms_bridge::sources::dlms::link::Error::Closed)),
+        "{r:?}"
+    );
+    sim.stop().await;
+
+    // every 2nd request gets no answer
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            no_reply_every: 2,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let mut link = connect(sim.addrs[0], DlmsTransport::Hdlc, LinkParams::default()).await;
+    associate(&mut link, 1024).await; // request 1
+    let r = timeout(
+        Duration::from_millis(300),
+        link.exchange(&apdu::encode_get_with_list(0xC1, &attrs)),
+    )
+    .await;
+    assert!(r.is_err(), "request 2 must be swallowed: {r:?}");
+    sim.stop().await;
 }
 
 /// Measurement, not a test: latency of one five-register GET-with-list cycle against one meter,

@@ -12,8 +12,9 @@
 //! sockets. It must not block the runtime or share state between meters.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -85,6 +86,13 @@ pub struct SimOptions {
     pub energy_scaler: i8,
     /// Makes values differ between meters (start energy, phase of the swings).
     pub seed: u64,
+    /// Fault injection: wait this long before every response.
+    pub reply_delay: Duration,
+    /// Fault injection: close the connection instead of answering every K-th request of this
+    /// meter (all connections counted); 0 = never.
+    pub drop_every: u64,
+    /// Fault injection: silently swallow every K-th request of this meter; 0 = never.
+    pub no_reply_every: u64,
 }
 
 impl Default for SimOptions {
@@ -99,6 +107,9 @@ impl Default for SimOptions {
             max_pdu: DEFAULT_MAX_PDU,
             energy_scaler: 0,
             seed: 0,
+            reply_delay: Duration::ZERO,
+            drop_every: 0,
+            no_reply_every: 0,
         }
     }
 }
@@ -187,6 +198,8 @@ pub struct MeterState {
     relay: Mutex<Data>,
     /// Seed for per-connection jitter.
     seed: u64,
+    /// Requests received on all connections, for the fault-injection counters.
+    requests: AtomicU64,
 }
 
 /// Mean active power the energy register integrates (W).
@@ -207,6 +220,7 @@ impl MeterState {
             energy_scaler: opts.energy_scaler,
             relay: Mutex::new(Data::Bool(true)),
             seed: s,
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -959,6 +973,8 @@ async fn serve_connection(
             },
         )),
     };
+    let faults = opts.clone();
+    let counter = meter.clone();
     let mut session = Session::new(meter, opts);
     tracing::debug!("Simulated meter connection opened.");
     loop {
@@ -968,7 +984,22 @@ async fn serve_connection(
         };
         match request {
             Ok(Some(req)) => {
+                let n = counter.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                if faults.drop_every > 0 && n % faults.drop_every == 0 {
+                    tracing::debug!(request = n, "Dropping the connection (fault injection).");
+                    break;
+                }
+                if faults.no_reply_every > 0 && n % faults.no_reply_every == 0 {
+                    tracing::debug!(request = n, "Swallowing a request (fault injection).");
+                    continue;
+                }
                 let resp = session.handle(link.client_sap(), &req);
+                if !faults.reply_delay.is_zero() {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(faults.reply_delay) => {}
+                    }
+                }
                 if let Err(e) = link.respond(&resp).await {
                     tracing::debug!(error = %e, "Response failed; closing.");
                     break;
@@ -1079,6 +1110,15 @@ pub struct SimulateArgs {
     /// Seed that makes values differ between runs and meters.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fault injection: delay before every response, e.g. `50ms`.
+    #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "0s")]
+    pub delay: Duration,
+    /// Fault injection: close the connection instead of answering every K-th request (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub drop_every: u64,
+    /// Fault injection: swallow every K-th request (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub no_reply_every: u64,
 }
 
 fn parse_transport(s: &str) -> Result<DlmsTransport, String> {
@@ -1115,6 +1155,9 @@ impl SimulateArgs {
             max_pdu: self.pdu_size,
             energy_scaler: self.energy_scaler,
             seed: self.seed,
+            reply_delay: self.delay,
+            drop_every: self.drop_every,
+            no_reply_every: self.no_reply_every,
         }
     }
 }
