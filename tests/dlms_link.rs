@@ -412,7 +412,7 @@ async fn rnr_and_frmr_during_exchange_are_errors() {
 }
 
 #[tokio::test]
-async fn garbage_and_corrupted_frames_are_skipped() {
+async fn garbage_echoes_and_corrupted_frames_are_skipped() {
     let good = meter_frame(
         Control::I {
             ns: 0,
@@ -424,7 +424,23 @@ async fn garbage_and_corrupted_frames_are_skipped() {
     );
     let mut corrupted = good.clone();
     corrupted[12] ^= 0x40;
+    // an echo of a client frame, as half-duplex converters produce: not for us
+    let mut echo = Vec::new();
+    Frame {
+        segmented: false,
+        dest: Address::server(1, 17),
+        src: Address::single(16),
+        control: Control::I {
+            ns: 0,
+            nr: 0,
+            pf: true,
+        },
+        info: vec![0xE6, 0xE6, 0x00, 0x60],
+    }
+    .encode(AddressSizes { dest: 2, src: 1 }, &mut echo)
+    .expect("valid frame");
     let mut reply = vec![0x00, 0xFF, 0x7E, 0x7E, 0x13];
+    reply.extend_from_slice(&echo);
     reply.extend_from_slice(&corrupted);
     reply.extend_from_slice(&[0xA0, 0x55]);
     reply.extend_from_slice(&good);

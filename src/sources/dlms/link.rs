@@ -241,11 +241,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
         }
     }
 
-    /// Reads the next frame addressed to us; frames for other clients are skipped.
+    /// Reads the next frame addressed to us; frames for other clients (and echoes of our own
+    /// frames on half-duplex converters) are skipped. The source address is not checked: some
+    /// meters answer from a different address form than the one they were called with.
     async fn read_own(&mut self) -> Result<Frame, Error> {
         loop {
             let (frame, _) = self.io.read_frame().await?;
-            if frame.dest.upper == self.client.upper && frame.src.upper == self.server.upper {
+            if frame.dest.upper == self.client.upper {
+                if frame.src.upper != self.server.upper {
+                    tracing::debug!(src = ?frame.src, "Frame from an unexpected server address.");
+                }
                 return Ok(frame);
             }
             tracing::debug!(dest = ?frame.dest, src = ?frame.src, "Ignored a frame for another station.");
