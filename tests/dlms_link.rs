@@ -330,6 +330,57 @@ async fn default_proposal_sends_an_empty_snrm_and_takes_the_servers_limits() {
     assert_eq!(response, long_answer(&AARQ));
 }
 
+#[tokio::test]
+async fn hdlc_duplex_all_sizes_windows_and_address_forms() {
+    for (max_info, window, size) in [(1, 1, 1), (5, 2, 2), (17, 7, 4), (128, 1, 2), (2000, 3, 4)] {
+        let (a, b) = tokio::io::duplex(4096);
+        let server = HdlcServer::new(
+            b,
+            HdlcServerConfig {
+                limits: params(max_info, window),
+                ..HdlcServerConfig::default()
+            },
+        );
+        spawn_server(server, long_answer);
+        let mut link =
+            ClientLink::hdlc(a, address(size, 17), params(max_info, window)).expect("address");
+        let negotiated = timeout(STEP, link.open())
+            .await
+            .expect("in time")
+            .expect("open");
+        assert_eq!(negotiated, params(max_info, window));
+        for len in [0usize, 1, 2, 3, 100, 3000] {
+            let request: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let response = timeout(STEP, link.exchange(&request))
+                .await
+                .expect("in time")
+                .unwrap_or_else(|e| panic!("max_info {max_info} window {window} len {len}: {e}"));
+            assert_eq!(
+                response,
+                long_answer(&request),
+                "max_info {max_info} len {len}"
+            );
+        }
+        timeout(STEP, link.close())
+            .await
+            .expect("in time")
+            .expect("close");
+    }
+}
+
+#[tokio::test]
+async fn exchange_before_open_is_refused() {
+    let (a, _b) = tokio::io::duplex(64);
+    let mut link = ClientLink::hdlc(a, address(2, 17), LinkParams::default()).expect("address");
+    let r = link.exchange(&AARQ).await;
+    assert!(matches!(r, Err(Error::NotOpen)), "{r:?}");
+    let (a, _b) = tokio::io::duplex(64);
+    assert!(matches!(
+        ClientLink::hdlc(a, address(3, 17), LinkParams::default()),
+        Err(Error::AddressSize(3))
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scripted meters: a task answering each client frame with canned frames.
 // ---------------------------------------------------------------------------------------------

@@ -180,6 +180,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo<S> {
     }
 }
 
+/// Removes the response LLC header (E6 E7 00) from a reassembled APDU, tolerating its absence.
+fn strip_llc(mut data: Vec<u8>) -> Vec<u8> {
+    if data.starts_with(&hdlc::LLC_RESPONSE) {
+        data.drain(..hdlc::LLC_RESPONSE.len());
+    } else {
+        tracing::debug!("Response without LLC header.");
+    }
+    data
+}
+
 fn next_seq(n: u8) -> u8 {
     (n + 1) & 7
 }
@@ -354,7 +364,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
 
     async fn receive_apdu(&mut self) -> Result<Vec<u8>, Error> {
         let mut data: Vec<u8> = Vec::new();
-        let mut first = true;
         let mut since_ack = 0u8;
         loop {
             let frame = self.read_own().await?;
@@ -382,21 +391,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
                     }
                     self.nr = next_seq(self.nr);
                     since_ack += 1;
-                    let mut info = frame.info.as_slice();
-                    if first {
-                        first = false;
-                        if let Some(rest) = info.strip_prefix(&hdlc::LLC_RESPONSE) {
-                            info = rest;
-                        } else {
-                            tracing::debug!("Response without LLC header.");
-                        }
-                    }
                     if data.is_empty() && !frame.segmented {
-                        return Ok(info.to_vec());
+                        // Fast path: the whole response in one frame.
+                        return Ok(strip_llc(frame.info));
                     }
-                    data.extend_from_slice(info);
+                    // The LLC header may itself be split over tiny frames: strip it only once the
+                    // APDU is complete.
+                    data.extend_from_slice(&frame.info);
                     if !frame.segmented {
-                        return Ok(data);
+                        return Ok(strip_llc(data));
                     }
                     if pf || since_ack >= self.params.window_rx {
                         since_ack = 0;
