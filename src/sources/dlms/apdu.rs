@@ -923,18 +923,16 @@ pub fn parse_aare(buf: &[u8]) -> Result<Aare> {
         let len = r.bounded_len("aare field length")?;
         let v = r.take(len, "aare field")?;
         match t {
-            0xA1 => {
-                // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4). Only a
-                // well-formed DLMS context other than LN is refused; odd encodings are ignored.
-                if v.len() == 9
-                    && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01]
-                    && v[8] != 1
-                {
-                    return Err(Error::Invalid(format!(
-                        "meter answered with application context {} (only LN without ciphering is supported)",
-                        v[8]
-                    )));
-                }
+            // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4). Only a
+            // well-formed DLMS context other than LN is refused; odd encodings are ignored.
+            0xA1 if v.len() == 9
+                && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01]
+                && v[8] != 1 =>
+            {
+                return Err(Error::Invalid(format!(
+                    "meter answered with application context {} (only LN without ciphering is supported)",
+                    v[8]
+                )));
             }
             0xA2 => {
                 let mut f = Reader::new(v);
