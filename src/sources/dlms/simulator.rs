@@ -5,7 +5,8 @@
 //! values, a clock, a relay Data object (settable, for RPC tests), the logical device name and
 //! the association's object list (large enough to need GET block transfer with small PDUs).
 //! Public client 16 associates without authentication; other clients need the LLS password when
-//! one is configured.
+//! one is configured. Optional fault injection (reply delay, dropped connections, swallowed
+//! requests) lets poller tests exercise timeouts and reconnects without a third-party meter.
 //!
 //! One task per connection, no thread per meter: a thousand meters fit in one process. The
 //! request handling ([`Session::handle`]) is synchronous and I/O-free; only [`serve`] touches
