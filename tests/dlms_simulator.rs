@@ -574,7 +574,11 @@ from gurux_dlms.objects import GXDLMSRegister, GXDLMSClock, GXDLMSData
 port = int(sys.argv[1]); transport = sys.argv[2]; max_info = int(sys.argv[3]); pdu = int(sys.argv[4])
 iface = InterfaceType.HDLC if transport == "hdlc" else InterfaceType.WRAPPER
 server = GXDLMSClient.getServerAddress(1, 17) if iface == InterfaceType.HDLC else 1
-c = GXDLMSClient(True, 16, server, Authentication.NONE, None, iface)
+password = sys.argv[5] if len(sys.argv) > 5 else ""
+if password:
+    c = GXDLMSClient(True, 32, server, Authentication.LOW, password, iface)
+else:
+    c = GXDLMSClient(True, 16, server, Authentication.NONE, None, iface)
 c.hdlcSettings.maxInfoTX = c.hdlcSettings.maxInfoRX = max_info
 c.setMaxReceivePDUSize(pdu)
 s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -638,11 +642,17 @@ if iface == InterfaceType.HDLC:
 print("OK " + "; ".join(out))
 "#;
 
-async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, pdu: u16) {
+async fn gurux_client_reads_simulator(
+    transport: DlmsTransport,
+    max_info: u16,
+    pdu: u16,
+    password: &str,
+) {
     let sim = Sim::start(
         1,
         SimOptions {
             transport,
+            password: (!password.is_empty()).then(|| password.as_bytes().to_vec()),
             ..SimOptions::default()
         },
     )
@@ -658,6 +668,7 @@ async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, p
         .arg(name)
         .arg(max_info.to_string())
         .arg(pdu.to_string())
+        .arg(password)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -679,15 +690,20 @@ async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, p
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_over_hdlc() {
-    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024).await;
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024, "").await;
 }
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_with_small_frames_and_pdu() {
-    gurux_client_reads_simulator(DlmsTransport::Hdlc, 32, 64).await;
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 32, 64, "").await;
+}
+
+#[tokio::test]
+async fn gurux_client_with_lls_reads_simulator() {
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024, "12345678").await;
 }
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_over_wrapper() {
-    gurux_client_reads_simulator(DlmsTransport::Wrapper, 128, 1024).await;
+    gurux_client_reads_simulator(DlmsTransport::Wrapper, 128, 1024, "").await;
 }
