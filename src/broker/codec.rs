@@ -155,7 +155,9 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     }
 }
 
-/// A parsed CONNECT, in the codec of the backend that will serve it.
+/// A parsed CONNECT, in the codec of the backend that will serve it. One lives briefly per
+/// connection attempt, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Connect {
     /// MQTT 3.1 or 3.1.1, as a 3.1.1 CONNECT.

@@ -109,7 +109,7 @@ pub enum Error {
     #[error("cannot start the rumqttd thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot open the rumqttd local link")]
-    OpenLink(#[source] LinkError),
+    OpenLink(#[source] Box<LinkError>),
     #[error("rumqttd did not accept connections on {addr} within {timeout:?}")]
     BackendNotReady { addr: SocketAddr, timeout: Duration },
     #[error("broker start was interrupted")]
@@ -121,7 +121,7 @@ pub enum Error {
         topic: String,
         payload: Bytes,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("invalid topic {0:?}")]
     InvalidTopic(String),
@@ -193,7 +193,7 @@ pub async fn start_with(
     // Broker::new spawns rumqttd's router thread and `link` blocks on the router's reply.
     let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
         let mut broker = rumqttd::Broker::new(rumqttd_config);
-        let link = broker.link(LINK_CLIENT_ID).map_err(Error::OpenLink)?;
+        let link = broker.link(LINK_CLIENT_ID).map_err(|e| Error::OpenLink(Box::new(e)))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -435,7 +435,7 @@ impl LinkTask {
                     .map_err(|source| Error::Link {
                         topic,
                         payload,
-                        source,
+                        source: Box::new(source),
                     });
                 let _ = reply.send(result);
             }
