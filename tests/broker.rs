@@ -36,6 +36,10 @@ impl TestBroker {
     }
 
     async fn start_tuned(cfg: BrokerConfig, tuning: Tuning) -> TestBroker {
+        Self::start_with_capacity(cfg, tuning, 64).await
+    }
+
+    async fn start_with_capacity(cfg: BrokerConfig, tuning: Tuning, capacity: usize) -> TestBroker {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -43,7 +47,7 @@ impl TestBroker {
             )
             .with_test_writer()
             .try_init();
-        let (events_tx, events_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::channel(capacity);
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
@@ -833,4 +837,44 @@ async fn packet_size_and_connection_limits_are_enforced() {
         .await;
     small.closed().await;
     b.assert_no_event();
+}
+
+#[tokio::test]
+async fn full_router_channel_stops_reading_the_publisher() {
+    let mut b = TestBroker::start_with_capacity(config(), Tuning::default(), 1).await;
+    let mut raw = raw_v4_connected(b.addr(), v4_connect("busy", 30, true)).await;
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 1, b"1")).await;
+    assert_eq!(raw.recv_v4().await, Some(v4::Packet::PubAck(v4::PubAck::new(1))));
+    // The channel now holds message 1; message 2 waits in the front, unforwarded and unacked.
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 2, b"2")).await;
+    let mut scratch = [0u8; 8];
+    let early = timeout(Duration::from_millis(300), raw.stream.read(&mut scratch)).await;
+    assert!(early.is_err(), "message 2 was acked while the router channel was full");
+
+    assert_eq!(b.next_local().await.payload, Bytes::from_static(b"1"));
+    assert_eq!(raw.recv_v4().await, Some(v4::Packet::PubAck(v4::PubAck::new(2))));
+    assert_eq!(b.next_local().await.payload, Bytes::from_static(b"2"));
+}
+
+#[tokio::test]
+async fn cancel_closes_clients_and_stops_accepting() {
+    let b = TestBroker::start(config()).await;
+    let mut v5raw = Raw::connect(b.addr()).await;
+    v5raw.send_v5(v5_connect("bye-v5")).await;
+    assert!(matches!(v5raw.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    let mut v4raw = raw_v4_connected(b.addr(), v4_connect("bye-v4", 30, true)).await;
+    let addr = b.addr();
+
+    b.cancel.cancel();
+    match v5raw.recv_v5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    v5raw.closed().await;
+    v4raw.closed().await;
+    b.tracker.close();
+    timeout(WAIT, b.tracker.wait()).await.expect("all broker tasks end");
+    assert!(TcpStream::connect(addr).await.is_err(), "public port closed");
 }
