@@ -843,16 +843,27 @@ async fn packet_size_and_connection_limits_are_enforced() {
 async fn full_router_channel_stops_reading_the_publisher() {
     let mut b = TestBroker::start_with_capacity(config(), Tuning::default(), 1).await;
     let mut raw = raw_v4_connected(b.addr(), v4_connect("busy", 30, true)).await;
-    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 1, b"1")).await;
-    assert_eq!(raw.recv_v4().await, Some(v4::Packet::PubAck(v4::PubAck::new(1))));
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 1, b"1"))
+        .await;
+    assert_eq!(
+        raw.recv_v4().await,
+        Some(v4::Packet::PubAck(v4::PubAck::new(1)))
+    );
     // The channel now holds message 1; message 2 waits in the front, unforwarded and unacked.
-    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 2, b"2")).await;
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 2, b"2"))
+        .await;
     let mut scratch = [0u8; 8];
     let early = timeout(Duration::from_millis(300), raw.stream.read(&mut scratch)).await;
-    assert!(early.is_err(), "message 2 was acked while the router channel was full");
+    assert!(
+        early.is_err(),
+        "message 2 was acked while the router channel was full"
+    );
 
     assert_eq!(b.next_local().await.payload, Bytes::from_static(b"1"));
-    assert_eq!(raw.recv_v4().await, Some(v4::Packet::PubAck(v4::PubAck::new(2))));
+    assert_eq!(
+        raw.recv_v4().await,
+        Some(v4::Packet::PubAck(v4::PubAck::new(2)))
+    );
     assert_eq!(b.next_local().await.payload, Bytes::from_static(b"2"));
 }
 
@@ -861,7 +872,10 @@ async fn cancel_closes_clients_and_stops_accepting() {
     let b = TestBroker::start(config()).await;
     let mut v5raw = Raw::connect(b.addr()).await;
     v5raw.send_v5(v5_connect("bye-v5")).await;
-    assert!(matches!(v5raw.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    assert!(matches!(
+        v5raw.recv_v5().await,
+        Some(v5::Packet::ConnAck(_))
+    ));
     let mut v4raw = raw_v4_connected(b.addr(), v4_connect("bye-v4", 30, true)).await;
     let addr = b.addr();
 
@@ -875,6 +889,70 @@ async fn cancel_closes_clients_and_stops_accepting() {
     v5raw.closed().await;
     v4raw.closed().await;
     b.tracker.close();
-    timeout(WAIT, b.tracker.wait()).await.expect("all broker tasks end");
-    assert!(TcpStream::connect(addr).await.is_err(), "public port closed");
+    timeout(WAIT, b.tracker.wait())
+        .await
+        .expect("all broker tasks end");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "public port closed"
+    );
+}
+
+#[tokio::test]
+async fn clean_disconnect_does_not_publish_the_will() {
+    let mut b = TestBroker::start(config()).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher")).await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let mut c = v4::Connect::new("polite");
+    c.keep_alive = 30;
+    c.last_will = Some(v4::LastWill::new(
+        "wills/polite",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut raw = raw_v4_connected(b.addr(), v4::Packet::Connect(c)).await;
+    raw.send_v4(v4::Packet::Disconnect).await;
+    raw.closed().await;
+
+    // A later message arrives first and alone: no will was published in between.
+    let marker = V4Client::connect(v4_options(b.addr(), "marker")).await;
+    marker
+        .client
+        .publish("wills/marker", QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("publish queued");
+    assert_eq!(sub.next_publish().await.topic, "wills/marker");
+    assert_eq!(b.next_local().await.client_id, "marker");
+    // rumqttd handles the closed session asynchronously; give a late will a moment to show.
+    let late = timeout(Duration::from_millis(300), async {
+        loop {
+            match sub.events.recv().await {
+                Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => return p,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        late.is_err(),
+        "will published after a clean DISCONNECT: {late:?}"
+    );
+}
+
+#[tokio::test]
+async fn same_client_id_takes_over_the_session() {
+    let b = TestBroker::start(config()).await;
+    let mut first = raw_v4_connected(b.addr(), v4_connect("dup", 30, true)).await;
+    let mut second = raw_v4_connected(b.addr(), v4_connect("dup", 30, true)).await;
+    first.closed().await;
+    second
+        .send_v4(publish_v4("dup/t", QoS::AtLeastOnce, 1, b"x"))
+        .await;
+    assert!(matches!(
+        second.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
 }
