@@ -610,6 +610,15 @@ async fn misbehaving_clients_are_closed_and_others_keep_working() {
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
     bad5.closed().await;
+    // Straight to rumqttd, that CONNACK panics the connection task, and the same client id
+    // reconnecting then poisons the v5 listener for every later client. Through the front it
+    // reconnects normally.
+    let mut again = Raw::connect(b.addr()).await;
+    again.send_v5(v5_connect("bad-v5")).await;
+    match again.recv_v5().await {
+        Some(v5::Packet::ConnAck(ack)) => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
 
     // CONNACK instead of CONNECT, on both protocol versions' framing.
     let mut bad_first = Raw::connect(b.addr()).await;

@@ -291,6 +291,7 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
                 Refusal::ProtocolVersion => v4::ConnectReturnCode::RefusedProtocolVersion,
                 Refusal::ClientId => v4::ConnectReturnCode::BadClientId,
                 Refusal::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                Refusal::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
             };
             let _ = v4::ConnAck::new(code, false).write(&mut out);
         }
@@ -299,6 +300,7 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
                 Refusal::ProtocolVersion => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                 Refusal::ClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 Refusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                Refusal::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
             };
             let ack = v5::ConnAck {
                 session_present: false,
@@ -320,6 +322,8 @@ pub enum Refusal {
     ClientId,
     /// Wrong or missing username/password.
     NotAuthorized,
+    /// rumqttd cannot be reached.
+    ServerUnavailable,
 }
 
 /// A v5 DISCONNECT with the given reason and an empty property list, sent before the front

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::codec::{self, Connect, Inbound, Refusal, Session, Version};
 use super::Tuning;
@@ -139,6 +139,12 @@ async fn serve(
         Err(Error::Protocol(e)) => {
             warn!(client = %conn.client_id, %peer, error = %e, "Client broke the MQTT protocol; closed it.")
         }
+        Err(e @ Error::BackendConnect { .. }) => {
+            error!(client = %conn.client_id, %peer, error = %e, "Embedded rumqttd unreachable; client refused.")
+        }
+        Err(e @ Error::EventsClosed) => {
+            warn!(client = %conn.client_id, %peer, error = %e, "Router gone; closed client connection.")
+        }
         Err(e) => debug!(client = %conn.client_id, %peer, error = %e, "Client connection ended."),
     }
 }
@@ -226,9 +232,13 @@ impl Connection {
         } else {
             self.shared.backend_v5
         };
-        let mut backend = TcpStream::connect(addr)
-            .await
-            .map_err(|source| Error::BackendConnect { addr, source })?;
+        let mut backend = match TcpStream::connect(addr).await {
+            Ok(b) => b,
+            Err(source) => {
+                self.refuse(version, Refusal::ServerUnavailable).await;
+                return Err(Error::BackendConnect { addr, source });
+            }
+        };
         let _ = backend.set_nodelay(true);
         backend
             .write_all(&connect_bytes)

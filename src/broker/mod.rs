@@ -193,7 +193,9 @@ pub async fn start_with(
     // Broker::new spawns rumqttd's router thread and `link` blocks on the router's reply.
     let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
         let mut broker = rumqttd::Broker::new(rumqttd_config);
-        let link = broker.link(LINK_CLIENT_ID).map_err(|e| Error::OpenLink(Box::new(e)))?;
+        let link = broker
+            .link(LINK_CLIENT_ID)
+            .map_err(|e| Error::OpenLink(Box::new(e)))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -304,8 +306,8 @@ impl BrokerHandle {
 }
 
 /// rumqttd configuration: one v4 and one v5 listener on private loopback ports, no auth (the
-/// front checks credentials), dynamic filters so publishing to a topic nobody subscribed to is
-/// not an error.
+/// front checks credentials), dynamic filters on (a publish to a topic with no subscriber must
+/// never be an error).
 fn backend_config(cfg: &BrokerConfig, v4: SocketAddr, v5: SocketAddr) -> rumqttd::Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: BACKEND_CONNECT_TIMEOUT_MS,
@@ -385,9 +387,9 @@ struct LinkTask {
 
 impl LinkTask {
     async fn run(mut self) {
-        // One wildcard subscription on the link: every local message reaches this task exactly
-        // once whatever the bridge's filters overlap, and a publish to a topic nobody else
-        // subscribed to never trips rumqttd's "no matching filter" disconnect.
+        // One wildcard subscription on the link, fanned out here: every local message reaches
+        // this task exactly once however the bridge's filters overlap (rumqttd delivers one copy
+        // per matching filter of a connection).
         if let Err(e) = self.link_tx.subscribe("#") {
             error!(error = %e, "Cannot subscribe the broker link; bridge subscriptions will stay silent.");
         }
