@@ -965,3 +965,55 @@ async fn same_client_id_takes_over_the_session() {
         Some(v4::Packet::PubAck(_))
     ));
 }
+
+#[tokio::test]
+async fn v5_subscriber_with_topic_alias_maximum_gets_right_topics() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = Raw::connect(b.addr()).await;
+    sub.send_v5(v5::Packet::Connect(
+        v5::Connect {
+            keep_alive: 30,
+            client_id: "alias-sub".into(),
+            clean_start: true,
+            properties: Some(v5::ConnectProperties {
+                topic_alias_max: Some(10),
+                ..v5::ConnectProperties::new()
+            }),
+        },
+        None,
+        None,
+    ))
+    .await;
+    assert!(matches!(sub.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    sub.send_v5(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("w/#", QoS5::AtMostOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v5().await, Some(v5::Packet::SubAck(_))));
+
+    let publisher = V4Client::connect(v4_options(b.addr(), "alias-pub")).await;
+    let mut aliases = std::collections::HashMap::new();
+    for topic in ["w/1", "w/2", "w/1"] {
+        publisher
+            .client
+            .publish(topic, QoS::AtMostOnce, false, topic)
+            .await
+            .expect("publish queued");
+        let Some(v5::Packet::Publish(p)) = sub.recv_v5().await else {
+            panic!("expected PUBLISH");
+        };
+        // Resolve as a client would.
+        let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
+        let seen = match (alias, p.topic.is_empty()) {
+            (Some(a), true) => aliases.get(&a).cloned().expect("known alias"),
+            (Some(a), false) => {
+                aliases.insert(a, p.topic.clone());
+                p.topic.clone()
+            }
+            (None, _) => p.topic.clone(),
+        };
+        assert_eq!(&seen[..], topic.as_bytes());
+        assert_eq!(&p.payload[..], topic.as_bytes());
+    }
+}

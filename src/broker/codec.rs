@@ -242,6 +242,17 @@ impl Connect {
         }
     }
 
+    /// Hide the client's Topic Alias Maximum from rumqttd: rumqttd 0.20 keys its outgoing aliases
+    /// by subscription filter, not topic, so with a wildcard subscription a second topic would
+    /// be delivered under the first topic's alias, i.e. with the wrong topic.
+    pub fn disable_broker_topic_aliases(&mut self) {
+        if let Connect::V5(c, ..) = self {
+            if let Some(props) = c.properties.as_mut() {
+                props.topic_alias_max = None;
+            }
+        }
+    }
+
     /// Drop the password so the backend (which does no auth) never holds it.
     pub fn strip_password(&mut self) {
         match self {

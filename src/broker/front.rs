@@ -225,6 +225,7 @@ impl Connection {
         }
         connect.strip_password();
         connect.strip_will_properties();
+        connect.disable_broker_topic_aliases();
         let connect_bytes = connect.to_bytes().map_err(Error::Protocol)?;
 
         let addr = if version.is_v4() {
