@@ -1017,3 +1017,31 @@ async fn v5_subscriber_with_topic_alias_maximum_gets_right_topics() {
         assert_eq!(&p.payload[..], topic.as_bytes());
     }
 }
+
+#[tokio::test]
+async fn persistent_session_gets_messages_sent_while_offline() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = raw_v4_connected(b.addr(), v4_connect("durable", 30, false)).await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new("p/#", QoS::AtLeastOnce)))
+        .await;
+    assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    sub.send_v4(v4::Packet::Disconnect).await;
+    sub.closed().await;
+
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("p-pub", 30, true)).await;
+    publisher
+        .send_v4(publish_v4("p/1", QoS::AtLeastOnce, 1, b"queued"))
+        .await;
+    assert!(matches!(publisher.recv_v4().await, Some(v4::Packet::PubAck(_))));
+
+    let mut back = Raw::connect(b.addr()).await;
+    back.send_v4(v4_connect("durable", 30, false)).await;
+    match back.recv_v4().await {
+        Some(v4::Packet::ConnAck(ack)) => assert!(ack.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    match back.recv_v4().await {
+        Some(v4::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"queued"),
+        other => panic!("expected the queued PUBLISH, got {other:?}"),
+    }
+}
