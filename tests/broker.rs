@@ -1022,8 +1022,11 @@ async fn v5_subscriber_with_topic_alias_maximum_gets_right_topics() {
 async fn persistent_session_gets_messages_sent_while_offline() {
     let b = TestBroker::start(config()).await;
     let mut sub = raw_v4_connected(b.addr(), v4_connect("durable", 30, false)).await;
-    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new("p/#", QoS::AtLeastOnce)))
-        .await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+        "p/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
     assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
     sub.send_v4(v4::Packet::Disconnect).await;
     sub.closed().await;
@@ -1032,7 +1035,10 @@ async fn persistent_session_gets_messages_sent_while_offline() {
     publisher
         .send_v4(publish_v4("p/1", QoS::AtLeastOnce, 1, b"queued"))
         .await;
-    assert!(matches!(publisher.recv_v4().await, Some(v4::Packet::PubAck(_))));
+    assert!(matches!(
+        publisher.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
 
     let mut back = Raw::connect(b.addr()).await;
     back.send_v4(v4_connect("durable", 30, false)).await;
@@ -1044,4 +1050,78 @@ async fn persistent_session_gets_messages_sent_while_offline() {
         Some(v4::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"queued"),
         other => panic!("expected the queued PUBLISH, got {other:?}"),
     }
+}
+
+/// Rough numbers only (run with `--ignored --nocapture`); benchmarks belong in `bench/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_front_throughput_and_qos1_round_trip() {
+    const N: usize = 20_000;
+    let mut b = TestBroker::start_with_capacity(config(), Tuning::default(), 4096).await;
+    let mut sub = raw_v4_connected(b.addr(), v4_connect("m-sub", 30, true)).await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+        "m/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("m-pub", 30, true)).await;
+
+    let mut batch = BytesMut::new();
+    for _ in 0..N {
+        v4::Packet::Publish(v4::Publish::new("m/t", QoS::AtMostOnce, vec![b'x'; 100]))
+            .write(&mut batch, usize::MAX)
+            .expect("serialise");
+    }
+    let start = std::time::Instant::now();
+    let (_, events, delivered) = tokio::join!(
+        publisher.send(&batch),
+        async {
+            for _ in 0..N {
+                b.next_local().await;
+            }
+            start.elapsed()
+        },
+        async {
+            let mut got = 0;
+            let mut scratch = BytesMut::new();
+            let _ = timeout(Duration::from_secs(20), async {
+                while got < N {
+                    match v4::Packet::read(&mut sub.buf, usize::MAX) {
+                        Ok(_) => got += 1,
+                        Err(_) => {
+                            scratch.clear();
+                            if sub.stream.read_buf(&mut sub.buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            (got, start.elapsed())
+        }
+    );
+    eprintln!(
+        "QoS0 x{N} (100 B): router got all in {events:?} ({:.0}/s); subscriber got {} in {:?}",
+        N as f64 / events.as_secs_f64(),
+        delivered.0,
+        delivered.1
+    );
+
+    let mut total = Duration::ZERO;
+    const M: u16 = 500;
+    for pkid in 1..=M {
+        let t = std::time::Instant::now();
+        publisher
+            .send_v4(publish_v4("m/q1", QoS::AtLeastOnce, pkid, b"x"))
+            .await;
+        assert!(matches!(
+            publisher.recv_v4().await,
+            Some(v4::Packet::PubAck(_))
+        ));
+        total += t.elapsed();
+        b.next_local().await;
+    }
+    eprintln!("QoS1 publish→PUBACK mean {:?}", total / u32::from(M));
 }

@@ -53,9 +53,10 @@ const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKEND_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// Client id of the bridge's own rumqttd local link.
 const LINK_CLIENT_ID: &str = "dlms-bridge-local-link";
-/// Size of one in-memory commitlog segment in rumqttd, per topic. rumqttd keeps every topic's
-/// messages until segments rotate, so memory is about topics × size × count.
-const SEGMENT_SIZE_BYTES: usize = 1024 * 1024;
+/// Size of one in-memory commitlog segment in rumqttd, per subscribed filter. rumqttd keeps
+/// messages until segments rotate, so memory is about filters × size × (count + 1); a subscriber
+/// further behind than that skips messages (1 MiB lost half of a 20 000-message burst).
+const SEGMENT_SIZE_BYTES: usize = 4 * 1024 * 1024;
 /// Segments kept per topic besides the active one.
 const SEGMENT_COUNT: usize = 2;
 /// Outgoing packets rumqttd buffers per connection.
