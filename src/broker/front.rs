@@ -33,6 +33,8 @@ use crate::sources::{LocalPublish, SourceEvent};
 
 /// Initial read buffer per socket direction.
 const READ_BUF_BYTES: usize = 4096;
+/// After forwarding a client's DISCONNECT, longest wait for rumqttd to close the session.
+const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -72,12 +74,15 @@ pub struct Shared {
     pub password: Option<Secret>,
     /// Largest packet accepted from a client, bytes, fixed header included.
     pub max_packet_size: usize,
+    /// Keep-alive rewrite and CONNECT timeout.
     pub tuning: Tuning,
 }
 
 /// The accept loop.
 pub struct Front {
+    /// The public broker port.
     pub listener: TcpListener,
+    /// Handed to every connection task.
     pub shared: Arc<Shared>,
     /// One permit per open client connection (`max_connections`).
     pub limit: Arc<Semaphore>,
@@ -150,6 +155,7 @@ async fn serve(
 }
 
 struct Connection {
+    /// The local client's socket; closed when this connection ends.
     client: TcpStream,
     shared: Arc<Shared>,
     peer: SocketAddr,
@@ -404,6 +410,10 @@ impl Upstream<'_> {
                 out.clear();
             }
             if disconnect {
+                // Let rumqttd close first: if the backend socket closes right behind the
+                // DISCONNECT, rumqttd sometimes treats it as an abrupt loss and publishes the
+                // will. The downstream half ends this connection when rumqttd closes.
+                tokio::time::sleep(DISCONNECT_LINGER).await;
                 return Ok(End::Closed);
             }
             tokio::select! {
