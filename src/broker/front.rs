@@ -35,6 +35,8 @@ use crate::sources::{LocalPublish, SourceEvent};
 const READ_BUF_BYTES: usize = 4096;
 /// After forwarding a client's DISCONNECT, longest wait for rumqttd to close the session.
 const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
+/// Longest wait for rumqttd's CONNACK after forwarding a CONNECT.
+const BACKEND_CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -51,6 +53,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("rumqttd sent no connack within {0:?}")]
+    BackendSilent(Duration),
     #[error("no connect within {0:?}")]
     ConnectTimeout(Duration),
     #[error("protocol violation")]
@@ -144,7 +148,7 @@ async fn serve(
         Err(Error::Protocol(e)) => {
             warn!(client = %conn.client_id, %peer, error = %e, "Client broke the MQTT protocol; closed it.")
         }
-        Err(e @ Error::BackendConnect { .. }) => {
+        Err(e @ (Error::BackendConnect { .. } | Error::BackendSilent(_))) => {
             error!(client = %conn.client_id, %peer, error = %e, "Embedded rumqttd unreachable; client refused.")
         }
         Err(e @ Error::EventsClosed) => {
@@ -298,6 +302,11 @@ impl Connection {
                     _ => DisconnectReasonCode::ProtocolError,
                 };
                 (End::Refuse(code), Err(Error::Protocol(e)))
+            }
+            Err(e @ Error::BackendSilent(_)) => {
+                let ack = codec::connack_refused(version, Refusal::ServerUnavailable);
+                let _ = client_wr.write_all(&ack).await;
+                (End::Closed, Err(e))
             }
             Err(e) => (End::Closed, Err(e)),
         };
@@ -465,12 +474,16 @@ impl Downstream<'_> {
         let mut out = BytesMut::with_capacity(READ_BUF_BYTES);
         let mut first = true;
         loop {
-            if backend_rd
-                .read_buf(&mut buf)
-                .await
-                .map_err(Error::Backend)?
-                == 0
-            {
+            let read = backend_rd.read_buf(&mut buf);
+            let n = if first {
+                // A rumqttd whose router thread died accepts TCP but never answers.
+                tokio::time::timeout(BACKEND_CONNACK_TIMEOUT, read)
+                    .await
+                    .map_err(|_| Error::BackendSilent(BACKEND_CONNACK_TIMEOUT))?
+            } else {
+                read.await
+            };
+            if n.map_err(Error::Backend)? == 0 {
                 return Ok(End::Closed);
             }
             // rumqttd's packets are not size-limited here: the client chose to subscribe.
