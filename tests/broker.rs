@@ -1125,3 +1125,23 @@ async fn measure_front_throughput_and_qos1_round_trip() {
     }
     eprintln!("QoS1 publish→PUBACK mean {:?}", total / u32::from(M));
 }
+
+#[tokio::test]
+async fn large_payload_passes_intact() {
+    let mut b = TestBroker::start(config()).await;
+    let mut sub_opts = v5_options(b.addr(), "big-sub");
+    sub_opts.set_max_packet_size(Some(1024 * 1024));
+    let mut sub = V5Client::connect(sub_opts).await;
+    sub.subscribe("big", QoS5::AtLeastOnce).await;
+    let mut opts = v4_options(b.addr(), "big-pub");
+    opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let publisher = V4Client::connect(opts).await;
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    publisher
+        .client
+        .publish("big", QoS::AtLeastOnce, false, payload.clone())
+        .await
+        .expect("publish queued");
+    assert_eq!(&b.next_local().await.payload[..], &payload[..]);
+    assert_eq!(&sub.next_publish().await.payload[..], &payload[..]);
+}
