@@ -1145,3 +1145,46 @@ async fn large_payload_passes_intact() {
     assert_eq!(&b.next_local().await.payload[..], &payload[..]);
     assert_eq!(&sub.next_publish().await.payload[..], &payload[..]);
 }
+
+#[tokio::test]
+async fn v5_will_with_properties_reaches_v311_subscriber() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "v4-watcher")).await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let will = v5::LastWill::new(
+        "wills/v5",
+        "gone",
+        QoS5::AtLeastOnce,
+        false,
+        Some(v5::LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: Some(1),
+            message_expiry_interval: None,
+            content_type: Some("text/plain".into()),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("k".into(), "v".into())],
+        }),
+    );
+    let mut raw = Raw::connect(b.addr()).await;
+    raw.send_v5(v5::Packet::Connect(
+        v5::Connect {
+            keep_alive: 30,
+            client_id: "v5-dies".into(),
+            clean_start: true,
+            properties: None,
+        },
+        Some(will),
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    drop(raw);
+
+    let got = sub.next_publish().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("wills/v5", &b"gone"[..])
+    );
+}
