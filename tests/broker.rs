@@ -1188,3 +1188,25 @@ async fn v5_will_with_properties_reaches_v311_subscriber() {
         ("wills/v5", &b"gone"[..])
     );
 }
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_connect_timeout() {
+    let tuning = Tuning {
+        connect_timeout: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let b = TestBroker::start_tuned(config(), tuning).await;
+    let mut idle = Raw::connect(b.addr()).await;
+    idle.closed().await;
+    // Unknown protocol level: CONNACK 0x01, then closed.
+    let mut odd = Raw::connect(b.addr()).await;
+    odd.send(&[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 30, 0, 0])
+        .await;
+    match odd.recv_v4().await {
+        Some(v4::Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, v4::ConnectReturnCode::RefusedProtocolVersion)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert_eq!(odd.recv_v4().await, None);
+}
