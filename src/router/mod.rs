@@ -235,9 +235,14 @@ impl Router {
                 }
             }
             Downlink::AttributeResponse { device, id, values } => {
-                match self.mappings.attribute_response_publish(&device, id, &values) {
+                match self
+                    .mappings
+                    .attribute_response_publish(&device, id, &values)
+                {
                     Some(o) => self.publish_local(&o.topic, o.payload, o.retain).await,
-                    None => debug!(%device, id, "Attribute response with no pending local request."),
+                    None => {
+                        debug!(%device, id, "Attribute response with no pending local request.")
+                    }
                 }
             }
             Downlink::DeviceDisconnected { device, reason } => {
