@@ -61,13 +61,13 @@ const TB_NOT_CARRIED: &[(&str, &str)] = &[
     ("keep_alive", "dlms-bridge uses a short keep-alive (thingsboard.keep_alive, default 20s) so a dead link is noticed quickly"),
     ("remoteConfiguration", "remote configuration from the ThingsBoard UI is not supported; edit config.toml"),
     ("remoteShell", "the remote shell is not supported"),
-    ("statistics", "tb-gateway statistics telemetry is not produced; dlms-bridge has its own health endpoint and logs"),
+    ("statistics", "tb-gateway statistics telemetry is not produced by dlms-bridge"),
     ("deviceFiltering", "device allow/deny lists are not supported"),
     ("maxPayloadSizeBytes", "dlms-bridge splits messages by thingsboard.max_packet_size (default 64 KiB)"),
     ("minPackSendDelayMS", "dlms-bridge sends as soon as records are stored (thingsboard.batch_linger)"),
     ("minPackSizeToSend", "unused by tb-gateway itself"),
     ("checkConnectorsConfigurationInSeconds", "configuration is read at start-up; restart to apply changes"),
-    ("handleDeviceRenaming", "dlms-bridge always honours gateway_device_renamed"),
+    ("handleDeviceRenaming", "device renaming is not configurable in dlms-bridge"),
     ("checkingDeviceActivity", "the gateway-side inactivity check is not carried (it is broken in tb-gateway 3.8.5, spec §7.1)"),
     ("provisioning", "device provisioning is not supported; create the gateway device and copy its access token"),
     ("proxy_host", "HTTP CONNECT proxies are not supported"),
@@ -456,11 +456,12 @@ fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Erro
             "bind_address" => bind_address = args.first().map(|s| s.to_string()),
             "allow_anonymous" => allow_anonymous = Some(args.first() == Some(&"true")),
             "password_file" => password_file = args.first().map(|s| s.to_string()),
-            "max_connections" => {
-                if let Some(m) = args.first().and_then(|m| m.parse::<i64>().ok()).filter(|m| *m > 0) {
-                    out.broker.push(format!("max_connections = {m}"));
-                }
-            }
+            "max_connections" => match args.first().and_then(|m| m.parse::<i64>().ok()) {
+                Some(m) if m > 0 => out.broker.push(format!("max_connections = {m}")),
+                _ => out.skip(format!(
+                    "mosquitto `{line}`: unlimited connections are not supported; broker.max_connections keeps its default (10000)"
+                )),
+            },
             "per_listener_settings" if args.first() != Some(&"true") => {}
             other => out.skip(format!(
                 "mosquitto `{line}` ({}:{}): `{other}` has no equivalent in dlms-bridge's embedded broker",
