@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::broker::{self, BrokerHandle};
 use crate::config::{Config, MeterConfig};
 use crate::router::mapping::MappingSet;
-use crate::router::{MeterMap, Router, RELOAD_CAPACITY};
+use crate::router::{MeterMap, Router, RouterInputs, RELOAD_CAPACITY};
 use crate::shutdown::Tasks;
 use crate::sources::dlms::{self, MeterHandle};
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
@@ -186,14 +186,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     let router = Router::new(
-        events_rx,
-        downlink_rx,
+        RouterInputs {
+            events_rx,
+            downlink_rx,
+            reload_rx,
+        },
         store.clone(),
         mappings,
         cfg.local.clone(),
         broker.clone(),
         meters.clone(),
-        reload_rx,
     );
     let router_done = tasks.spawn("router", router.run());
 

@@ -313,4 +313,3 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
         }
     }
 }
-

@@ -106,16 +106,41 @@ async fn the_three_local_publisher_shapes_reach_thingsboard() {
     .await;
     // 2. The ThingsBoard device API: the device is named by the MQTT username.
     let dev = local_client(&running, "cid-pump", Some("Pump 7")).await;
-    publish(&dev, "v1/devices/me/telemetry", json!({"ts": 1_700_000_000_000i64, "values": {"temp": 21.5}})).await;
-    publish(&dev, "v1/devices/me/attributes", json!({"firmware": "1.2.3"})).await;
+    publish(
+        &dev,
+        "v1/devices/me/telemetry",
+        json!({"ts": 1_700_000_000_000i64, "values": {"temp": 21.5}}),
+    )
+    .await;
+    publish(
+        &dev,
+        "v1/devices/me/attributes",
+        json!({"firmware": "1.2.3"}),
+    )
+    .await;
     // ... or by its client id when it has no username.
     let anon = local_client(&running, "boiler-3", None).await;
     publish(&anon, "v1/devices/me/telemetry", json!({"pressure": 1.8})).await;
     // 3. The gateway API spoken locally: forwarded through our single uplink.
     let gw = local_client(&running, "legacy-gw", None).await;
-    publish(&gw, "v1/gateway/connect", json!({"device": "Valve 2", "type": "Valve"})).await;
-    publish(&gw, "v1/gateway/telemetry", json!({"Valve 2": [{"ts": 1_700_000_000_001i64, "values": {"open": true}}]})).await;
-    publish(&gw, "v1/gateway/attributes", json!({"Valve 2": {"model": "V-100"}})).await;
+    publish(
+        &gw,
+        "v1/gateway/connect",
+        json!({"device": "Valve 2", "type": "Valve"}),
+    )
+    .await;
+    publish(
+        &gw,
+        "v1/gateway/telemetry",
+        json!({"Valve 2": [{"ts": 1_700_000_000_001i64, "values": {"open": true}}]}),
+    )
+    .await;
+    publish(
+        &gw,
+        "v1/gateway/attributes",
+        json!({"Valve 2": {"model": "V-100"}}),
+    )
+    .await;
 
     let rec = emu
         .wait_for("all local shapes", WAIT, |r| {
@@ -126,7 +151,10 @@ async fn the_three_local_publisher_shapes_reach_thingsboard() {
                 && r.attributes.contains_key("Valve 2")
         })
         .await;
-    assert_eq!(values(&rec, "Meter 1"), vec![json!({"voltage_l1": 230.1, "active_energy": 12345.5})]);
+    assert_eq!(
+        values(&rec, "Meter 1"),
+        vec![json!({"voltage_l1": 230.1, "active_energy": 12345.5})]
+    );
     assert_eq!(
         rec.telemetry["Pump 7"],
         vec![json!({"ts": 1_700_000_000_000i64, "values": {"temp": 21.5}})]
@@ -142,8 +170,14 @@ async fn the_three_local_publisher_shapes_reach_thingsboard() {
     };
     assert_eq!(ty("Meter 1").as_deref(), Some("DLMS Energy Meter"));
     assert_eq!(ty("Valve 2").as_deref(), Some("Valve"));
-    assert!(rec.connect_precedes_data(), "connect must precede each device's data");
-    assert_eq!(rec.multi_device_publishes, 0, "one device per gateway publish");
+    assert!(
+        rec.connect_precedes_data(),
+        "connect must precede each device's data"
+    );
+    assert_eq!(
+        rec.multi_device_publishes, 0,
+        "one device per gateway publish"
+    );
     assert_eq!(rec.invalid_payloads, 0);
     assert_eq!(rec.sessions, 1, "exactly one uplink session");
     assert!(running.shutdown().await.expect("shutdown"));
@@ -153,7 +187,12 @@ async fn the_three_local_publisher_shapes_reach_thingsboard() {
 async fn simulated_meter_delivers_the_five_scaled_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = TbEmulator::start(TOKEN).await;
-    let running = start(dir.path(), &emu, "[simulator]\nmeters = 2\ninterval = \"100ms\"\n").await;
+    let running = start(
+        dir.path(),
+        &emu,
+        "[simulator]\nmeters = 2\ninterval = \"100ms\"\n",
+    )
+    .await;
     let rec = emu
         .wait_for("two readings from each simulated meter", WAIT, |r| {
             ["sim-meter-0001", "sim-meter-0002"]
@@ -163,14 +202,21 @@ async fn simulated_meter_delivers_the_five_scaled_keys() {
         .await;
     for dev in ["sim-meter-0001", "sim-meter-0002"] {
         let v = &values(&rec, dev)[0];
-        let num = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{dev}: {k} missing in {v}"));
+        let num = |k: &str| {
+            v[k].as_f64()
+                .unwrap_or_else(|| panic!("{dev}: {k} missing in {v}"))
+        };
         assert!((200.0..260.0).contains(&num("voltage_l1")), "{v}");
         assert!((0.0..100.0).contains(&num("current_l1")), "{v}");
         assert!((49.0..51.0).contains(&num("frequency")), "{v}");
         assert!(num("active_power") >= 0.0, "{v}");
         assert!(num("active_energy") > 0.0, "{v}");
         assert_eq!(v["poll_ok"], json!(true));
-        let ty = rec.connects.iter().find(|(n, _)| n == dev).and_then(|(_, t)| t.clone());
+        let ty = rec
+            .connects
+            .iter()
+            .find(|(n, _)| n == dev)
+            .and_then(|(_, t)| t.clone());
         assert_eq!(ty.as_deref(), Some("DLMS Energy Meter"));
     }
     assert!(rec.connect_precedes_data());
@@ -184,19 +230,39 @@ async fn malformed_local_messages_are_dropped_and_others_flow() {
     let running = start(dir.path(), &emu, "").await;
     let bad = local_client(&running, "broken", None).await;
     let good = local_client(&running, "fine", None).await;
-    for payload in ["{not json", "[1,2,3]", r#"{"deviceName": ""}"#, r#"{"deviceName": "${serial}", "v": 1}"#] {
+    for payload in [
+        "{not json",
+        "[1,2,3]",
+        r#"{"deviceName": ""}"#,
+        r#"{"deviceName": "${serial}", "v": 1}"#,
+    ] {
         bad.publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, payload)
             .await
             .expect("queued");
     }
-    bad.publish("v1/gateway/telemetry", QoS::AtLeastOnce, false, r#"[{"x":1}]"#)
-        .await
-        .expect("queued");
-    publish(&good, "v1/devices/me/telemetry", json!({"deviceName": "Good", "v": 1})).await;
+    bad.publish(
+        "v1/gateway/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        r#"[{"x":1}]"#,
+    )
+    .await
+    .expect("queued");
+    publish(
+        &good,
+        "v1/devices/me/telemetry",
+        json!({"deviceName": "Good", "v": 1}),
+    )
+    .await;
     let rec = emu
-        .wait_for("the good message", WAIT, |r| r.telemetry.contains_key("Good"))
+        .wait_for("the good message", WAIT, |r| {
+            r.telemetry.contains_key("Good")
+        })
         .await;
-    assert_eq!(rec.invalid_payloads, 0, "nothing malformed reached ThingsBoard");
+    assert_eq!(
+        rec.invalid_payloads, 0,
+        "nothing malformed reached ThingsBoard"
+    );
     assert!(
         rec.connects.iter().all(|(d, _)| d == "Good"),
         "no device created from bad input: {:?}",
@@ -225,7 +291,9 @@ async fn configured_mapping_routes_sensor_topics() {
         .await;
     }
     let rec = emu
-        .wait_for("five mapped messages", WAIT, |r| r.telemetry_ts("meter-0001").len() == 5)
+        .wait_for("five mapped messages", WAIT, |r| {
+            r.telemetry_ts("meter-0001").len() == 5
+        })
         .await;
     let seqs: Vec<i64> = values(&rec, "meter-0001")
         .iter()
@@ -239,15 +307,39 @@ async fn configured_mapping_routes_sensor_topics() {
 async fn rpc_round_trips_to_a_meter_and_unknown_targets_get_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = TbEmulator::start(TOKEN).await;
-    let running = start(dir.path(), &emu, "[simulator]\nmeters = 1\ninterval = \"200ms\"\n").await;
-    emu.wait_for("meter online", WAIT, |r| r.telemetry.contains_key("sim-meter-0001"))
-        .await;
-    assert!(emu.push_rpc("sim-meter-0001", 41, "get", json!({"obis": "1.0.32.7.0.255"})).await);
+    let running = start(
+        dir.path(),
+        &emu,
+        "[simulator]\nmeters = 1\ninterval = \"200ms\"\n",
+    )
+    .await;
+    emu.wait_for("meter online", WAIT, |r| {
+        r.telemetry.contains_key("sim-meter-0001")
+    })
+    .await;
     assert!(
-        emu.push_rpc("sim-meter-0001", 42, "set", json!({"obis": "0.0.96.3.10.255", "class_id": 1, "value": true})).await
+        emu.push_rpc(
+            "sim-meter-0001",
+            41,
+            "get",
+            json!({"obis": "1.0.32.7.0.255"})
+        )
+        .await
+    );
+    assert!(
+        emu.push_rpc(
+            "sim-meter-0001",
+            42,
+            "set",
+            json!({"obis": "0.0.96.3.10.255", "class_id": 1, "value": true})
+        )
+        .await
     );
     assert!(emu.push_rpc("nobody", 43, "reboot", json!({})).await);
-    assert!(emu.push_rpc("sim-meter-0001", 44, "get", json!({"obis": "9.9.9.9.9.9"})).await);
+    assert!(
+        emu.push_rpc("sim-meter-0001", 44, "get", json!({"obis": "9.9.9.9.9.9"}))
+            .await
+    );
     let rec = emu
         .wait_for("four RPC replies", WAIT, |r| r.rpc_replies.len() >= 4)
         .await;
@@ -264,7 +356,10 @@ async fn rpc_round_trips_to_a_meter_and_unknown_targets_get_an_error() {
     assert!(r41["data"]["value"].is_number(), "{r41}");
     assert_eq!(reply(42)["data"]["success"], json!(true), "{}", reply(42));
     assert_eq!(reply(43)["data"]["success"], json!(false));
-    assert!(reply(43)["data"]["error"].as_str().unwrap_or("").contains("no RPC route"));
+    assert!(reply(43)["data"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("no RPC route"));
     assert_eq!(reply(44)["data"]["success"], json!(false), "{}", reply(44));
     assert!(running.shutdown().await.expect("shutdown"));
 }
@@ -279,12 +374,18 @@ async fn thingsboard_restart_reconnects_reannounces_and_loses_nothing() {
         let c = c.clone();
         async move {
             for i in from..to {
-                publish(&c, "v1/devices/me/telemetry", json!({"deviceName": "R", "ts": 1_000 + i, "i": i})).await;
+                publish(
+                    &c,
+                    "v1/devices/me/telemetry",
+                    json!({"deviceName": "R", "ts": 1_000 + i, "i": i}),
+                )
+                .await;
             }
         }
     };
     send(0, 20).await;
-    emu.wait_for("first batch", WAIT, |r| r.telemetry_ts("R").len() == 20).await;
+    emu.wait_for("first batch", WAIT, |r| r.telemetry_ts("R").len() == 20)
+        .await;
     emu.stop().await;
     send(20, 60).await;
     // Every record of the outage is durable in the queue (row ids 21..=60) before ThingsBoard
@@ -297,13 +398,23 @@ async fn thingsboard_restart_reconnects_reannounces_and_loses_nothing() {
     assert!(running.store.stats().await.expect("stats").depth >= 40);
     emu.restart().await;
     let rec = emu
-        .wait_for("all 60 after restart", WAIT, |r| r.telemetry_ts("R").len() == 60)
+        .wait_for("all 60 after restart", WAIT, |r| {
+            r.telemetry_ts("R").len() == 60
+        })
         .await;
     let ts = rec.telemetry_ts("R");
-    assert_eq!(ts, (0..60).map(|i| 1_000 + i).collect::<Vec<i64>>(), "per-device order");
+    assert_eq!(
+        ts,
+        (0..60).map(|i| 1_000 + i).collect::<Vec<i64>>(),
+        "per-device order"
+    );
     assert!(rec.sessions >= 2);
     let announced = rec.connects.iter().filter(|(d, _)| d == "R").count();
-    assert!(announced >= 2, "re-announced after reconnect: {:?}", rec.connects);
+    assert!(
+        announced >= 2,
+        "re-announced after reconnect: {:?}",
+        rec.connects
+    );
     assert!(rec.connect_precedes_data());
     assert!(running.shutdown().await.expect("shutdown"));
 }
@@ -313,14 +424,21 @@ async fn shutdown_finishes_within_the_grace_period_and_keeps_unacked_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = TbEmulator::start(TOKEN).await;
     emu.set_withhold_pubacks(true);
-    let running = start(dir.path(), &emu, "[simulator]\nmeters = 3\ninterval = \"50ms\"\n").await;
-    emu.wait_for("data in flight", WAIT, |r| r.telemetry_publishes >= 3).await;
+    let running = start(
+        dir.path(),
+        &emu,
+        "[simulator]\nmeters = 3\ninterval = \"50ms\"\n",
+    )
+    .await;
+    emu.wait_for("data in flight", WAIT, |r| r.telemetry_publishes >= 3)
+        .await;
     let t0 = tokio::time::Instant::now();
     let clean = running.shutdown().await.expect("shutdown");
     assert!(clean, "every task finished inside the grace period");
     assert!(t0.elapsed() < Duration::from_secs(5) + Duration::from_secs(2));
     // Nothing was acknowledged, so everything is still queued for the next start.
-    let store = dlms_bridge::store::open(&config(dir.path(), emu.port(), "").store).expect("reopen");
+    let store =
+        dlms_bridge::store::open(&config(dir.path(), emu.port(), "").store).expect("reopen");
     assert!(store.stats().await.expect("stats").depth >= 3);
     store.close().await.expect("close");
 }
@@ -347,14 +465,16 @@ async fn reload_starts_and_stops_meters() {
         format!("[[meters]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ninterval = \"100ms\"\n")
     };
     let mut running = start(dir.path(), &emu, &meter("A", sims[0].port())).await;
-    emu.wait_for("meter A", WAIT, |r| r.telemetry.contains_key("A")).await;
+    emu.wait_for("meter A", WAIT, |r| r.telemetry.contains_key("A"))
+        .await;
     let report = running
         .reload(&config(dir.path(), emu.port(), &meter("B", sims[1].port())))
         .await
         .expect("reload");
     assert_eq!(report.meters_started, vec!["B".to_string()]);
     assert_eq!(report.meters_stopped, vec!["A".to_string()]);
-    emu.wait_for("meter B", WAIT, |r| r.telemetry.contains_key("B")).await;
+    emu.wait_for("meter B", WAIT, |r| r.telemetry.contains_key("B"))
+        .await;
     assert_eq!(app::meter_names(&running.meters), vec!["B".to_string()]);
     assert!(running.shutdown().await.expect("shutdown"));
     cancel.cancel();
