@@ -744,7 +744,7 @@ impl MappingSet {
                 for (k, ks) in map.iter_mut() {
                     if ks.period > 0 && ks.next_due <= now_ms {
                         values.insert(k.clone(), ks.last.clone());
-                        ks.next_due = now_ms + ks.period;
+                        ks.next_due = now_ms.saturating_add(ks.period);
                     }
                 }
                 if !values.is_empty() {
@@ -1180,7 +1180,7 @@ fn filter_strategy(
                             KeyState {
                                 last: v,
                                 period: p,
-                                next_due: now + p,
+                                next_due: now.saturating_add(p),
                             },
                         );
                     }
@@ -1194,7 +1194,7 @@ fn filter_strategy(
                         s.last = v.clone();
                         s.period = p;
                         if changed {
-                            s.next_due = now + p;
+                            s.next_due = now.saturating_add(p);
                         }
                     }
                     None => {
@@ -1203,7 +1203,7 @@ fn filter_strategy(
                             KeyState {
                                 last: v.clone(),
                                 period: p,
-                                next_due: now + p,
+                                next_due: now.saturating_add(p),
                             },
                         );
                     }
@@ -2872,6 +2872,20 @@ mod tests {
                 .collect();
             let _ = set.map(&publish(topics[i % topics.len()], &payload));
         }
+    }
+
+    #[test]
+    fn huge_report_periods_do_not_overflow() {
+        let mut set = connector(json!({"mapping": [{
+            "topicFilter": "t",
+            "reportStrategy": {"type": "ON_CHANGE_OR_REPORT_PERIOD", "reportPeriod": i64::MAX},
+            "converter": {"deviceInfo": {"deviceNameExpressionSource": "constant", "deviceNameExpression": "A"},
+                "timeseries": "*"}}]}));
+        let mut p = publish("t", r#"{"v":1}"#);
+        p.received_ms = i64::MAX - 5;
+        assert_eq!(set.map(&p).expect("m").expect("ok").len(), 1);
+        assert!(set.due(i64::MAX - 1).is_empty());
+        assert_eq!(set.due(i64::MAX).len(), 1);
     }
 
     #[test]
