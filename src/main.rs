@@ -289,7 +289,16 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
         eprintln!("not carried over: {n}");
     }
     if dry_run {
-        print!("{}", res.toml);
+        // The written file needs the token; a dry run goes to a terminal or a log, so mask it.
+        for line in res.toml.lines() {
+            if line.trim_start().starts_with("access_token") && line.contains('"') {
+                println!(
+                    "access_token = \"***\"  # masked in --dry-run; written in full without it"
+                );
+            } else {
+                println!("{line}");
+            }
+        }
         return ExitCode::SUCCESS;
     }
     let out = output

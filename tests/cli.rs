@@ -230,3 +230,28 @@ async fn records_committed_before_sigkill_are_delivered_after_restart() {
         (0..500).map(|i| 10_000 + i).collect::<Vec<i64>>()
     );
 }
+
+#[test]
+fn import_dry_run_masks_the_token() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tb-gateway/config");
+    let tb: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tb_gateway.json")).expect("fixture"),
+    )
+    .expect("json");
+    let token = tb["thingsboard"]["security"]["accessToken"]
+        .as_str()
+        .expect("fixture has a token")
+        .to_string();
+    let (code, out, err) = run(
+        &[
+            "import",
+            "tb-gateway",
+            &root.display().to_string(),
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(&token) && !err.contains(&token), "{out}");
+    assert!(out.contains("access_token = \"***\""), "{out}");
+}
