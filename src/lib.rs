@@ -1,4 +1,28 @@
-//! dlms-bridge library.
+//! dlms-bridge: DLMS/COSEM meters and local MQTT publishers to ThingsBoard, in one process.
+//!
+//! ```text
+//!  meters ⇄ TCP ⇄ sources::dlms::poller (1 task per meter) ─────┐
+//!  local publishers → broker::front (:1884) ─┬→ rumqttd          │
+//!                                            └→ SourceEvent ─────┴→ mpsc → router
+//!    → store (SQLite WAL; Ok = durable) → uplink (rumqttc, QoS 1, one token) → ThingsBoard
+//!  ThingsBoard RPC/attributes → uplink → mpsc<Downlink> → router → meter handle / local topic
+//! ```
+//!
+//! | task | owns | talks to |
+//! |---|---|---|
+//! | `broker::front`, one per local client | the client socket | rumqttd (proxy), router (`mpsc<SourceEvent>`) |
+//! | rumqttd (own thread) | local pub/sub | front connections, the bridge's link (`BrokerHandle`) |
+//! | `sources::dlms::poller`, one per meter | the meter's TCP link and association | router; RPCs arrive through its `MeterHandle` |
+//! | `router` | mapping state | store (`enqueue`), broker (downlink publishes) |
+//! | store worker (own thread) | the SQLite connection | everyone through `StoreHandle` |
+//! | `uplink` | the ThingsBoard session | store (cursor, `ack`), router (`mpsc<Downlink>`) |
+//!
+//! Modules: [`app`] wiring and ordered shutdown; [`config`] loading and validation; [`model`]
+//! shared types; [`broker`] embedded broker behind a Mosquitto-compatible front; [`sources`]
+//! what feeds the router (DLMS meters, local publishes); [`router`] mappings (built-in and
+//! tb-gateway compatible); [`downlink`] RPC execution; [`store`] durable queue; [`uplink`]
+//! ThingsBoard gateway session; [`shutdown`] signals and named tasks; [`import`] tb-gateway and
+//! Mosquitto configuration import. See docs/ARCHITECTURE.md for the guarantees.
 #![forbid(unsafe_code)]
 pub mod app;
 pub mod broker;
