@@ -7,6 +7,10 @@
 //!   time (quick_check + count), and the drain rate through `next_batch` + `ack`.
 //!
 //! Set `STORE_BENCH_DIR` to measure on another file system (default: the system temp dir).
+//!
+//! Reading the numbers: every enqueue waits for its group's fsync, so throughput is at most
+//! (records pending during one fsync) / (fsync latency), i.e. concurrency x records per call /
+//! fsync time. One sequential caller of single records measures the fsync latency itself.
 
 use std::time::{Duration, Instant};
 
@@ -79,6 +83,8 @@ fn main() {
 
 async fn run() {
     println!("store bench (synchronous=FULL, WAL, group commit)");
+    // Shared machines skew every number here: say how busy this one was.
+    println!("load average at start: {}", loadavg());
     println!("-- enqueue throughput, concurrent enqueuers --");
     let shapes: [(u64, u64, u64); 6] = [
         // (tasks, calls per task, records per call)
@@ -158,4 +164,11 @@ async fn run() {
         stats.bytes_on_disk as f64 / (1024.0 * 1024.0)
     );
     store.close().await.expect("close");
+    println!("load average at end: {}", loadavg());
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
