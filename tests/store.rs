@@ -660,3 +660,32 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     s.push(suffix);
     PathBuf::from(s)
 }
+
+#[tokio::test]
+async fn free_pages_go_back_to_the_file_system_after_the_queue_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    for chunk in (0..3_000u64).collect::<Vec<_>>().chunks(100) {
+        let batch = chunk.iter().map(|&i| big_record(i, 1000)).collect();
+        within(store.enqueue(batch)).await.expect("enqueue");
+    }
+    // The uplink delivered everything.
+    let rows = drain_all(&store).await;
+    within(store.ack(rows.iter().map(|s| s.id).collect()))
+        .await
+        .expect("ack");
+    within(store.close()).await.expect("close");
+    let full = std::fs::metadata(&cfg.path).expect("db metadata").len();
+    assert!(full > 2_000_000, "the backlog grew the file: {full}");
+
+    // Maintenance runs at open (and every minute): the freed pages are released.
+    let store = store::open(&cfg).expect("reopen");
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 0);
+    within(store.close()).await.expect("close");
+    let shrunk = std::fs::metadata(&cfg.path).expect("db metadata").len();
+    assert!(
+        shrunk < full / 4,
+        "file should shrink after the drain: {full} -> {shrunk} bytes"
+    );
+}
