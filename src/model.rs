@@ -147,7 +147,11 @@ pub enum Downlink {
     /// Server-side RPC to a sub-device.
     Rpc(RpcRequest),
     /// Answer to an attribute request we sent (`v1/gateway/attributes/response`).
-    AttributeResponse { device: String, id: i64, values: Value },
+    AttributeResponse {
+        device: String,
+        id: i64,
+        values: Value,
+    },
     /// ThingsBoard closed a sub-device session (`v1/gateway/disconnect`, MQTT 5 only).
     DeviceDisconnected { device: String, reason: Option<i64> },
 }

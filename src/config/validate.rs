@@ -30,7 +30,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         errs.push(ConfigError::new(
             "log.level",
-            format!("`{}` is not a log filter like `info` or `info,dlms_bridge=debug`", raw.log.level),
+            format!(
+                "`{}` is not a log filter like `info` or `info,dlms_bridge=debug`",
+                raw.log.level
+            ),
         ));
     }
 
@@ -48,7 +51,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
     if raw.broker.max_packet_size < 1024 {
-        errs.push(ConfigError::new("broker.max_packet_size", "must be at least 1024 bytes"));
+        errs.push(ConfigError::new(
+            "broker.max_packet_size",
+            "must be at least 1024 bytes",
+        ));
     }
 
     let tb = &raw.thingsboard;
@@ -65,7 +71,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
     if tb.max_inflight == 0 {
-        errs.push(ConfigError::new("thingsboard.max_inflight", "must be at least 1"));
+        errs.push(ConfigError::new(
+            "thingsboard.max_inflight",
+            "must be at least 1",
+        ));
     }
     if tb.keep_alive < Duration::from_secs(5) || tb.keep_alive > Duration::from_secs(65_535) {
         errs.push(ConfigError::new(
@@ -80,14 +89,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
     if tb.ack_timeout < Duration::from_secs(1) {
-        errs.push(ConfigError::new("thingsboard.ack_timeout", "must be at least 1s"));
+        errs.push(ConfigError::new(
+            "thingsboard.ack_timeout",
+            "must be at least 1s",
+        ));
     }
 
     if raw.store.path.as_os_str().is_empty() {
         errs.push(ConfigError::new("store.path", "must not be empty"));
     }
     if raw.store.max_bytes < 1024 * 1024 {
-        errs.push(ConfigError::new("store.max_bytes", "must be at least 1 MiB (1048576)"));
+        errs.push(ConfigError::new(
+            "store.max_bytes",
+            "must be at least 1 MiB (1048576)",
+        ));
     }
     if raw.store.max_age < Duration::from_secs(60) {
         errs.push(ConfigError::new("store.max_age", "must be at least 1m"));
@@ -98,10 +113,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
 
     if raw.simulator.meters > 100_000 {
-        errs.push(ConfigError::new("simulator.meters", "must be at most 100000"));
+        errs.push(ConfigError::new(
+            "simulator.meters",
+            "must be at most 100000",
+        ));
     }
     if raw.simulator.interval < Duration::from_millis(10) {
-        errs.push(ConfigError::new("simulator.interval", "must be at least 10ms"));
+        errs.push(ConfigError::new(
+            "simulator.interval",
+            "must be at least 10ms",
+        ));
     }
 
     let mut names = HashSet::new();
@@ -137,7 +158,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
             errs.push(ConfigError::new(key("address_size"), "must be 1, 2 or 4"));
         }
         if m.auth == DlmsAuth::Lls && m.password.as_ref().is_none_or(|p| p.is_empty()) {
-            errs.push(ConfigError::new(key("password"), "auth = \"lls\" needs a password"));
+            errs.push(ConfigError::new(
+                key("password"),
+                "auth = \"lls\" needs a password",
+            ));
         }
         if m.interval < Duration::from_millis(10) {
             errs.push(ConfigError::new(key("interval"), "must be at least 10ms"));
@@ -154,7 +178,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         let mut keys = HashSet::new();
         for (j, r) in m.registers.iter().enumerate() {
             if r.key.trim().is_empty() {
-                errs.push(ConfigError::new(key(&format!("registers[{j}].key")), "must not be empty"));
+                errs.push(ConfigError::new(
+                    key(&format!("registers[{j}].key")),
+                    "must not be empty",
+                ));
             } else if !keys.insert(r.key.as_str()) {
                 errs.push(ConfigError::new(
                     key(&format!("registers[{j}].key")),
@@ -167,29 +194,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         }
     }
 
-    for (i, m) in raw.mappings.iter().enumerate() {
-        let key = |k: &str| format!("mappings[{i}].{k}");
-        if m.tb_gateway_file.is_some() {
-            continue;
-        }
-        if let Err(why) = check_topic_filter(&m.topic_filter) {
-            errs.push(ConfigError::new(key("topic_filter"), why));
-        }
-        let sources = [&m.device_name_json, &m.device_name_topic, &m.device_name]
-            .iter()
-            .filter(|o| o.is_some())
-            .count();
-        if sources != 1 {
-            errs.push(ConfigError::new(
-                key("device_name_json"),
-                "set exactly one of device_name_json, device_name_topic, device_name",
-            ));
-        }
-        if let Some(re) = &m.device_name_topic {
-            if let Err(e) = regex::Regex::new(re) {
-                errs.push(ConfigError::new(key("device_name_topic"), format!("bad regex: {e}")));
-            }
-        }
+    if let Err(e) =
+        crate::router::mapping::MappingSet::from_config(&raw.mappings, &raw.local.device_type)
+    {
+        errs.extend(e);
     }
 
     if !errs.is_empty() {
