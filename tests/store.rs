@@ -660,3 +660,67 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     s.push(suffix);
     PathBuf::from(s)
 }
+
+#[tokio::test]
+async fn free_pages_go_back_to_the_file_system_after_the_queue_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    for chunk in (0..3_000u64).collect::<Vec<_>>().chunks(100) {
+        let batch = chunk.iter().map(|&i| big_record(i, 1000)).collect();
+        within(store.enqueue(batch)).await.expect("enqueue");
+    }
+    // The uplink delivered everything.
+    let rows = drain_all(&store).await;
+    within(store.ack(rows.iter().map(|s| s.id).collect()))
+        .await
+        .expect("ack");
+    within(store.close()).await.expect("close");
+    let full = std::fs::metadata(&cfg.path).expect("db metadata").len();
+    assert!(full > 2_000_000, "the backlog grew the file: {full}");
+
+    // Maintenance runs at open (and every minute): the freed pages are released.
+    let store = store::open(&cfg).expect("reopen");
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 0);
+    within(store.close()).await.expect("close");
+    let shrunk = std::fs::metadata(&cfg.path).expect("db metadata").len();
+    assert!(
+        shrunk < full / 4,
+        "file should shrink after the drain: {full} -> {shrunk} bytes"
+    );
+}
+
+#[tokio::test]
+async fn errors_that_are_not_corruption_keep_the_file_where_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // A database from a newer version: refused, never discarded.
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    within(store.enqueue(vec![record(1)]))
+        .await
+        .expect("enqueue");
+    within(store.close()).await.expect("close");
+    rusqlite::Connection::open(&cfg.path)
+        .and_then(|c| c.pragma_update(None, "user_version", 99))
+        .expect("bump user_version");
+    assert!(matches!(
+        store::open(&cfg),
+        Err(Error::SchemaTooNew { found: 99, .. })
+    ));
+    assert!(cfg.path.exists());
+
+    // A path SQLite cannot open (a directory): an error, and nothing renamed.
+    let not_a_file = StoreConfig {
+        path: dir.path().join("is-a-dir"),
+        ..cfg.clone()
+    };
+    std::fs::create_dir_all(&not_a_file.path).expect("mkdir");
+    assert!(matches!(store::open(&not_a_file), Err(Error::Open { .. })));
+    assert!(not_a_file.path.is_dir());
+    let renamed = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+    assert!(!renamed, "nothing was moved aside");
+}

@@ -21,6 +21,15 @@
 //!
 //! Delivery is at least once: a row handed out by `next_batch` stays until acked, and is handed
 //! out again after a restart. A cancelled `enqueue` future may still have been committed.
+//!
+//! Throughput: every `enqueue` waits for its group's fsync (a few ms), so one caller sending one
+//! record at a time gets only a few hundred records per second. Callers that need more put many
+//! records in one call (the router drains its input into one `Vec`) or enqueue concurrently;
+//! `benches/store.rs` measures both.
+//!
+//! `max_age` is measured on `created_ms`, the wall clock at commit. Stamps never go backwards,
+//! but a clock that jumps forward (a box without RTC syncing NTP after boot) makes older rows
+//! look expired.
 
 mod sqlite;
 
@@ -39,6 +48,12 @@ use self::sqlite::{Db, EncodedRecord, OpenError};
 /// Capacity of the request channel from every [`StoreHandle`] to the worker. Callers beyond it
 /// wait in `send().await`: that wait is the backpressure on the router when the disk is slow.
 pub const REQUEST_CHANNEL_CAPACITY: usize = 1024;
+
+/// A group stops taking pending requests once they write about this many bytes: it bounds one
+/// transaction's size, the WAL growth it causes and the wait of the callers in it. At a few ms
+/// per fsync this still allows far more than the disk can take. (One `enqueue` call is always
+/// one transaction, however large.)
+pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 /// How often the idle worker runs its maintenance: age eviction, size check, returning free
 /// pages to the file system and the drop WARN.
@@ -297,6 +312,21 @@ enum Request {
 }
 
 impl Request {
+    /// Roughly how many bytes this request writes, to size a group.
+    fn write_bytes(&self) -> usize {
+        /// Row header, id, created_ms and kind, roughly.
+        const ROW_OVERHEAD_BYTES: usize = 24;
+        match self {
+            Request::Enqueue { records, .. } => records
+                .iter()
+                .map(|r| r.payload.len() + r.device.len() + r.device_type.len())
+                .sum::<usize>()
+                .saturating_add(records.len() * ROW_OVERHEAD_BYTES),
+            Request::Ack { ids, .. } => ids.len() * ROW_OVERHEAD_BYTES,
+            _ => 0,
+        }
+    }
+
     /// Answers the request with `Error::Closed`. A caller that went away is no one's concern.
     fn refuse_closed(self) {
         match self {
@@ -318,8 +348,11 @@ impl Request {
 /// The caps from [`StoreConfig`], in the units the worker uses.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
+    /// Cap on the bytes held by live database pages (the WAL comes on top, see `sqlite.rs`).
     max_bytes: u64,
+    /// Rows older than this (by `created_ms`) are deleted unsent.
     max_age_ms: i64,
+    /// What to drop when at `max_bytes`.
     on_full: OnFull,
 }
 
@@ -385,9 +418,13 @@ enum Flow {
 
 /// The store actor: owns the database and every counter, on its own thread.
 struct Worker {
+    /// The only connection to the queue database.
     db: Db,
+    /// Database path, for logs.
     path: PathBuf,
+    /// `max_bytes` / `max_age` / `on_full`, enforced after every commit and every minute.
     limits: Limits,
+    /// Stamps `created_ms` and measures `max_age`.
     clock: Clock,
     /// Requests from every [`StoreHandle`] clone.
     req_rx: mpsc::Receiver<Request>,
@@ -399,11 +436,15 @@ struct Worker {
     oldest_created_ms: Option<i64>,
     /// Stamps never go backwards, so id order stays age order even if the clock steps back.
     last_created_ms: i64,
+    /// Records committed since open.
     enqueued: u64,
+    /// Records evicted or refused for `max_bytes` since open.
     dropped_full: u64,
+    /// Records evicted for `max_age` since open.
     dropped_age: u64,
     /// `DropNewest` only: the last size check found the store at `max_bytes`.
     full: bool,
+    /// Rate limit of the WARN about drops.
     drop_warner: DropWarner,
 }
 
@@ -498,10 +539,15 @@ impl Worker {
                 Ok(Some(req)) => req,
             };
             // Group commit: everything already waiting joins this transaction.
+            // Bounded by MAX_GROUP_BYTES so one transaction (and the WAL it writes) stays small.
+            let mut bytes = first.write_bytes();
             let mut group = vec![first];
-            while group.len() < REQUEST_CHANNEL_CAPACITY {
+            while group.len() < REQUEST_CHANNEL_CAPACITY && bytes < MAX_GROUP_BYTES {
                 match self.req_rx.try_recv() {
-                    Ok(req) => group.push(req),
+                    Ok(req) => {
+                        bytes += req.write_bytes();
+                        group.push(req);
+                    }
                     Err(_) => break,
                 }
             }

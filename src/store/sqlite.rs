@@ -333,8 +333,13 @@ impl Db {
 
     /// Returns up to `max_pages` free pages to the file system (needs `auto_vacuum=INCREMENTAL`).
     pub fn incremental_vacuum(&mut self, max_pages: u64) -> rusqlite::Result<()> {
-        self.conn
-            .execute_batch(&format!("PRAGMA incremental_vacuum({max_pages});"))
+        // Each step frees one page: step to the end (`execute_batch` steps once only).
+        let mut stmt = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({max_pages})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
     }
 
     /// Copies the WAL into the database and truncates the WAL file. Returns false when a reader
