@@ -5,3 +5,4 @@ pub mod model;
 pub mod router;
 pub mod shutdown;
 pub mod sources;
+pub mod systemd;
