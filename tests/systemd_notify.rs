@@ -6,16 +6,18 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dlms_bridge::systemd;
 use tokio::net::UnixDatagram;
+use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 /// Serialises the tests of this file: they all set `NOTIFY_SOCKET` and the watchdog variables.
-static ENV_LOCK: Mutex<()> = Mutex::new(());
+/// An async mutex, because each test holds it across its awaits.
+static ENV_LOCK: Mutex<()> = Mutex::const_new(());
 
 /// How long a test waits for a datagram it expects.
 const EXPECT_WITHIN: Duration = Duration::from_secs(5);
@@ -30,10 +32,8 @@ struct NotifyEnv {
 impl NotifyEnv {
     /// Binds a socket in a fresh tempdir and points `NOTIFY_SOCKET` at it; `watchdog` sets
     /// `WATCHDOG_USEC` (and `WATCHDOG_PID`) too.
-    fn new(watchdog: Option<(Duration, Option<u32>)>) -> Self {
-        let guard = ENV_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    async fn new(watchdog: Option<(Duration, Option<u32>)>) -> Self {
+        let guard = ENV_LOCK.lock().await;
         let dir = tempfile::tempdir().expect("create tempdir");
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).expect("bind notify socket");
@@ -91,7 +91,7 @@ fn lines(datagram: &str) -> Vec<&str> {
 
 #[tokio::test]
 async fn ready_reloading_status_stopping_arrive_in_order() {
-    let env = NotifyEnv::new(None);
+    let env = NotifyEnv::new(None).await;
     assert!(systemd::enabled());
 
     systemd::notify_ready();
@@ -122,7 +122,7 @@ async fn ready_reloading_status_stopping_arrive_in_order() {
 #[tokio::test]
 async fn watchdog_pings_while_healthy_and_stops_when_unhealthy() {
     // 400 ms timeout: a ping every 200 ms, health answer due within 100 ms.
-    let env = NotifyEnv::new(Some((Duration::from_millis(400), Some(std::process::id()))));
+    let env = NotifyEnv::new(Some((Duration::from_millis(400), Some(std::process::id())))).await;
     assert_eq!(
         systemd::watchdog_timeout(),
         Some(Duration::from_millis(400))
@@ -165,7 +165,7 @@ async fn watchdog_pings_while_healthy_and_stops_when_unhealthy() {
 #[tokio::test]
 async fn watchdog_for_another_pid_is_ignored() {
     let other_pid = std::process::id().wrapping_add(1);
-    let env = NotifyEnv::new(Some((Duration::from_millis(400), Some(other_pid))));
+    let env = NotifyEnv::new(Some((Duration::from_millis(400), Some(other_pid)))).await;
     assert_eq!(systemd::watchdog_timeout(), None);
     // Returns at once without pinging, even though nobody cancels it.
     timeout(
@@ -179,7 +179,7 @@ async fn watchdog_for_another_pid_is_ignored() {
 
 #[tokio::test]
 async fn watchdog_without_pid_applies_to_us() {
-    let env = NotifyEnv::new(Some((Duration::from_millis(400), None)));
+    let env = NotifyEnv::new(Some((Duration::from_millis(400), None))).await;
     assert_eq!(
         systemd::watchdog_timeout(),
         Some(Duration::from_millis(400))
@@ -196,9 +196,7 @@ async fn watchdog_without_pid_applies_to_us() {
 
 #[tokio::test]
 async fn everything_is_a_no_op_without_notify_socket() {
-    let _guard = ENV_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = ENV_LOCK.lock().await;
     std::env::remove_var("NOTIFY_SOCKET");
     std::env::set_var("WATCHDOG_USEC", "400000");
     assert!(!systemd::enabled());
