@@ -7,7 +7,8 @@
 #
 # Needs root (dpkg -i). Installs cargo-deb and systemd-analyze when missing. Idempotent: a
 # dlms-bridge left installed by an earlier run is purged first.
-# Set DLMS_BRIDGE_DEB=path/to.deb to check an existing package instead of building one.
+# Set DEB_CHECK_PACKAGE=path/to.deb to check an existing package instead of building one. (Not
+# DLMS_BRIDGE_*: every such variable is a config override, and an unknown key is an error.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,7 +49,7 @@ apt_install() {
 step "prerequisites"
 dpkg -s adduser >/dev/null 2>&1 || apt_install adduser
 command -v systemd-analyze >/dev/null || apt_install systemd
-if [ -z "${DLMS_BRIDGE_DEB:-}" ] && ! cargo deb --version >/dev/null 2>&1; then
+if [ -z "${DEB_CHECK_PACKAGE:-}" ] && ! cargo deb --version >/dev/null 2>&1; then
     cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi
 
@@ -57,8 +58,8 @@ if dpkg -s "$PKG" >/dev/null 2>&1; then
     dpkg -P "$PKG" >/dev/null
 fi
 
-if [ -n "${DLMS_BRIDGE_DEB:-}" ]; then
-    deb=$DLMS_BRIDGE_DEB
+if [ -n "${DEB_CHECK_PACKAGE:-}" ]; then
+    deb=$DEB_CHECK_PACKAGE
 else
     step "cargo deb (one release build: LTO, stripped)"
     # cargo-deb prints the path of the package it wrote as its last line of stdout.
@@ -92,7 +93,8 @@ dpkg-deb -I "$deb" conffiles | grep -qx "$CONF" || fail "$CONF is not a conffile
 for s in postinst prerm postrm; do
     dpkg-deb -I "$deb" "$s" >/dev/null || fail "maintainer script $s missing"
 done
-if dpkg-deb -I "$deb" postinst | grep -Eq 'enable|deb-systemd-invoke start|systemctl start'; then
+if dpkg-deb -I "$deb" postinst | grep -v '^[[:space:]]*#' |
+    grep -Eq 'systemctl.*[[:space:]](enable|start)[[:space:]]|deb-systemd-helper.*enable|deb-systemd-invoke.*start'; then
     fail "postinst enables or starts the service; install must not (see docs/OPERATIONS.md)"
 fi
 
