@@ -428,7 +428,7 @@ impl Default for MeterConfig {
             transport: DlmsTransport::Hdlc,
             client_address: 16,
             logical_address: 1,
-            physical_address: 16,
+            physical_address: 17,
             address_size: 1,
             auth: DlmsAuth::None,
             password: None,
@@ -441,27 +441,130 @@ impl Default for MeterConfig {
     }
 }
 
-/// One local-MQTT mapping rule (tb-gateway MQTT connector `mapping` entry, in TOML).
-/// Extended by the mapping engine; the core fields below cover the common cases.
+/// One local-MQTT mapping rule: tb-gateway MQTT connector semantics written in TOML, or a
+/// tb-gateway connector JSON file used as is (`tb_gateway_file`). Compiled and checked by
+/// `router::mapping::MappingSet::from_config`; see docs/CONFIG.md for every field.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct MappingConfig {
-    /// MQTT topic filter with `+`/`#`.
+    /// What the rule does; `data` (the default) maps messages to telemetry/attributes.
+    pub kind: MappingKind,
+    /// MQTT topic filter with `+`/`#` (not used by `attribute_update` and `rpc`).
     pub topic_filter: String,
-    /// Device name expression, e.g. `${deviceName}` (JSON) ...
+    /// How the payload is read: `json` (default) or `bytes` (expressions are slices like `[0:4]`).
+    pub converter: ConverterKind,
+    /// Device name expression, e.g. `${deviceName}` or `Meter ${serial}` (JSON) ...
     pub device_name_json: Option<String>,
     /// ... or a regex over the topic (last capture group) ...
     pub device_name_topic: Option<String>,
     /// ... or a constant.
     pub device_name: Option<String>,
-    /// Device profile expression or constant; default `local.device_type`.
+    /// Device profile: a constant, or an expression over the payload when it contains `${`;
+    /// default `local.device_type`.
     pub device_type: Option<String>,
-    /// Telemetry keys to take (`*` = all numeric/string/bool top-level keys).
-    pub timeseries: Vec<String>,
-    /// Client attribute keys to take.
-    pub attributes: Vec<String>,
+    /// Device profile from a regex over the topic (last capture group).
+    pub device_type_topic: Option<String>,
+    /// Telemetry: keys to take (`"*"` = the whole payload) or `{ key, type, value, report_strategy }`.
+    pub timeseries: Vec<DatapointConfig>,
+    /// Client attributes, same forms as `timeseries`.
+    pub attributes: Vec<DatapointConfig>,
+    /// Stamp telemetry with the receive time even when the payload has `ts`/`timestamp`.
+    pub use_received_ts: bool,
+    /// `bytes` converter: values as hex text instead of UTF-8 text.
+    pub hex_mode: bool,
+    /// When values are sent (default: every message, `ON_RECEIVED`).
+    pub report_strategy: Option<ReportStrategyConfig>,
+    /// Old tb-gateway switch, same as `report_strategy = { type = "ON_CHANGE" }`.
+    pub send_data_only_on_change: bool,
+    /// `attribute_request`: attribute names, e.g. `${keys}` or `fw, serial` (comma-separated).
+    pub attribute_names: Option<String>,
+    /// `attribute_request`: attribute names from a regex over the topic.
+    pub attribute_names_topic: Option<String>,
+    /// `attribute_request`: `shared` (default) or `client`.
+    pub scope: Option<String>,
+    /// `attribute_update`/`rpc`: regex over the device name.
+    pub device_name_filter: Option<String>,
+    /// `attribute_update`: regex over the attribute key.
+    pub attribute_filter: Option<String>,
+    /// `rpc`: regex over the method name.
+    pub method_filter: Option<String>,
+    /// Local topic to publish to (`attribute_request` answers, `attribute_update`, `rpc` request),
+    /// with `${deviceName}`, `${attributeKey}`, `${methodName}`, `${requestId}`, `${params.x}`.
+    pub topic_expression: Option<String>,
+    /// `rpc` two-way: local topic the device answers on.
+    pub response_topic_expression: Option<String>,
+    /// `rpc` two-way: how long to wait for the answer.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Option<Duration>,
+    /// Payload to publish, e.g. `${attributeValue}` or `${params}` (values JSON-encoded).
+    pub value_expression: Option<String>,
+    /// Publish locally with the retain flag.
+    pub retain: bool,
     /// tb-gateway connector JSON file used as is (its `mapping` etc.), instead of the fields above.
     pub tb_gateway_file: Option<PathBuf>,
+}
+
+/// What a `[[mappings]]` entry does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingKind {
+    /// Messages become telemetry and client attributes.
+    #[default]
+    Data,
+    /// A message announces the device (`v1/gateway/connect`).
+    Connect,
+    /// A message disconnects the device (`v1/gateway/disconnect`).
+    Disconnect,
+    /// A message asks ThingsBoard for attribute values; the answer is published locally.
+    AttributeRequest,
+    /// Shared-attribute changes from ThingsBoard are published locally.
+    AttributeUpdate,
+    /// Server-side RPC from ThingsBoard is published locally (and answered).
+    Rpc,
+}
+
+/// Payload format of a data mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConverterKind {
+    #[default]
+    Json,
+    Bytes,
+}
+
+/// One telemetry/attribute entry: a bare key (`"voltage"`, `"*"`) or a full entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DatapointConfig {
+    Key(String),
+    Entry(DatapointEntry),
+}
+
+/// A full telemetry/attribute entry, as tb-gateway's `{type, key, value}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapointEntry {
+    /// ThingsBoard key: literal or `${…}` from the payload.
+    pub key: String,
+    /// `string`, `double`, `integer`, `boolean` or `raw` (default).
+    #[serde(rename = "type", default)]
+    pub data_type: Option<String>,
+    /// Value expression; default `${<key>}`.
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub report_strategy: Option<ReportStrategyConfig>,
+}
+
+/// tb-gateway `reportStrategy`: `ON_RECEIVED`, `ON_CHANGE`, `ON_REPORT_PERIOD`,
+/// `ON_CHANGE_OR_REPORT_PERIOD` or `DISABLED`, with a period for the periodic ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportStrategyConfig {
+    #[serde(rename = "type")]
+    pub strategy: String,
+    #[serde(default, with = "humantime_serde")]
+    pub report_period: Option<Duration>,
 }
 
 /// Load the configuration: built-in defaults, then the TOML file (if `path` is given it must

@@ -194,32 +194,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         }
     }
 
-    for (i, m) in raw.mappings.iter().enumerate() {
-        let key = |k: &str| format!("mappings[{i}].{k}");
-        if m.tb_gateway_file.is_some() {
-            continue;
-        }
-        if let Err(why) = check_topic_filter(&m.topic_filter) {
-            errs.push(ConfigError::new(key("topic_filter"), why));
-        }
-        let sources = [&m.device_name_json, &m.device_name_topic, &m.device_name]
-            .iter()
-            .filter(|o| o.is_some())
-            .count();
-        if sources != 1 {
-            errs.push(ConfigError::new(
-                key("device_name_json"),
-                "set exactly one of device_name_json, device_name_topic, device_name",
-            ));
-        }
-        if let Some(re) = &m.device_name_topic {
-            if let Err(e) = regex::Regex::new(re) {
-                errs.push(ConfigError::new(
-                    key("device_name_topic"),
-                    format!("bad regex: {e}"),
-                ));
-            }
-        }
+    if let Err(e) =
+        crate::router::mapping::MappingSet::from_config(&raw.mappings, &raw.local.device_type)
+    {
+        errs.extend(e);
     }
 
     if !errs.is_empty() {

@@ -1,0 +1,1106 @@
+//! The ThingsBoard uplink: the one task that owns the MQTT session to ThingsBoard (a rumqttc
+//! `AsyncClient` + `EventLoop`, MQTT 5 with a fallback to 3.1.1), drains the durable store into
+//! the gateway API, deletes rows only on a success PUBACK, and turns what ThingsBoard pushes down
+//! into [`Downlink`] messages.
+//!
+//! Session life (STYLE.md §2): `Disconnected` → connect (clean start, token as username) →
+//! on CONNACK `Live`: subscribe, re-announce every known device, drain the store from the oldest
+//! unacked row with a cursor, one device per publish, at most `max_inflight` publishes awaiting
+//! PUBACK. Any connection error, or a PUBACK missing for `ack_timeout`, drops the session: the
+//! in-flight bookkeeping is forgotten and everything unacked is resent from the store after a
+//! jittered backoff. Delivery is at least once.
+//!
+//! It must not: block the event loop (downlink sends are `try_send`, counted when dropped); send
+//! anything but QoS 1; put two devices in one publish; delete a row before its PUBACK; log the
+//! access token; retry a refused token in a tight loop.
+
+pub mod inflight;
+pub mod thingsboard;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{MqttProtocol, ThingsboardConfig};
+use crate::model::{check_device_name, Downlink, RecordKind, StoredRecord};
+use crate::store::StoreHandle;
+
+use inflight::Inflight;
+use thingsboard as tb;
+
+/// Rows read from the store at once; a full read means a backlog, read again without lingering.
+pub const READ_BATCH_ROWS: usize = 1000;
+/// How long `run` waits for outstanding PUBACKs after cancellation, unless set otherwise.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Period of the housekeeping tick (PUBACK deadline, resend after a failed PUBACK, shutdown).
+const TICK: Duration = Duration::from_millis(100);
+/// A session that lasted this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(60);
+/// A server-side close this soon after CONNACK, repeatedly, smells of a session takeover (MQTT
+/// 3.1.1 has no DISCONNECT reason to say so).
+const SHORT_SESSION: Duration = Duration::from_secs(5);
+/// Consecutive short sessions before reporting a probable takeover on MQTT 3.1.1.
+const SHORT_SESSIONS_FOR_TAKEOVER: u32 = 3;
+/// Requests rumqttc may hold beyond our publish window (subscribes, disconnect).
+const REQUEST_CHANNEL_SLACK: usize = 16;
+/// Events buffered between the event-loop task and the session logic.
+const EVENT_CHANNEL_CAPACITY: usize = 256;
+/// How long a graceful stop waits for the DISCONNECT to be written.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// MQTT version of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 5 (reason codes on PUBACK and DISCONNECT).
+    V5,
+    /// MQTT 3.1.1.
+    V311,
+}
+
+/// What health and stats endpoints show about the uplink. Counters are since process start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UplinkStatus {
+    /// A session is up (CONNACK received and not lost since).
+    pub connected: bool,
+    /// Protocol of the current (or last) session.
+    pub protocol: Option<Protocol>,
+    /// Connection attempts and successful connections.
+    pub connect_attempts: u64,
+    pub connects: u64,
+    /// Publishes handed to the MQTT client (announcements included).
+    pub published: u64,
+    /// Success PUBACKs, and the store rows they deleted.
+    pub acked_publishes: u64,
+    pub acked_records: u64,
+    /// PUBACKs with a failure reason code (MQTT 5).
+    pub failed_acks: u64,
+    /// Rows deleted unsent because ThingsBoard can never accept them (payload invalid 0x99,
+    /// larger than a packet, bad device name).
+    pub dropped_records: u64,
+    /// Sessions closed because another client used the same access token.
+    pub session_takeovers: u64,
+    /// Sessions dropped because a PUBACK did not arrive within `ack_timeout`.
+    pub dead_links: u64,
+    /// Downlink messages forwarded, dropped because the channel was full, and malformed.
+    pub downlink_forwarded: u64,
+    pub downlink_dropped: u64,
+    pub downlink_malformed: u64,
+    /// Last connection problem, without secrets.
+    pub last_error: Option<String>,
+}
+
+/// Failures that end `run` (none today: every session error is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed while the uplink was stopping.
+    #[error("store failed")]
+    Store(#[source] crate::store::Error),
+}
+
+/// The uplink actor; see the module docs.
+pub struct Uplink {
+    cfg: ThingsboardConfig,
+    /// The durable queue: read with a cursor, rows deleted only on a success PUBACK.
+    store: StoreHandle,
+    /// To the router/downlink. Only `try_send`: a full channel drops and counts, because the
+    /// event loop must keep polling.
+    downlink_tx: mpsc::Sender<Downlink>,
+    /// Published for health/stats; the receivers are handed out by [`Uplink::status`].
+    status_tx: watch::Sender<UplinkStatus>,
+    /// How long a stop waits for outstanding PUBACKs.
+    grace: Duration,
+}
+
+impl Uplink {
+    pub fn new(
+        cfg: ThingsboardConfig,
+        store: StoreHandle,
+        downlink_tx: mpsc::Sender<Downlink>,
+    ) -> Self {
+        Uplink {
+            cfg,
+            store,
+            downlink_tx,
+            status_tx: watch::channel(UplinkStatus::default()).0,
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Set how long [`run`](Self::run) waits for outstanding PUBACKs once cancelled.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn status(&self) -> watch::Receiver<UplinkStatus> {
+        self.status_tx.subscribe()
+    }
+
+    /// Run sessions until `cancel`; then wait up to the grace period for outstanding PUBACKs and
+    /// disconnect. Unacked rows stay in the store for the next start.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+        let mut life = Life::new(&self.cfg);
+        info!(
+            host = %self.cfg.host,
+            port = self.cfg.port,
+            protocol = ?self.cfg.protocol,
+            "Uplink to ThingsBoard starting."
+        );
+        while !cancel.is_cancelled() {
+            let end = self.session(&mut life, &cancel).await;
+            self.status_tx.send_modify(|s| s.connected = false);
+            let delay = match end {
+                SessionEnd::Stopped => break,
+                SessionEnd::Failed(f) => self.on_failure(&mut life, f),
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        info!("Uplink stopped.");
+        Ok(())
+    }
+
+    /// Decide how long to wait before the next attempt, and log the failure once at the right
+    /// level.
+    fn on_failure(&self, life: &mut Life, failure: Failure) -> Duration {
+        let cfg = &self.cfg;
+        let text = failure.to_string();
+        self.status_tx
+            .send_modify(|s| s.last_error = Some(text.clone()));
+        match failure {
+            Failure::Connect(NetError::AuthRefused(code)) => {
+                if !life.auth_reported {
+                    life.auth_reported = true;
+                    error!(
+                        code = %code,
+                        retry_every = ?cfg.auth_retry,
+                        "ThingsBoard refused the gateway access token. Check thingsboard.access_token \
+                         and that the gateway device exists with \"Is gateway\" enabled; retrying slowly."
+                    );
+                } else {
+                    debug!(code = %code, "ThingsBoard still refuses the access token.");
+                }
+                cfg.auth_retry
+            }
+            // A 3.1.1-only server refuses a v5 CONNECT with a v3 CONNACK (unreadable as v5) or
+            // simply closes the socket before any CONNACK.
+            Failure::Connect(NetError::ProtocolRefused(why) | NetError::Closed(why))
+                if life.auto && life.protocol == Protocol::V5 =>
+            {
+                info!(reason = %why, "ThingsBoard does not accept MQTT 5; falling back to MQTT 3.1.1.");
+                life.protocol = Protocol::V311;
+                Duration::ZERO
+            }
+            Failure::Connect(e) => {
+                if !life.unreachable_reported {
+                    life.unreachable_reported = true;
+                    warn!(
+                        host = %cfg.host,
+                        port = cfg.port,
+                        error = %e,
+                        "ThingsBoard is unreachable; retrying quietly with backoff."
+                    );
+                } else {
+                    debug!(error = %e, "ThingsBoard still unreachable.");
+                }
+                life.backoff.next()
+            }
+            Failure::Lost {
+                error,
+                connected_for,
+            } => {
+                if connected_for >= STABLE_SESSION {
+                    life.backoff.reset();
+                    life.short_sessions = 0;
+                    life.takeover_reported = false;
+                }
+                let server_closed = matches!(error, NetError::Closed(_));
+                if server_closed && connected_for < SHORT_SESSION {
+                    life.short_sessions += 1;
+                } else if !matches!(error, NetError::TakenOver) {
+                    life.short_sessions = 0;
+                }
+                if matches!(error, NetError::TakenOver)
+                    || life.short_sessions >= SHORT_SESSIONS_FOR_TAKEOVER
+                {
+                    self.on_takeover(life, &error);
+                    // Back off growing, never a reconnect storm against the other client.
+                    return life.backoff.next().max(cfg.reconnect_min * 4);
+                }
+                warn!(error = %error, after = ?connected_for, "Connection to ThingsBoard lost; reconnecting.");
+                life.backoff.next()
+            }
+            Failure::DeadLink => life.backoff.next(),
+            Failure::Store(e) => {
+                warn!(error = %e, "Reading the store failed; restarting the session.");
+                life.backoff.next()
+            }
+            Failure::Client(e) => {
+                warn!(error = %e, "MQTT client bookkeeping failed; restarting the session.");
+                life.backoff.next()
+            }
+        }
+    }
+
+    fn on_takeover(&self, life: &mut Life, error: &NetError) {
+        self.status_tx.send_modify(|s| s.session_takeovers += 1);
+        if !life.takeover_reported {
+            life.takeover_reported = true;
+            error!(
+                error = %error,
+                "ThingsBoard closed our session because another client connected with the same \
+                 access token (session taken over; the \"code 7\" disconnects). A second dlms-bridge \
+                 or a leftover tb-gateway is using this token: stop it. Backing off."
+            );
+        } else {
+            debug!(error = %error, "Session taken over again.");
+        }
+    }
+
+    /// One connection attempt and, if it connects, the live session until it ends.
+    async fn session(&self, life: &mut Life, cancel: &CancellationToken) -> SessionEnd {
+        let (client, conn) = Conn::new(&self.cfg, life.protocol);
+        // The event loop gets a task of its own: `EventLoop::poll` is not cancel-safe while it
+        // connects or flushes, so it must never be a losing `select!` branch, and store I/O here
+        // must not stall it. Dropping the guard aborts it, which closes the socket.
+        let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let _poller = AbortOnDrop(tokio::spawn(conn.drive(ev_tx)));
+        self.status_tx.send_modify(|s| s.connect_attempts += 1);
+        let mut s = Session::default();
+        let mut store_rx = self.store.subscribe();
+        let mut store_open = true;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            if s.connected_at.is_some() && s.stopping.is_none() {
+                if let Err(f) = self.pump(&client, life, &mut s).await {
+                    return SessionEnd::Failed(f);
+                }
+            }
+            if let Some(deadline) = s.stopping {
+                let tracked = s.inflight.has_tracked();
+                if !tracked || Instant::now() >= deadline {
+                    if tracked {
+                        warn!(
+                            unacked = s.inflight.len(),
+                            "Shutdown grace elapsed with publishes unacknowledged; their rows stay in the store."
+                        );
+                    }
+                    client.disconnect();
+                    let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+                        while let Some(Ok(ev)) = ev_rx.recv().await {
+                            if matches!(ev, NetEvent::SentDisconnect) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return SessionEnd::Stopped;
+                }
+            }
+            let live = s.connected_at.is_some() && s.stopping.is_none();
+            let read_at = s.read_at;
+            tokio::select! {
+                ev = ev_rx.recv() => match ev.unwrap_or_else(|| Err(NetError::Other("event loop task ended".into()))) {
+                    Ok(ev) => {
+                        if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
+                            return SessionEnd::Failed(f);
+                        }
+                    }
+                    Err(e) => {
+                        return SessionEnd::Failed(match s.connected_at {
+                            None => Failure::Connect(e),
+                            Some(at) => Failure::Lost { error: e, connected_for: at.elapsed() },
+                        });
+                    }
+                },
+                changed = store_rx.changed(), if live && store_open => {
+                    if changed.is_err() {
+                        store_open = false;
+                    } else if s.read_at.is_none() && !s.need_read {
+                        // Linger briefly so one publish carries more entries per device.
+                        s.read_at = Some(Instant::now() + self.cfg.batch_linger);
+                    }
+                }
+                _ = sleep_until_opt(read_at), if read_at.is_some() => {
+                    s.read_at = None;
+                    s.need_read = true;
+                }
+                _ = tick.tick() => {
+                    if let Err(f) = self.housekeeping(&mut s) {
+                        return SessionEnd::Failed(f);
+                    }
+                }
+                _ = cancel.cancelled(), if s.stopping.is_none() => {
+                    if s.connected_at.is_none() {
+                        return SessionEnd::Stopped;
+                    }
+                    s.stopping = Some(Instant::now() + self.grace);
+                    s.pending.clear();
+                }
+            }
+        }
+    }
+
+    /// PUBACK deadline, announcement expiry, resend after a failed PUBACK.
+    fn housekeeping(&self, s: &mut Session) -> Result<(), Failure> {
+        let now = Instant::now();
+        if s.connected_at.is_none() {
+            return Ok(());
+        }
+        if s.inflight.overdue(now.into_std(), self.cfg.ack_timeout) {
+            warn!(
+                ack_timeout = ?self.cfg.ack_timeout,
+                unacked = s.inflight.len(),
+                "No PUBACK from ThingsBoard in time; declaring the link dead and reconnecting."
+            );
+            self.status_tx.send_modify(|st| st.dead_links += 1);
+            return Err(Failure::DeadLink);
+        }
+        for tag in s
+            .inflight
+            .expire_untracked(now.into_std(), self.cfg.ack_timeout)
+        {
+            debug!(device = %tag.device, "No PUBACK for an announcement; ThingsBoard may have failed to create the device.");
+        }
+        if let Some(at) = s.resend_at {
+            if now >= at && s.inflight.is_empty() && s.pending.is_empty() {
+                s.resend_at = None;
+                s.cursor = 0;
+                s.need_read = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill the window: send pending publishes, read and plan more rows when they run out.
+    async fn pump(&self, client: &Client, life: &mut Life, s: &mut Session) -> Result<(), Failure> {
+        let window = usize::from(self.cfg.max_inflight.max(1));
+        loop {
+            while s.inflight.len() < window {
+                let Some(out) = s.pending.pop_front() else {
+                    break;
+                };
+                if let Err(e) = client.publish(out.topic, out.payload.clone()) {
+                    return Err(Failure::Client(e));
+                }
+                let tracked = !out.ids.is_empty();
+                s.inflight.push_request(
+                    Tag {
+                        ids: out.ids,
+                        device: out.device,
+                    },
+                    Instant::now().into_std(),
+                    tracked,
+                );
+                self.status_tx.send_modify(|st| st.published += 1);
+            }
+            if !s.pending.is_empty() || !s.need_read || s.inflight.len() >= window {
+                return Ok(());
+            }
+            let rows = self
+                .store
+                .next_batch(s.cursor, READ_BATCH_ROWS)
+                .await
+                .map_err(|e| Failure::Store(e.to_string()))?;
+            s.need_read = rows.len() == READ_BATCH_ROWS;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            s.cursor = last.id;
+            self.plan(rows, life, s).await;
+        }
+    }
+
+    /// Turn rows into publishes: per device in order, `connect` first if not yet announced in
+    /// this session, consecutive telemetry/attribute rows coalesced, split to fit a packet.
+    async fn plan(&self, rows: Vec<StoredRecord>, life: &mut Life, s: &mut Session) {
+        let max = self.cfg.max_packet_size;
+        let mut order: Vec<String> = Vec::new();
+        let mut per: HashMap<String, Vec<StoredRecord>> = HashMap::new();
+        for row in rows {
+            per.entry(row.record.device.clone())
+                .or_insert_with(|| {
+                    order.push(row.record.device.clone());
+                    Vec::new()
+                })
+                .push(row);
+        }
+        let mut rejected: Vec<(String, i64, String)> = Vec::new();
+        for device in order {
+            let rows = per.remove(&device).unwrap_or_default();
+            if let Err(why) = check_device_name(&device) {
+                rejected.extend(rows.iter().map(|r| (device.clone(), r.id, why.to_owned())));
+                continue;
+            }
+            let mut i = 0;
+            while i < rows.len() {
+                let kind = rows[i].record.kind;
+                let mut j = i + 1;
+                if matches!(kind, RecordKind::Telemetry | RecordKind::Attributes) {
+                    while j < rows.len() && rows[j].record.kind == kind {
+                        j += 1;
+                    }
+                }
+                let run = &rows[i..j];
+                let first = &run[0].record;
+                if kind == RecordKind::Disconnect {
+                    s.announced.remove(&device);
+                    life.known.remove(&device);
+                } else {
+                    life.known.insert(device.clone(), first.device_type.clone());
+                    if kind != RecordKind::Connect && s.announced.insert(device.clone()) {
+                        s.pending
+                            .push_back(announcement(&device, &first.device_type));
+                    }
+                }
+                let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
+                    payload.map(|p| Out {
+                        topic,
+                        payload: Bytes::from(p),
+                        ids: vec![run[0].id],
+                        device: device.clone(),
+                    })
+                };
+                let built: Vec<Result<Out, (i64, tb::Error)>> = match kind {
+                    RecordKind::Telemetry | RecordKind::Attributes => {
+                        let refs: Vec<(i64, &Value)> =
+                            run.iter().map(|r| (r.id, &r.record.payload)).collect();
+                        let (batches, rej) = if kind == RecordKind::Telemetry {
+                            tb::telemetry_batches(&device, &refs, max)
+                        } else {
+                            tb::attribute_batches(&device, &refs, max)
+                        };
+                        batches
+                            .into_iter()
+                            .map(|b| {
+                                Ok(Out {
+                                    topic: b.topic,
+                                    payload: Bytes::from(b.payload),
+                                    ids: b.ids,
+                                    device: device.clone(),
+                                })
+                            })
+                            .chain(rej.into_iter().map(Err))
+                            .collect()
+                    }
+                    RecordKind::Connect => {
+                        s.announced.insert(device.clone());
+                        vec![single(
+                            tb::TOPIC_CONNECT,
+                            Ok(tb::connect_payload(&device, &first.device_type)),
+                        )
+                        .map_err(|e| (run[0].id, e))]
+                    }
+                    RecordKind::Disconnect => {
+                        vec![
+                            single(tb::TOPIC_DISCONNECT, Ok(tb::disconnect_payload(&device)))
+                                .map_err(|e| (run[0].id, e)),
+                        ]
+                    }
+                    RecordKind::RpcReply => vec![single(
+                        tb::TOPIC_RPC,
+                        tb::rpc_reply_payload(&device, &first.payload),
+                    )
+                    .map_err(|e| (run[0].id, e))],
+                    RecordKind::AttributeRequest => vec![single(
+                        tb::TOPIC_ATTRIBUTES_REQUEST,
+                        tb::attribute_request_payload(&device, &first.payload),
+                    )
+                    .map_err(|e| (run[0].id, e))],
+                };
+                for b in built {
+                    match b {
+                        Ok(out) => s.pending.push_back(out),
+                        Err((id, e)) => rejected.push((device.clone(), id, e.to_string())),
+                    }
+                }
+                i = j;
+            }
+        }
+        if !rejected.is_empty() {
+            let ids: Vec<i64> = rejected.iter().map(|(_, id, _)| *id).collect();
+            for (device, id, why) in &rejected {
+                self.report_dropped(life, device, *id, why);
+            }
+            self.drop_rows(ids).await;
+        }
+    }
+
+    /// ERROR once per device for rows ThingsBoard can never accept (data loss, operator action).
+    fn report_dropped(&self, life: &mut Life, device: &str, id: i64, why: &str) {
+        if life.invalid_reported.insert(device.to_owned()) {
+            error!(device, row = id, reason = why, "Dropping a record ThingsBoard cannot accept; further drops for this device are logged at DEBUG.");
+        } else {
+            debug!(
+                device,
+                row = id,
+                reason = why,
+                "Dropping a record ThingsBoard cannot accept."
+            );
+        }
+    }
+
+    async fn drop_rows(&self, ids: Vec<i64>) {
+        let n = ids.len() as u64;
+        if let Err(e) = self.store.ack(ids).await {
+            warn!(error = %e, "Deleting undeliverable rows failed; they will be retried.");
+            return;
+        }
+        self.status_tx.send_modify(|st| st.dropped_records += n);
+    }
+
+    async fn on_event(
+        &self,
+        ev: NetEvent,
+        client: &Client,
+        life: &mut Life,
+        s: &mut Session,
+    ) -> Result<(), Failure> {
+        match ev {
+            NetEvent::ConnAck => {
+                s.connected_at = Some(Instant::now());
+                for filter in tb::SUBSCRIPTIONS {
+                    client.subscribe(filter).map_err(Failure::Client)?;
+                }
+                // ThingsBoard forgot every sub-device with the old session (spec §2.3).
+                let mut known: Vec<(&String, &String)> = life.known.iter().collect();
+                known.sort();
+                for (device, device_type) in known {
+                    s.announced.insert(device.clone());
+                    s.pending.push_back(announcement(device, device_type));
+                }
+                s.cursor = 0;
+                s.need_read = true;
+                let depth = self.store.stats().await.map(|st| st.depth).ok();
+                info!(
+                    protocol = ?life.protocol,
+                    store_depth = ?depth,
+                    devices = life.known.len(),
+                    "Connected to ThingsBoard."
+                );
+                life.unreachable_reported = false;
+                life.auth_reported = false;
+                let protocol = life.protocol;
+                self.status_tx.send_modify(|st| {
+                    st.connected = true;
+                    st.protocol = Some(protocol);
+                    st.connects += 1;
+                });
+            }
+            NetEvent::OutgoingPublish(pkid) => {
+                s.inflight
+                    .on_outgoing(pkid)
+                    .map_err(|e| Failure::Client(e.to_string()))?;
+            }
+            NetEvent::PubAck { pkid, reason } => {
+                let Some(tag) = s.inflight.on_puback(pkid) else {
+                    // Duplicate PUBACKs from ThingsBoard < 4.2.1, or an announcement given up on.
+                    debug!(pkid, "Ignoring a PUBACK for nothing in flight.");
+                    return Ok(());
+                };
+                match reason {
+                    0x00 | 0x10 => {
+                        let n = tag.ids.len() as u64;
+                        if n > 0 {
+                            if let Err(e) = self.store.ack(tag.ids).await {
+                                warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
+                            }
+                        }
+                        self.status_tx.send_modify(|st| {
+                            st.acked_publishes += 1;
+                            st.acked_records += n;
+                        });
+                    }
+                    0x99 => {
+                        self.status_tx.send_modify(|st| st.failed_acks += 1);
+                        for id in &tag.ids {
+                            self.report_dropped(
+                                life,
+                                &tag.device,
+                                *id,
+                                "ThingsBoard answered PUBACK 0x99 payload format invalid",
+                            );
+                        }
+                        if !tag.ids.is_empty() {
+                            self.drop_rows(tag.ids).await;
+                        }
+                    }
+                    code => {
+                        self.status_tx.send_modify(|st| st.failed_acks += 1);
+                        warn!(
+                            device = %tag.device,
+                            reason = %format!("{code:#04x}"),
+                            rows = tag.ids.len(),
+                            "ThingsBoard refused a publish; its rows stay queued for resend."
+                        );
+                        if !tag.ids.is_empty() {
+                            s.resend_at = Some(Instant::now() + self.cfg.reconnect_min);
+                        }
+                    }
+                }
+            }
+            NetEvent::Publish { topic, payload } => self.on_downlink(&topic, &payload),
+            NetEvent::SentDisconnect | NetEvent::Other => {}
+        }
+        Ok(())
+    }
+
+    fn on_downlink(&self, topic: &str, payload: &[u8]) {
+        match tb::parse_downlink(topic, payload) {
+            Ok(Some(msg)) => match self.downlink_tx.try_send(msg) {
+                Ok(()) => self.status_tx.send_modify(|st| st.downlink_forwarded += 1),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.status_tx.send_modify(|st| st.downlink_dropped += 1);
+                    warn!(
+                        topic,
+                        "Downlink channel full; dropping a message from ThingsBoard."
+                    );
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.status_tx.send_modify(|st| st.downlink_dropped += 1);
+                    debug!(
+                        topic,
+                        "Downlink receiver gone; dropping a message from ThingsBoard."
+                    );
+                }
+            },
+            Ok(None) => {
+                debug!(
+                    topic,
+                    "Ignoring a message for the gateway device itself (not handled yet)."
+                )
+            }
+            Err(e) => {
+                self.status_tx.send_modify(|st| st.downlink_malformed += 1);
+                warn!(topic, error = %e, "Dropping a malformed message from ThingsBoard.");
+            }
+        }
+    }
+}
+
+fn announcement(device: &str, device_type: &str) -> Out {
+    Out {
+        topic: tb::TOPIC_CONNECT,
+        payload: Bytes::from(tb::connect_payload(device, device_type)),
+        ids: Vec::new(),
+        device: device.to_owned(),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// State that outlives one session.
+struct Life {
+    protocol: Protocol,
+    /// `protocol = auto`: fall back to 3.1.1 when ThingsBoard refuses 5.
+    auto: bool,
+    /// Device → profile of every device seen this process; re-announced after each connect.
+    known: HashMap<String, String>,
+    backoff: Backoff,
+    unreachable_reported: bool,
+    auth_reported: bool,
+    takeover_reported: bool,
+    short_sessions: u32,
+    /// Devices whose undeliverable rows were already logged at ERROR.
+    invalid_reported: HashSet<String>,
+}
+
+impl Life {
+    fn new(cfg: &ThingsboardConfig) -> Life {
+        Life {
+            protocol: match cfg.protocol {
+                MqttProtocol::Auto | MqttProtocol::V5 => Protocol::V5,
+                MqttProtocol::V311 => Protocol::V311,
+            },
+            auto: cfg.protocol == MqttProtocol::Auto,
+            known: HashMap::new(),
+            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
+            unreachable_reported: false,
+            auth_reported: false,
+            takeover_reported: false,
+            short_sessions: 0,
+            invalid_reported: HashSet::new(),
+        }
+    }
+}
+
+/// Jittered exponential backoff between `min` and `max`.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            current: min,
+        }
+    }
+
+    /// The next delay: the current step with ±25 % jitter; the step doubles up to `max`.
+    fn next(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::rng().random_range(0.75..=1.25);
+        base.mul_f64(jitter).min(self.max)
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// One live session's bookkeeping; dropped (and the rows resent) when the session ends.
+#[derive(Default)]
+struct Session {
+    connected_at: Option<Instant>,
+    /// Highest row id read in this session; reset to 0 (oldest unacked) on every connect.
+    cursor: i64,
+    /// More rows may be waiting: read without lingering.
+    need_read: bool,
+    /// A lingering read is scheduled for then.
+    read_at: Option<Instant>,
+    /// Publishes built but not yet handed to the client (the window was full).
+    pending: VecDeque<Out>,
+    inflight: Inflight<Tag>,
+    /// Devices announced (`connect`) in this session.
+    announced: HashSet<String>,
+    /// A PUBACK failed: re-read from the oldest row once the window drains.
+    resend_at: Option<Instant>,
+    /// Cancelled: stop sending, wait for PUBACKs until then.
+    stopping: Option<Instant>,
+}
+
+/// A publish ready to go.
+struct Out {
+    topic: &'static str,
+    payload: Bytes,
+    ids: Vec<i64>,
+    device: String,
+}
+
+/// What an in-flight publish carries.
+#[derive(Debug)]
+struct Tag {
+    ids: Vec<i64>,
+    device: String,
+}
+
+enum SessionEnd {
+    Stopped,
+    Failed(Failure),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("connecting: {0}")]
+    Connect(NetError),
+    #[error("connection lost: {error}")]
+    Lost {
+        error: NetError,
+        connected_for: Duration,
+    },
+    #[error("no PUBACK within ack_timeout (dead link)")]
+    DeadLink,
+    #[error("store: {0}")]
+    Store(String),
+    #[error("client: {0}")]
+    Client(String),
+}
+
+/// A connection error, in the terms the session logic cares about.
+#[derive(Debug, thiserror::Error)]
+enum NetError {
+    #[error("access token refused (CONNACK {0})")]
+    AuthRefused(String),
+    #[error("protocol refused ({0})")]
+    ProtocolRefused(String),
+    #[error("connection refused (CONNACK {0})")]
+    Refused(String),
+    #[error("session taken over (DISCONNECT 0x8E)")]
+    TakenOver,
+    #[error("server disconnected us ({0})")]
+    ServerDisconnect(String),
+    #[error("connection closed by the server ({0})")]
+    Closed(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A normalised rumqttc event.
+enum NetEvent {
+    ConnAck,
+    OutgoingPublish(u16),
+    /// `reason` is the MQTT 5 reason code; always 0 on 3.1.1.
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    Publish {
+        topic: String,
+        payload: Bytes,
+    },
+    SentDisconnect,
+    Other,
+}
+
+/// The request side of the session's MQTT client.
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V4(rumqttc::AsyncClient),
+}
+
+/// The event loop of the session's MQTT client; only `session` polls it.
+enum Conn {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>),
+}
+
+impl Client {
+    fn publish(&self, topic: &'static str, payload: Bytes) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, Vec::from(payload))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+impl Conn {
+    fn new(cfg: &ThingsboardConfig, protocol: Protocol) -> (Client, Conn) {
+        let keep_alive = if cfg.keep_alive.is_zero() {
+            Duration::ZERO
+        } else {
+            cfg.keep_alive.max(Duration::from_secs(1))
+        };
+        let window = cfg.max_inflight.max(1);
+        // Headroom over our own window so rumqttc's pkid wrap rarely collides (subscribes take
+        // pkids too).
+        let rumqtt_inflight = window.saturating_add(REQUEST_CHANNEL_SLACK as u16);
+        let cap = usize::from(window) + REQUEST_CHANNEL_SLACK;
+        let max = cfg.max_packet_size;
+        match protocol {
+            Protocol::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+                o.set_keep_alive(keep_alive)
+                    .set_clean_start(true)
+                    .set_credentials(cfg.access_token.expose(), "")
+                    .set_max_packet_size(Some(u32::try_from(max).unwrap_or(u32::MAX)))
+                    .set_outgoing_inflight_upper_limit(rumqtt_inflight);
+                let (c, el) = rumqttc::v5::AsyncClient::new(o, cap);
+                (Client::V5(c), Conn::V5(Box::new(el)))
+            }
+            Protocol::V311 => {
+                let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+                o.set_keep_alive(keep_alive)
+                    .set_clean_session(true)
+                    .set_credentials(cfg.access_token.expose(), "")
+                    .set_max_packet_size(max, max)
+                    .set_inflight(rumqtt_inflight);
+                let (c, el) = rumqttc::AsyncClient::new(o, cap);
+                (Client::V4(c), Conn::V4(Box::new(el)))
+            }
+        }
+    }
+
+    async fn poll(&mut self) -> Result<NetEvent, NetError> {
+        match self {
+            Conn::V5(el) => el.poll().await.map(v5_event).map_err(v5_error),
+            Conn::V4(el) => el.poll().await.map(v4_event).map_err(v4_error),
+        }
+    }
+
+    /// Poll until the first error (rumqttc would reconnect on the next poll; the session logic
+    /// decides that instead), forwarding every event. Ends when the receiver is gone.
+    async fn drive(mut self, ev_tx: mpsc::Sender<Result<NetEvent, NetError>>) {
+        loop {
+            let ev = self.poll().await;
+            let failed = ev.is_err();
+            if ev_tx.send(ev).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// Aborts the event-loop task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn v5_event(ev: rumqttc::v5::Event) -> NetEvent {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::Event;
+    match ev {
+        Event::Incoming(Packet::ConnAck(_)) => NetEvent::ConnAck,
+        Event::Incoming(Packet::PubAck(ack)) => NetEvent::PubAck {
+            pkid: ack.pkid,
+            reason: match ack.reason {
+                PubAckReason::Success => 0x00,
+                PubAckReason::NoMatchingSubscribers => 0x10,
+                PubAckReason::UnspecifiedError => 0x80,
+                PubAckReason::ImplementationSpecificError => 0x83,
+                PubAckReason::NotAuthorized => 0x87,
+                PubAckReason::TopicNameInvalid => 0x90,
+                PubAckReason::PacketIdentifierInUse => 0x91,
+                PubAckReason::QuotaExceeded => 0x97,
+                PubAckReason::PayloadFormatInvalid => 0x99,
+            },
+        },
+        Event::Incoming(Packet::Publish(p)) => NetEvent::Publish {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+        },
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => NetEvent::OutgoingPublish(pkid),
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => NetEvent::SentDisconnect,
+        _ => NetEvent::Other,
+    }
+}
+
+fn v4_event(ev: rumqttc::Event) -> NetEvent {
+    use rumqttc::{Event, Packet};
+    match ev {
+        Event::Incoming(Packet::ConnAck(_)) => NetEvent::ConnAck,
+        Event::Incoming(Packet::PubAck(ack)) => NetEvent::PubAck {
+            pkid: ack.pkid,
+            reason: 0,
+        },
+        Event::Incoming(Packet::Publish(p)) => NetEvent::Publish {
+            topic: p.topic,
+            payload: p.payload,
+        },
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => NetEvent::OutgoingPublish(pkid),
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => NetEvent::SentDisconnect,
+        _ => NetEvent::Other,
+    }
+}
+
+fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C, DisconnectReasonCode as D};
+    use rumqttc::v5::{ConnectionError as E, StateError as S};
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword) => {
+            NetError::AuthRefused("0x86 bad user name or password".into())
+        }
+        E::ConnectionRefused(C::NotAuthorized) => {
+            NetError::AuthRefused("0x87 not authorized".into())
+        }
+        E::ConnectionRefused(c @ (C::UnsupportedProtocolVersion | C::RefusedProtocolVersion)) => {
+            NetError::ProtocolRefused(format!("{c:?}"))
+        }
+        E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
+        // A 3.1.1-only server answers a v5 CONNECT with a v3 CONNACK the v5 codec cannot read.
+        E::MqttState(S::Deserialization(d)) => NetError::ProtocolRefused(d.to_string()),
+        E::NotConnAck(p) => NetError::ProtocolRefused(format!("expected CONNACK, got {p:?}")),
+        E::MqttState(S::ServerDisconnect {
+            reason_code: D::SessionTakenOver,
+            ..
+        }) => NetError::TakenOver,
+        E::MqttState(S::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => NetError::ServerDisconnect(format!(
+            "{reason_code:?}{}",
+            reason_string.map(|s| format!(": {s}")).unwrap_or_default()
+        )),
+        E::MqttState(S::ConnectionAborted) => NetError::Closed("connection aborted".into()),
+        E::MqttState(S::Io(io)) | E::Io(io) => io_error(io),
+        other => NetError::Other(other.to_string()),
+    }
+}
+
+fn v4_error(e: rumqttc::ConnectionError) -> NetError {
+    use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError as S};
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword) => {
+            NetError::AuthRefused("4 bad user name or password".into())
+        }
+        E::ConnectionRefused(C::NotAuthorized) => NetError::AuthRefused("5 not authorized".into()),
+        E::ConnectionRefused(C::RefusedProtocolVersion) => {
+            NetError::ProtocolRefused("1 unacceptable protocol version".into())
+        }
+        E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
+        E::MqttState(S::ConnectionAborted) => NetError::Closed("connection aborted".into()),
+        E::MqttState(S::Io(io)) | E::Io(io) => io_error(io),
+        other => NetError::Other(other.to_string()),
+    }
+}
+
+fn io_error(io: std::io::Error) -> NetError {
+    use std::io::ErrorKind as K;
+    match io.kind() {
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => {
+            NetError::Closed(io.to_string())
+        }
+        _ => NetError::Other(io.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_resets() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        let mut b = Backoff::new(min, max);
+        let first = b.next();
+        assert!(first >= min.mul_f64(0.75) && first <= min.mul_f64(1.25));
+        for _ in 0..10 {
+            assert!(b.next() <= max);
+        }
+        assert_eq!(b.current, max);
+        b.reset();
+        assert_eq!(b.current, min);
+    }
+}

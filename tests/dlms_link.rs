@@ -1,0 +1,695 @@
+//! Link-layer integration tests: our HDLC client against our HDLC server over an in-memory
+//! duplex (segmentation, window-1 poll/RR sequencing checked frame by frame), against scripted
+//! misbehaving meters, and against the independent Gurux meter (`/work/shared/meter-sim`) over
+//! loopback TCP, for HDLC with 1-, 2- and 4-byte server addresses and for the wrapper.
+
+use std::io;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dlms_bridge::sources::dlms::hdlc::{self, Address, AddressSizes, Control, Frame};
+use dlms_bridge::sources::dlms::link::{
+    ClientLink, Error, HdlcServer, HdlcServerConfig, LinkAddress, LinkParams,
+};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// Upper bound for any single step of a test; generous for a loaded CI box.
+const STEP: Duration = Duration::from_secs(20);
+
+/// A fixed AARQ: LN referencing, no security, conformance 0x007E1F, max PDU 1200.
+const AARQ: [u8; 31] = [
+    0x60, 0x1D, 0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 0x01, 0xBE, 0x10, 0x04,
+    0x0E, 0x01, 0x00, 0x00, 0x00, 0x06, 0x5F, 0x1F, 0x04, 0x00, 0x00, 0x7E, 0x1F, 0x04, 0xB0,
+];
+
+/// GET-Request-Normal of 3/1.0.32.7.0.255/2 (voltage L1 value), invoke id 1.
+const GET_VOLTAGE: [u8; 13] = [
+    0xC0, 0x01, 0xC1, 0x00, 0x03, 0x01, 0x00, 0x20, 0x07, 0x00, 0xFF, 0x02, 0x00,
+];
+
+fn address(size: u8, physical: u16) -> LinkAddress {
+    LinkAddress {
+        client: 16,
+        logical: 1,
+        physical,
+        address_size: size,
+    }
+}
+
+fn params(max_info: usize, window: u8) -> LinkParams {
+    LinkParams {
+        max_info_tx: max_info,
+        max_info_rx: max_info,
+        window_tx: window,
+        window_rx: window,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A stream tap that records every write, so frame order can be checked.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+type Log = Arc<Mutex<Vec<(Side, Vec<u8>)>>>;
+
+struct Tap<S> {
+    inner: S,
+    side: Side,
+    log: Log,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tap<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.log
+                .lock()
+                .expect("log lock")
+                .push((this.side, buf[..*n].to_vec()));
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Every frame in the log, in write order, with the side that wrote it.
+fn frames(log: &Log) -> Vec<(Side, Frame)> {
+    let log = log.lock().expect("log lock");
+    let mut out = Vec::new();
+    let mut bufs = [BytesMut::new(), BytesMut::new()];
+    for (side, bytes) in log.iter() {
+        let buf = &mut bufs[usize::from(*side == Side::Server)];
+        buf.extend_from_slice(bytes);
+        while let Some(f) = hdlc::decode(buf).expect("our own frames are valid") {
+            out.push((*side, f));
+        }
+    }
+    out
+}
+
+/// Runs an echo server: answers each request with `respond(request)`, until DISC or EOF.
+fn spawn_server<S>(mut server: HdlcServer<S>, respond: fn(&[u8]) -> Vec<u8>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok(Some(req)) = server.next_request().await {
+            if server.respond(&respond(&req)).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn long_answer(req: &[u8]) -> Vec<u8> {
+    // 0x7E bytes inside on purpose: HDLC-over-TCP does not escape them.
+    let mut v: Vec<u8> = req.iter().rev().copied().collect();
+    v.extend((0..200u16).map(|i| (i % 256) as u8));
+    v.extend_from_slice(&[0x7E; 10]);
+    v
+}
+
+/// Checks that a run of I-frames from `sender` is sent one at a time with the poll bit, each
+/// segment acknowledged by an RR from the other side before the next one.
+fn assert_window_one(frames: &[(Side, Frame)], sender: Side) {
+    let mut i = 0;
+    let mut segments = 0;
+    while i < frames.len() {
+        let (side, f) = &frames[i];
+        if *side == sender {
+            if let Control::I { ns, pf, .. } = f.control {
+                assert!(pf, "frame {i}: I-frame without poll/final bit");
+                if f.segmented {
+                    segments += 1;
+                    let (next_side, next) = &frames[i + 1];
+                    assert_ne!(*next_side, sender, "frame {i}: next frame sent before RR");
+                    assert_eq!(
+                        next.control,
+                        Control::Rr {
+                            nr: (ns + 1) & 7,
+                            pf: true
+                        },
+                        "frame {i}: not acknowledged by RR"
+                    );
+                }
+            }
+        }
+        i += 1;
+    }
+    assert!(
+        segments >= 2,
+        "expected a segmented transfer, saw {segments} segments"
+    );
+}
+
+#[tokio::test]
+async fn hdlc_duplex_segments_both_ways_with_window_one() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let log: Log = Arc::default();
+    let client_io = Tap {
+        inner: a,
+        side: Side::Client,
+        log: log.clone(),
+    };
+    let server_io = Tap {
+        inner: b,
+        side: Side::Server,
+        log: log.clone(),
+    };
+    let server = HdlcServer::new(
+        server_io,
+        HdlcServerConfig {
+            limits: params(24, 1),
+            ..HdlcServerConfig::default()
+        },
+    );
+    spawn_server(server, long_answer);
+
+    let mut link = ClientLink::hdlc(client_io, address(2, 17), params(16, 1)).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(negotiated, params(16, 1));
+
+    let request: Vec<u8> = (0..100u8).chain([0x7E, 0x7E]).collect();
+    let response = timeout(STEP, link.exchange(&request))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&request));
+
+    // a second exchange continues the sequence numbers across the modulo-8 wrap
+    let response = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&AARQ));
+    timeout(STEP, link.close())
+        .await
+        .expect("in time")
+        .expect("close");
+
+    let frames = frames(&log);
+    assert_window_one(&frames, Side::Client);
+    assert_window_one(&frames, Side::Server);
+    // both directions negotiated down to the client's 16 bytes
+    for (side, f) in &frames {
+        if let Control::I { .. } = f.control {
+            assert!(
+                f.info.len() <= 16,
+                "{side:?} frame of {} bytes",
+                f.info.len()
+            );
+        }
+    }
+    // the first I-frame of each APDU carries the LLC header
+    let first_client_i = frames
+        .iter()
+        .find(|(s, f)| *s == Side::Client && matches!(f.control, Control::I { .. }))
+        .expect("client sent I-frames");
+    assert_eq!(&first_client_i.1.info[..3], &hdlc::LLC_REQUEST);
+    let first_server_i = frames
+        .iter()
+        .find(|(s, f)| *s == Side::Server && matches!(f.control, Control::I { .. }))
+        .expect("server sent I-frames");
+    assert_eq!(&first_server_i.1.info[..3], &hdlc::LLC_RESPONSE);
+    assert_eq!(frames.last().map(|(_, f)| f.control), Some(Control::Ua));
+}
+
+#[tokio::test]
+async fn hdlc_duplex_window_three_polls_every_third_frame() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let log: Log = Arc::default();
+    let server = HdlcServer::new(
+        Tap {
+            inner: b,
+            side: Side::Server,
+            log: log.clone(),
+        },
+        HdlcServerConfig {
+            limits: params(20, 3),
+            ..HdlcServerConfig::default()
+        },
+    );
+    spawn_server(server, long_answer);
+    let client_io = Tap {
+        inner: a,
+        side: Side::Client,
+        log: log.clone(),
+    };
+    let mut link = ClientLink::hdlc(client_io, address(4, 17), params(20, 3)).expect("address");
+    assert_eq!(
+        timeout(STEP, link.open())
+            .await
+            .expect("in time")
+            .expect("open"),
+        params(20, 3)
+    );
+    let request = vec![0x55; 150];
+    let response = timeout(STEP, link.exchange(&request))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&request));
+
+    let client_i: Vec<bool> = frames(&log)
+        .iter()
+        .filter(|(s, f)| *s == Side::Client && matches!(f.control, Control::I { .. }))
+        .map(|(_, f)| f.control.poll_final())
+        .collect();
+    // 153 bytes in 20-byte frames = 8 frames: poll on 3rd, 6th and the last
+    assert_eq!(
+        client_i,
+        vec![false, false, true, false, false, true, false, true]
+    );
+}
+
+#[tokio::test]
+async fn default_proposal_sends_an_empty_snrm_and_takes_the_servers_limits() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let log: Log = Arc::default();
+    let server = HdlcServer::new(
+        b,
+        HdlcServerConfig {
+            limits: params(40, 1),
+            ..HdlcServerConfig::default()
+        },
+    );
+    spawn_server(server, long_answer);
+    let client_io = Tap {
+        inner: a,
+        side: Side::Client,
+        log: log.clone(),
+    };
+    let mut link =
+        ClientLink::hdlc(client_io, address(1, 0), LinkParams::default()).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(negotiated, params(40, 1));
+    let snrm = &frames(&log)[0].1;
+    assert_eq!(snrm.control, Control::Snrm);
+    assert!(snrm.info.is_empty());
+    let response = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&AARQ));
+}
+
+#[tokio::test]
+async fn hdlc_duplex_all_sizes_windows_and_address_forms() {
+    for (max_info, window, size) in [(1, 1, 1), (5, 2, 2), (17, 7, 4), (128, 1, 2), (2000, 3, 4)] {
+        let (a, b) = tokio::io::duplex(4096);
+        let server = HdlcServer::new(
+            b,
+            HdlcServerConfig {
+                limits: params(max_info, window),
+                ..HdlcServerConfig::default()
+            },
+        );
+        spawn_server(server, long_answer);
+        let mut link =
+            ClientLink::hdlc(a, address(size, 17), params(max_info, window)).expect("address");
+        let negotiated = timeout(STEP, link.open())
+            .await
+            .expect("in time")
+            .expect("open");
+        assert_eq!(negotiated, params(max_info, window));
+        for len in [0usize, 1, 2, 3, 100, 3000] {
+            let request: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let response = timeout(STEP, link.exchange(&request))
+                .await
+                .expect("in time")
+                .unwrap_or_else(|e| panic!("max_info {max_info} window {window} len {len}: {e}"));
+            assert_eq!(
+                response,
+                long_answer(&request),
+                "max_info {max_info} len {len}"
+            );
+        }
+        timeout(STEP, link.close())
+            .await
+            .expect("in time")
+            .expect("close");
+    }
+}
+
+#[tokio::test]
+async fn exchange_before_open_is_refused() {
+    let (a, _b) = tokio::io::duplex(64);
+    let mut link = ClientLink::hdlc(a, address(2, 17), LinkParams::default()).expect("address");
+    let r = link.exchange(&AARQ).await;
+    assert!(matches!(r, Err(Error::NotOpen)), "{r:?}");
+    let (a, _b) = tokio::io::duplex(64);
+    assert!(matches!(
+        ClientLink::hdlc(a, address(3, 17), LinkParams::default()),
+        Err(Error::AddressSize(3))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripted meters: a task answering each client frame with canned frames.
+// ---------------------------------------------------------------------------------------------
+
+fn meter_frame(control: Control, segmented: bool, info: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    Frame {
+        segmented,
+        dest: Address::single(16),
+        src: Address::server(1, 17),
+        control,
+        info,
+    }
+    .encode(AddressSizes { dest: 1, src: 2 }, &mut out)
+    .expect("valid frame");
+    out
+}
+
+/// A meter that answers the n-th frame it receives with `script[n]` (raw bytes).
+fn scripted_meter(script: Vec<Vec<u8>>) -> tokio::io::DuplexStream {
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        let mut script = script.into_iter();
+        loop {
+            match hdlc::decode(&mut buf) {
+                Ok(Some(_)) => match script.next() {
+                    Some(bytes) => {
+                        if b.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                Ok(None) => {
+                    if b.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    a
+}
+
+fn ua() -> Vec<u8> {
+    meter_frame(Control::Ua, false, Vec::new())
+}
+
+#[tokio::test]
+async fn dm_on_open_is_an_error() {
+    let io = scripted_meter(vec![meter_frame(Control::Dm, false, Vec::new())]);
+    let mut link = ClientLink::hdlc(io, address(2, 17), LinkParams::default()).expect("address");
+    let r = timeout(STEP, link.open()).await.expect("in time");
+    assert!(matches!(r, Err(Error::Dm)), "{r:?}");
+}
+
+#[tokio::test]
+async fn rnr_and_frmr_during_exchange_are_errors() {
+    for (answer, want) in [
+        (Control::Rnr { nr: 1, pf: true }, "rnr"),
+        (Control::Frmr, "frmr"),
+        (Control::Dm, "dm"),
+    ] {
+        let io = scripted_meter(vec![ua(), meter_frame(answer, false, Vec::new())]);
+        let mut link =
+            ClientLink::hdlc(io, address(2, 17), LinkParams::default()).expect("address");
+        timeout(STEP, link.open())
+            .await
+            .expect("in time")
+            .expect("open");
+        let r = timeout(STEP, link.exchange(&AARQ)).await.expect("in time");
+        let ok = matches!(
+            (&r, want),
+            (Err(Error::Rnr), "rnr") | (Err(Error::Frmr), "frmr") | (Err(Error::Dm), "dm")
+        );
+        assert!(ok, "{want}: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_echoes_and_corrupted_frames_are_skipped() {
+    let good = meter_frame(
+        Control::I {
+            ns: 0,
+            nr: 1,
+            pf: true,
+        },
+        false,
+        vec![0xE6, 0xE7, 0x00, 0x7E, 0x61, 0x7E],
+    );
+    let mut corrupted = good.clone();
+    corrupted[12] ^= 0x40;
+    // an echo of a client frame, as half-duplex converters produce: not for us
+    let mut echo = Vec::new();
+    Frame {
+        segmented: false,
+        dest: Address::server(1, 17),
+        src: Address::single(16),
+        control: Control::I {
+            ns: 0,
+            nr: 0,
+            pf: true,
+        },
+        info: vec![0xE6, 0xE6, 0x00, 0x60],
+    }
+    .encode(AddressSizes { dest: 2, src: 1 }, &mut echo)
+    .expect("valid frame");
+    let mut reply = vec![0x00, 0xFF, 0x7E, 0x7E, 0x13];
+    reply.extend_from_slice(&echo);
+    reply.extend_from_slice(&corrupted);
+    reply.extend_from_slice(&[0xA0, 0x55]);
+    reply.extend_from_slice(&good);
+    let io = scripted_meter(vec![ua(), reply]);
+    let mut link = ClientLink::hdlc(io, address(2, 17), LinkParams::default()).expect("address");
+    timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    let r = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(r, vec![0x7E, 0x61, 0x7E]);
+}
+
+#[tokio::test]
+async fn peer_closing_mid_exchange_is_an_error() {
+    let io = scripted_meter(vec![ua()]);
+    let mut link = ClientLink::hdlc(io, address(2, 17), LinkParams::default()).expect("address");
+    timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    let r = timeout(STEP, link.exchange(&AARQ)).await.expect("in time");
+    assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The independent Gurux meter.
+// ---------------------------------------------------------------------------------------------
+
+const METER_SIM: &str = "/work/shared/meter-sim/gurux_meter.py";
+
+/// A Gurux meter child process on a free loopback port; killed on drop.
+struct GuruxMeter {
+    /// The child; `kill_on_drop` ends it with the test.
+    _child: tokio::process::Child,
+    port: u16,
+}
+
+impl GuruxMeter {
+    async fn start(args: &[&str]) -> GuruxMeter {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+            l.local_addr().expect("local addr").port()
+        };
+        let mut child = tokio::process::Command::new("python3")
+            .arg(METER_SIM)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start python3 meter-sim");
+        // The banner is printed once every listener is bound.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let banner = timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("meter-sim started in time")
+            .expect("read meter-sim stdout");
+        assert!(
+            banner
+                .as_deref()
+                .is_some_and(|l| l.starts_with("gurux_meter")),
+            "unexpected meter-sim output {banner:?}"
+        );
+        // keep draining stdout so the child never blocks on a full pipe
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let meter = GuruxMeter {
+            _child: child,
+            port,
+        };
+        // bounded wait until it accepts
+        for attempt in 0..50 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return meter;
+            }
+            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+        }
+        panic!("meter-sim never accepted on port {port}");
+    }
+
+    async fn connect(&self) -> TcpStream {
+        let s = timeout(STEP, TcpStream::connect(("127.0.0.1", self.port)))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+}
+
+fn assert_aare_accepted(aare: &[u8]) {
+    assert_eq!(aare.first(), Some(&0x61), "not an AARE: {aare:02x?}");
+    assert!(
+        aare.windows(5).any(|w| w == [0xA2, 0x03, 0x02, 0x01, 0x00]),
+        "association not accepted: {aare:02x?}"
+    );
+}
+
+async fn gurux_hdlc_round(meter_args: &[&str], addr: LinkAddress, proposal: LinkParams) {
+    let meter = GuruxMeter::start(meter_args).await;
+    let mut link = ClientLink::hdlc(meter.connect().await, addr, proposal).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    let aare = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("aarq exchange");
+    assert_aare_accepted(&aare);
+    let value = timeout(STEP, link.exchange(&GET_VOLTAGE))
+        .await
+        .expect("in time")
+        .expect("get exchange");
+    // get-response-normal, invoke 0xC1, data, long-unsigned
+    assert_eq!(&value[..5], &[0xC4, 0x01, 0xC1, 0x00, 0x12], "{value:02x?}");
+    timeout(STEP, link.close())
+        .await
+        .expect("in time")
+        .expect("close");
+    let _ = negotiated;
+}
+
+#[tokio::test]
+async fn gurux_hdlc_one_byte_address_small_frames() {
+    gurux_hdlc_round(
+        &["--server-address", "1", "--max-info", "32"],
+        address(1, 0),
+        LinkParams::default(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn gurux_hdlc_two_byte_address_small_frames() {
+    gurux_hdlc_round(
+        &["--server-address", "1/17", "--max-info", "32"],
+        address(2, 17),
+        LinkParams::default(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn gurux_hdlc_four_byte_address_small_frames() {
+    gurux_hdlc_round(
+        &["--server-address", "1/4660", "--max-info", "32"],
+        address(4, 4660),
+        LinkParams::default(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn gurux_hdlc_negotiates_down_to_meter_limit() {
+    let meter = GuruxMeter::start(&["--max-info", "32"]).await;
+    let mut link =
+        ClientLink::hdlc(meter.connect().await, address(2, 17), params(512, 1)).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(negotiated.max_info_tx, 32);
+    assert_eq!(negotiated.max_info_rx, 32);
+    assert_eq!(negotiated.window_tx, 1);
+    let aare = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("aarq exchange");
+    assert_aare_accepted(&aare);
+}
+
+#[tokio::test]
+async fn gurux_wrapper_aarq_and_get() {
+    let meter = GuruxMeter::start(&["--transport", "wrapper"]).await;
+    let mut link = ClientLink::wrapper(meter.connect().await, address(2, 17));
+    timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    let aare = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("aarq exchange");
+    assert_aare_accepted(&aare);
+    let value = timeout(STEP, link.exchange(&GET_VOLTAGE))
+        .await
+        .expect("in time")
+        .expect("get exchange");
+    assert_eq!(&value[..5], &[0xC4, 0x01, 0xC1, 0x00, 0x12], "{value:02x?}");
+    timeout(STEP, link.close())
+        .await
+        .expect("in time")
+        .expect("close");
+}

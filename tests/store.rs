@@ -1,0 +1,662 @@
+//! Store integration tests on real SQLite files in temporary directories.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlms_bridge::config::{OnFull, StoreConfig};
+use dlms_bridge::model::{Record, RecordKind};
+use dlms_bridge::store::{self, Error, StoreHandle};
+use serde_json::{json, Map};
+
+/// Upper bound for any single wait; a hang fails the test instead of blocking CI.
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .expect("store call did not finish in time")
+}
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        // A subdirectory that does not exist yet: open must create it.
+        path: dir.join("state").join("queue.db"),
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        on_full: OnFull::DropOldest,
+    }
+}
+
+fn record(i: u64) -> Record {
+    let mut values = Map::new();
+    values.insert("seq".into(), json!(i));
+    values.insert("voltage_l1".into(), json!(230.1));
+    Record::telemetry(
+        format!("Meter {}", i % 3),
+        "DLMS Energy Meter",
+        1_700_000_000_000 + i as i64,
+        values,
+    )
+}
+
+/// A record of roughly `size` bytes of payload.
+fn big_record(i: u64, size: usize) -> Record {
+    let mut values = Map::new();
+    values.insert("seq".into(), json!(i));
+    values.insert("blob".into(), json!("x".repeat(size)));
+    Record::telemetry("Meter", "DLMS Energy Meter", i as i64, values)
+}
+
+fn seq_of(r: &Record) -> u64 {
+    r.payload["values"]["seq"]
+        .as_u64()
+        .expect("test records carry values.seq")
+}
+
+async fn drain_all(store: &StoreHandle) -> Vec<dlms_bridge::model::StoredRecord> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = within(store.next_batch(after, 500))
+            .await
+            .expect("next_batch");
+        match batch.last() {
+            Some(last) => after = last.id,
+            None => return out,
+        }
+        out.extend(batch);
+    }
+}
+
+/// A clock the test moves by hand.
+fn manual_clock(start_ms: i64) -> (Arc<AtomicI64>, store::Clock) {
+    let now = Arc::new(AtomicI64::new(start_ms));
+    let c = Arc::clone(&now);
+    (now, Arc::new(move || c.load(Ordering::SeqCst)))
+}
+
+#[tokio::test]
+async fn enqueue_then_next_batch_returns_records_in_order_with_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store::open(&config(dir.path())).expect("open");
+    let records: Vec<Record> = (0..10).map(record).collect();
+    let mut attrs = Map::new();
+    attrs.insert("firmware".into(), json!("1.2.3"));
+    let attr = Record::attributes("Meter 9", "DLMS Energy Meter", attrs);
+
+    within(store.enqueue(records[..4].to_vec()))
+        .await
+        .expect("enqueue");
+    within(store.enqueue(vec![attr.clone()]))
+        .await
+        .expect("enqueue");
+    within(store.enqueue(records[4..].to_vec()))
+        .await
+        .expect("enqueue");
+
+    let got = within(store.next_batch(0, 100)).await.expect("next_batch");
+    let mut expected = records[..4].to_vec();
+    expected.push(attr);
+    expected.extend_from_slice(&records[4..]);
+    assert_eq!(
+        got.iter().map(|s| s.record.clone()).collect::<Vec<_>>(),
+        expected,
+        "same records, same order"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].id < w[1].id),
+        "ids strictly increase"
+    );
+    assert_eq!(got[4].record.kind, RecordKind::Attributes);
+
+    // max_records is honoured.
+    let two = within(store.next_batch(0, 2)).await.expect("next_batch");
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[0].id, got[0].id);
+    assert!(within(store.next_batch(0, 0))
+        .await
+        .expect("next_batch")
+        .is_empty());
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn ack_deletes_rows_and_the_after_id_cursor_skips_seen_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store::open(&config(dir.path())).expect("open");
+    within(store.enqueue((0..6).map(record).collect()))
+        .await
+        .expect("enqueue");
+
+    let first = within(store.next_batch(0, 3)).await.expect("next_batch");
+    assert_eq!(
+        first.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // The cursor moves on without an ack (in-flight rows are not handed out twice).
+    let second = within(store.next_batch(first[2].id, 10))
+        .await
+        .expect("next_batch");
+    assert_eq!(
+        second.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+
+    // Ack out of order, and an id that does not exist.
+    within(store.ack(vec![second[0].id, first[1].id, 999_999]))
+        .await
+        .expect("ack");
+    let left = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(
+        left.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        [0, 2, 4, 5]
+    );
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.depth, 4);
+    assert_eq!(stats.enqueued, 6);
+
+    within(store.ack(left.iter().map(|s| s.id).collect()))
+        .await
+        .expect("ack");
+    assert!(within(store.next_batch(0, 10))
+        .await
+        .expect("next_batch")
+        .is_empty());
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 0);
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn ids_are_never_reused_after_everything_is_acked_and_reopened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    within(store.enqueue((0..5).map(record).collect()))
+        .await
+        .expect("enqueue");
+    let rows = within(store.next_batch(0, 10)).await.expect("next_batch");
+    let max_before = rows.last().expect("rows").id;
+    within(store.ack(rows.iter().map(|s| s.id).collect()))
+        .await
+        .expect("ack");
+    within(store.close()).await.expect("close");
+
+    let store = store::open(&cfg).expect("reopen");
+    assert_eq!(
+        *store.subscribe().borrow(),
+        max_before,
+        "highest id survives"
+    );
+    within(store.enqueue(vec![record(100)]))
+        .await
+        .expect("enqueue");
+    let rows = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].id > max_before, "a new id, never a reused one");
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn rows_survive_close_without_ack_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    let records: Vec<Record> = (0..20).map(record).collect();
+    within(store.enqueue(records.clone()))
+        .await
+        .expect("enqueue");
+    // Handed out but never acked, as when ThingsBoard never PUBACKed.
+    let sent = within(store.next_batch(0, 5)).await.expect("next_batch");
+    assert_eq!(sent.len(), 5);
+    within(store.close()).await.expect("close");
+    assert!(
+        !sidecar(&cfg.path, "-wal").exists()
+            || std::fs::metadata(sidecar(&cfg.path, "-wal"))
+                .expect("wal metadata")
+                .len()
+                == 0,
+        "close checkpoints and truncates the WAL"
+    );
+
+    let store = store::open(&cfg).expect("reopen");
+    let got = drain_all(&store).await;
+    assert_eq!(
+        got.into_iter().map(|s| s.record).collect::<Vec<_>>(),
+        records
+    );
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 20);
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn rows_survive_the_handle_being_dropped_without_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    let records: Vec<Record> = (0..50).map(record).collect();
+    within(store.enqueue(records.clone()))
+        .await
+        .expect("enqueue");
+    let mut committed = store.subscribe();
+    drop(store);
+    // The worker stops once every handle is gone; the watch closes with it.
+    within(async { while committed.changed().await.is_ok() {} }).await;
+
+    let store = store::open(&cfg).expect("reopen");
+    let got = drain_all(&store).await;
+    assert_eq!(
+        got.into_iter().map(|s| s.record).collect::<Vec<_>>(),
+        records
+    );
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn committed_rows_are_in_the_files_on_disk_while_the_store_runs() {
+    // A crash image: copy the database and its WAL as they are on disk right after enqueue
+    // returned Ok, with no checkpoint and no close, and open the copy.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    let records: Vec<Record> = (0..30).map(record).collect();
+    within(store.enqueue(records.clone()))
+        .await
+        .expect("enqueue");
+
+    let crash_dir = dir.path().join("crash");
+    std::fs::create_dir_all(&crash_dir).expect("mkdir");
+    let copy = crash_dir.join("queue.db");
+    std::fs::copy(&cfg.path, &copy).expect("copy db");
+    if sidecar(&cfg.path, "-wal").exists() {
+        std::fs::copy(sidecar(&cfg.path, "-wal"), sidecar(&copy, "-wal")).expect("copy wal");
+    }
+
+    let crashed = store::open(&StoreConfig {
+        path: copy,
+        ..cfg.clone()
+    })
+    .expect("open the crash image");
+    let got = drain_all(&crashed).await;
+    assert_eq!(
+        got.into_iter().map(|s| s.record).collect::<Vec<_>>(),
+        records
+    );
+    within(crashed.close()).await.expect("close");
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueuers_all_get_ok_and_every_record_is_stored_once() {
+    const TASKS: u64 = 16;
+    const CALLS: u64 = 40;
+    const PER_CALL: u64 = 3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store::open(&config(dir.path())).expect("open");
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for c in 0..CALLS {
+                let base = (t * CALLS + c) * PER_CALL;
+                let batch = (base..base + PER_CALL).map(record).collect();
+                store.enqueue(batch).await.expect("every enqueue succeeds");
+            }
+        }));
+    }
+    for task in tasks {
+        within(task).await.expect("enqueuer task");
+    }
+
+    let got = drain_all(&store).await;
+    let total = TASKS * CALLS * PER_CALL;
+    assert_eq!(got.len() as u64, total);
+    let seqs: HashSet<u64> = got.iter().map(|s| seq_of(&s.record)).collect();
+    assert_eq!(
+        seqs,
+        (0..total).collect::<HashSet<_>>(),
+        "each record exactly once"
+    );
+    assert!(got.windows(2).all(|w| w[0].id < w[1].id));
+    // A caller's records stay together and in order (one request = one contiguous run).
+    for w in got.chunks(PER_CALL as usize) {
+        let first = seq_of(&w[0].record);
+        assert_eq!(first % PER_CALL, 0);
+        for (k, s) in w.iter().enumerate() {
+            assert_eq!(seq_of(&s.record), first + k as u64);
+        }
+    }
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.enqueued, total);
+    assert_eq!(stats.depth, total);
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn size_cap_drop_oldest_evicts_the_oldest_counts_them_and_keeps_the_file_small() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let max_bytes: u64 = 1024 * 1024;
+    let cfg = StoreConfig {
+        max_bytes,
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+    // ~5 MB of records into a 1 MiB cap.
+    let total: u64 = 5_000;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(50) {
+        let batch = chunk.iter().map(|&i| big_record(i, 1000)).collect();
+        within(store.enqueue(batch))
+            .await
+            .expect("DropOldest always accepts");
+    }
+    let stats = within(store.stats()).await.expect("stats");
+    assert!(
+        stats.dropped_full > 0,
+        "oldest rows were evicted: {stats:?}"
+    );
+    assert_eq!(
+        stats.depth + stats.dropped_full,
+        total,
+        "every record counted: {stats:?}"
+    );
+    assert_eq!(stats.enqueued, total);
+
+    let kept = drain_all(&store).await;
+    assert_eq!(kept.len() as u64, stats.depth);
+    let seqs: Vec<u64> = kept.iter().map(|s| seq_of(&s.record)).collect();
+    assert_eq!(
+        *seqs.last().expect("rows kept"),
+        total - 1,
+        "the newest is kept"
+    );
+    assert_eq!(
+        seqs[0], stats.dropped_full,
+        "exactly the oldest were dropped"
+    );
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no holes");
+
+    within(store.close()).await.expect("close");
+    let file = std::fs::metadata(&cfg.path).expect("db metadata").len();
+    // One group may overshoot before the check: 50 records of ~1 KB.
+    assert!(
+        file <= max_bytes + 128 * 1024,
+        "database file {file} bytes exceeds the {max_bytes} cap"
+    );
+}
+
+#[tokio::test]
+async fn size_cap_drop_newest_refuses_with_full_and_recovers_after_acks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        max_bytes: 1024 * 1024,
+        on_full: OnFull::DropNewest,
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+    let mut accepted = 0u64;
+    let mut refused = 0u64;
+    let mut i = 0u64;
+    while refused < 3 {
+        assert!(i < 100_000, "the store never reported Full");
+        let batch: Vec<Record> = (i..i + 10).map(|k| big_record(k, 1000)).collect();
+        i += 10;
+        match within(store.enqueue(batch)).await {
+            Ok(()) => {
+                assert_eq!(refused, 0, "once full, stays full until acks");
+                accepted += 10;
+            }
+            Err(Error::Full) => refused += 10,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.dropped_full, refused);
+    assert_eq!(stats.depth, accepted);
+    let kept = drain_all(&store).await;
+    assert_eq!(
+        kept.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        (0..accepted).collect::<Vec<_>>(),
+        "the oldest are kept, nothing accepted was lost"
+    );
+
+    // The uplink drains: the store must accept again (tb-gateway's memory storage never did).
+    within(store.ack(kept.iter().map(|s| s.id).collect()))
+        .await
+        .expect("ack");
+    within(store.enqueue(vec![record(1)]))
+        .await
+        .expect("accepting again after the queue drained");
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn max_age_evicts_expired_rows_and_counts_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let max_age_ms = cfg.max_age.as_millis() as i64;
+    let t0 = 1_800_000_000_000;
+    let (now, clock) = manual_clock(t0);
+    let store = store::open_with_clock(&cfg, clock).expect("open");
+    within(store.enqueue((0..3).map(record).collect()))
+        .await
+        .expect("enqueue");
+    now.store(t0 + 1000, Ordering::SeqCst);
+    within(store.enqueue((3..5).map(record).collect()))
+        .await
+        .expect("enqueue");
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.oldest_created_ms, Some(t0));
+    assert_eq!(stats.dropped_age, 0);
+
+    // Exactly max_age old is not expired yet.
+    now.store(t0 + max_age_ms, Ordering::SeqCst);
+    assert_eq!(within(store.stats()).await.expect("stats").dropped_age, 0);
+
+    // The first three are now older than max_age; the worker evicts them on its next turn.
+    now.store(t0 + max_age_ms + 1, Ordering::SeqCst);
+    within(store.enqueue(vec![record(5)]))
+        .await
+        .expect("enqueue");
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.dropped_age, 3, "{stats:?}");
+    assert_eq!(stats.depth, 3);
+    assert_eq!(stats.oldest_created_ms, Some(t0 + 1000));
+    let left = drain_all(&store).await;
+    assert_eq!(
+        left.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn max_age_eviction_runs_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let max_age_ms = cfg.max_age.as_millis() as i64;
+    let t0 = 1_800_000_000_000;
+    let (now, clock) = manual_clock(t0);
+    let store = store::open_with_clock(&cfg, Arc::clone(&clock)).expect("open");
+    within(store.enqueue((0..4).map(record).collect()))
+        .await
+        .expect("enqueue");
+    within(store.close()).await.expect("close");
+
+    // Down for longer than max_age.
+    now.store(t0 + max_age_ms + 60_000, Ordering::SeqCst);
+    let store = store::open_with_clock(&cfg, clock).expect("reopen");
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.dropped_age, 4);
+    assert_eq!(stats.depth, 0);
+    assert_eq!(stats.oldest_created_ms, None);
+    assert!(drain_all(&store).await.is_empty());
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn a_corrupt_file_is_moved_aside_and_a_fresh_queue_works() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let state = cfg.path.parent().expect("parent").to_path_buf();
+    std::fs::create_dir_all(&state).expect("mkdir");
+    let garbage: Vec<u8> = (0..16_384u32).map(|i| (i * 7 + 13) as u8).collect();
+    std::fs::write(&cfg.path, &garbage).expect("write garbage");
+    std::fs::write(sidecar(&cfg.path, "-wal"), b"stale wal").expect("write stale wal");
+
+    let store = store::open(&cfg).expect("open recovers from corruption");
+    within(store.enqueue(vec![record(7)]))
+        .await
+        .expect("enqueue");
+    let rows = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].record, record(7));
+    within(store.close()).await.expect("close");
+
+    let aside: Vec<PathBuf> = std::fs::read_dir(&state)
+        .expect("read_dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("queue.db.corrupt-") && !n.ends_with("-wal"))
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "one database moved aside: {aside:?}");
+    assert_eq!(
+        std::fs::read(&aside[0]).expect("read aside"),
+        garbage,
+        "kept as it was"
+    );
+    // SQLite may discard an invalid WAL itself; either way it must not live on beside the new
+    // database.
+    let wal = std::fs::read(sidecar(&cfg.path, "-wal")).unwrap_or_default();
+    assert!(
+        !wal.starts_with(b"stale wal"),
+        "the stale WAL is not the new database's WAL"
+    );
+}
+
+#[tokio::test]
+async fn subscribe_sees_the_new_highest_id_after_enqueue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store::open(&config(dir.path())).expect("open");
+    let mut committed = store.subscribe();
+    assert_eq!(*committed.borrow(), 0);
+
+    let waiter = tokio::spawn(async move {
+        committed.changed().await.expect("store open");
+        *committed.borrow_and_update()
+    });
+    within(store.enqueue((0..3).map(record).collect()))
+        .await
+        .expect("enqueue");
+    let seen = within(waiter).await.expect("waiter");
+    let rows = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(seen, rows.last().expect("rows").id, "highest committed id");
+
+    // A new subscriber starts at the current value, without a pending change.
+    let mut late = store.subscribe();
+    assert_eq!(*late.borrow(), seen);
+    assert!(!late.has_changed().expect("store open"));
+    within(store.enqueue(vec![record(3)]))
+        .await
+        .expect("enqueue");
+    within(late.changed()).await.expect("changed");
+    assert_eq!(*late.borrow(), seen + 1);
+
+    within(store.close()).await.expect("close");
+    assert!(
+        within(late.changed()).await.is_err(),
+        "subscribers learn that the store stopped"
+    );
+}
+
+#[tokio::test]
+async fn calls_after_close_return_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store::open(&config(dir.path())).expect("open");
+    let other = store.clone();
+    within(store.close()).await.expect("close");
+    assert!(matches!(
+        within(other.enqueue(vec![record(1)])).await,
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        within(other.next_batch(0, 1)).await,
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        within(other.ack(vec![1])).await,
+        Err(Error::Closed)
+    ));
+    assert!(matches!(within(other.stats()).await, Err(Error::Closed)));
+    assert!(matches!(within(store.close()).await, Err(Error::Closed)));
+}
+
+#[tokio::test]
+async fn rows_of_an_unknown_kind_are_skipped_and_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let store = store::open(&cfg).expect("open");
+    within(store.enqueue(vec![record(0)]))
+        .await
+        .expect("enqueue");
+    within(store.close()).await.expect("close");
+    {
+        // A row written by some future version, and one with a damaged payload.
+        let conn = rusqlite::Connection::open(&cfg.path).expect("sqlite open");
+        let insert = "INSERT INTO queue (created_ms, kind, device, device_type, payload) \
+                      VALUES (?1, ?2, 'Meter', 'DLMS Energy Meter', ?3)";
+        conn.execute(insert, rusqlite::params![1i64, 99i64, "{}"])
+            .expect("insert unknown kind");
+        conn.execute(insert, rusqlite::params![1i64, 1i64, "{not json"])
+            .expect("insert bad payload");
+    }
+    let store = store::open(&cfg).expect("reopen");
+    within(store.enqueue(vec![record(1)]))
+        .await
+        .expect("enqueue");
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 4);
+    // max_records = 2 still yields two good rows: reading goes past the bad ones.
+    let rows = within(store.next_batch(0, 2)).await.expect("next_batch");
+    assert_eq!(
+        rows.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert_eq!(
+        within(store.stats()).await.expect("stats").depth,
+        2,
+        "bad rows deleted"
+    );
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn stats_report_depth_oldest_size_and_totals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t0 = 1_800_000_000_000;
+    let (_now, clock) = manual_clock(t0);
+    let store = store::open_with_clock(&config(dir.path()), clock).expect("open");
+    let empty = within(store.stats()).await.expect("stats");
+    assert_eq!(empty.depth, 0);
+    assert_eq!(empty.oldest_created_ms, None);
+    assert!(empty.bytes_on_disk > 0);
+    within(store.enqueue((0..7).map(record).collect()))
+        .await
+        .expect("enqueue");
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.depth, 7);
+    assert_eq!(stats.enqueued, 7);
+    assert_eq!(stats.oldest_created_ms, Some(t0));
+    assert_eq!((stats.dropped_full, stats.dropped_age), (0, 0));
+    within(store.close()).await.expect("close");
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}

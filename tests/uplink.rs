@@ -1,0 +1,542 @@
+//! The uplink against the ThingsBoard emulator, with a real SQLite store in a temp dir.
+//! Loopback and ephemeral ports only; every wait is bounded and event-driven.
+
+mod common;
+
+use std::time::Duration;
+
+use common::tb_emulator::{Recorded, TbEmulator};
+use dlms_bridge::config::{MqttProtocol, Secret, StoreConfig, ThingsboardConfig};
+use dlms_bridge::model::{Downlink, Record, RecordKind};
+use dlms_bridge::store::{self, StoreHandle};
+use dlms_bridge::uplink::{Protocol, Uplink, UplinkStatus};
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "gw-test-token";
+const PROFILE: &str = "DLMS Energy Meter";
+/// Upper bound for any single wait; the happy path takes milliseconds.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn tb_config(emu: &TbEmulator, protocol: MqttProtocol) -> ThingsboardConfig {
+    ThingsboardConfig {
+        host: "127.0.0.1".into(),
+        port: emu.port(),
+        access_token: Secret::new(TOKEN),
+        client_id: "dlms-bridge-test".into(),
+        protocol,
+        keep_alive: Duration::from_secs(5),
+        max_packet_size: 65_536,
+        max_inflight: 80,
+        batch_linger: Duration::from_millis(20),
+        ack_timeout: Duration::from_secs(2),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(400),
+        auth_retry: Duration::from_secs(60),
+    }
+}
+
+struct Bridge {
+    store: StoreHandle,
+    status: watch::Receiver<UplinkStatus>,
+    downlink_rx: mpsc::Receiver<Downlink>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bridge {
+    async fn start(cfg: ThingsboardConfig) -> Bridge {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store::open(&StoreConfig {
+            path: dir.path().join("queue.db"),
+            ..StoreConfig::default()
+        })
+        .expect("open store");
+        let (downlink_tx, downlink_rx) = mpsc::channel(16);
+        let uplink = Uplink::new(cfg, store.clone(), downlink_tx)
+            .with_shutdown_grace(Duration::from_secs(2));
+        let status = uplink.status();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move {
+            uplink.run(c).await.expect("uplink run");
+        });
+        Bridge {
+            store,
+            status,
+            downlink_rx,
+            cancel,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn wait_status(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&UplinkStatus) -> bool,
+    ) -> UplinkStatus {
+        let got = match tokio::time::timeout(WAIT, self.status.wait_for(|s| pred(s))).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        got.unwrap_or_else(|| {
+            panic!(
+                "timed out waiting for {what}; status {:?}",
+                *self.status.borrow()
+            )
+        })
+    }
+
+    async fn depth(&self) -> u64 {
+        self.store.stats().await.expect("store stats").depth
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("uplink stops within the grace period")
+            .expect("uplink task");
+    }
+}
+
+fn reading(device: &str, ts: i64) -> Record {
+    let mut values = Map::new();
+    values.insert("voltage_l1".into(), json!(230.0 + (ts % 10) as f64 / 10.0));
+    values.insert("active_energy".into(), json!(ts));
+    Record::telemetry(device, PROFILE, ts, values)
+}
+
+fn readings(devices: &[&str], ts: std::ops::Range<i64>) -> Vec<Record> {
+    let mut out = Vec::new();
+    for t in ts {
+        for d in devices {
+            out.push(reading(d, t));
+        }
+    }
+    out
+}
+
+fn all_arrived(r: &Recorded, devices: &[&str], n: usize) -> bool {
+    devices.iter().all(|d| r.telemetry_ts(d).len() >= n)
+}
+
+fn assert_in_order(r: &Recorded, devices: &[&str], ts: std::ops::Range<i64>) {
+    let expected: Vec<i64> = ts.collect();
+    for d in devices {
+        assert_eq!(r.telemetry_ts(d), expected, "per-device order for {d}");
+    }
+}
+
+#[tokio::test]
+async fn records_arrive_batched_one_device_per_publish_after_connect() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let devices = ["Meter 1", "Meter 2", "Meter 3"];
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
+    bridge
+        .store
+        .enqueue(readings(&devices, 0..50))
+        .await
+        .expect("enqueue");
+
+    let r = emu
+        .wait_for("150 readings", WAIT, |r| all_arrived(r, &devices, 50))
+        .await;
+    assert_in_order(&r, &devices, 0..50);
+    assert!(
+        r.connect_precedes_data(),
+        "connect before data: {:?}",
+        r.events
+    );
+    for d in devices {
+        assert!(
+            r.connects
+                .contains(&(d.to_string(), Some(PROFILE.to_string()))),
+            "connect with type for {d}"
+        );
+    }
+    assert_eq!(r.multi_device_publishes, 0);
+    assert!(
+        r.telemetry_publishes < 150,
+        "rows are batched per device: {} publishes for 150 rows",
+        r.telemetry_publishes
+    );
+    assert_eq!(r.invalid_payloads, 0);
+    assert_eq!(r.protocol_levels, vec![5]);
+    assert!(r.refused_filters.is_empty(), "{:?}", r.refused_filters);
+    for f in [
+        "v1/gateway/rpc",
+        "v1/gateway/attributes",
+        "v1/gateway/attributes/response",
+        "v1/devices/me/rpc/request/+",
+        "v1/devices/me/attributes",
+    ] {
+        assert!(r.granted_filters.iter().any(|g| g == f), "subscribed {f}");
+    }
+    let s = bridge
+        .wait_status("all rows acked", |s| s.acked_records == 150)
+        .await;
+    assert!(s.connected);
+    assert_eq!(s.protocol, Some(Protocol::V5));
+    assert_eq!(bridge.depth().await, 0);
+
+    // Live traffic after the backlog still flows.
+    bridge
+        .store
+        .enqueue(readings(&devices, 50..60))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("live readings", WAIT, |r| all_arrived(r, &devices, 60))
+        .await;
+    assert_in_order(&r, &devices, 0..60);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn large_backlog_is_split_below_the_packet_limit() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    let blob = "x".repeat(1000);
+    let recs: Vec<Record> = (0..300)
+        .map(|ts| {
+            let mut values = Map::new();
+            values.insert("blob".into(), Value::String(blob.clone()));
+            Record::telemetry("Big", PROFILE, ts, values)
+        })
+        .collect();
+    bridge.store.enqueue(recs).await.expect("enqueue");
+    let r = emu
+        .wait_for("300 large readings", WAIT, |r| {
+            r.telemetry_ts("Big").len() >= 300
+        })
+        .await;
+    assert_eq!(r.oversize_packets, 0);
+    assert!(
+        r.telemetry_publishes >= 5,
+        "~300 KB needs several 64 KiB packets"
+    );
+    assert_eq!(r.sessions, 1, "no connection was closed for size");
+    assert_in_order(&r, &["Big"], 0..300);
+    bridge
+        .wait_status("acked", |s| s.acked_records == 300)
+        .await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt_311_when_configured() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V311)).await;
+    bridge
+        .store
+        .enqueue(readings(&["A", "B"], 0..20))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("40 readings", WAIT, |r| all_arrived(r, &["A", "B"], 20))
+        .await;
+    assert_eq!(r.protocol_levels, vec![4], "{:?}", r.clients);
+    assert!(r.connect_precedes_data());
+    assert_in_order(&r, &["A", "B"], 0..20);
+    let s = bridge.wait_status("acked", |s| s.acked_records == 40).await;
+    assert_eq!(s.protocol, Some(Protocol::V311));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_311_when_v5_is_refused() {
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.set_refuse_v5(true);
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..10))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("10 readings", WAIT, |r| r.telemetry_ts("A").len() >= 10)
+        .await;
+    assert!(r.v5_refusals >= 1);
+    assert!(r.protocol_levels.iter().all(|l| *l == 4));
+    let s = bridge.wait_status("acked", |s| s.acked_records == 10).await;
+    assert_eq!(s.protocol, Some(Protocol::V311));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused_and_not_retried_in_a_loop() {
+    for protocol in [MqttProtocol::V5, MqttProtocol::V311] {
+        let emu = TbEmulator::start(TOKEN).await;
+        let mut cfg = tb_config(&emu, protocol);
+        cfg.access_token = Secret::new("not-the-token");
+        let mut bridge = Bridge::start(cfg).await;
+        bridge
+            .store
+            .enqueue(readings(&["A"], 0..5))
+            .await
+            .expect("enqueue");
+        emu.wait_for("the refused attempt", WAIT, |r| r.auth_failures >= 1)
+            .await;
+        let s = bridge
+            .wait_status("the refusal recorded", |s| s.last_error.is_some())
+            .await;
+        assert!(!s.connected);
+        let err = s.last_error.unwrap_or_default();
+        assert!(err.contains("access token refused"), "{err}");
+        assert!(
+            !err.contains("not-the-token"),
+            "the token is never shown: {err}"
+        );
+        // Observation window: with reconnect_min = 50 ms a tight loop would make ~20 attempts.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = emu.snapshot();
+        assert_eq!(
+            r.connect_attempts, 1,
+            "{protocol:?}: retried only every auth_retry"
+        );
+        assert_eq!(r.sessions, 0);
+        assert_eq!(bridge.depth().await, 5, "nothing lost while refused");
+        bridge.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn second_client_with_the_same_token_is_detected_as_takeover() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+
+    // A leftover tb-gateway with the same token.
+    let mut opts = rumqttc::v5::MqttOptions::new("tb-gateway", "127.0.0.1", emu.port());
+    opts.set_credentials(TOKEN, "");
+    let (other, mut other_loop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let other_task = tokio::spawn(async move {
+        // Connect once, then stay until evicted back.
+        while let Ok(ev) = other_loop.poll().await {
+            let _ = ev;
+        }
+    });
+    let s = bridge
+        .wait_status("takeover detected", |s| s.session_takeovers >= 1)
+        .await;
+    assert!(s.last_error.unwrap_or_default().contains("taken over"));
+    assert!(emu.snapshot().evictions >= 1);
+    other_task.abort();
+    drop(other);
+
+    // The bridge comes back and keeps delivering.
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..5))
+        .await
+        .expect("enqueue");
+    emu.wait_for("delivery after takeover", WAIT, |r| {
+        r.telemetry_ts("A").len() >= 5
+    })
+    .await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn thingsboard_restart_under_load_loses_nothing() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let devices = ["M1", "M2", "M3", "M4"];
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
+
+    bridge
+        .store
+        .enqueue(readings(&devices, 0..100))
+        .await
+        .expect("enqueue");
+    emu.wait_for("first readings", WAIT, |r| r.telemetry_ts("M1").len() >= 10)
+        .await;
+    emu.stop().await;
+    bridge.wait_status("disconnected", |s| !s.connected).await;
+    let sessions_before = emu.snapshot().sessions;
+
+    // The queue grows while ThingsBoard is down.
+    for chunk in 0..5 {
+        let from = 100 + chunk * 100;
+        bridge
+            .store
+            .enqueue(readings(&devices, from..from + 100))
+            .await
+            .expect("enqueue");
+    }
+    assert!(bridge.depth().await >= 2000, "rows wait in the store");
+
+    emu.restart().await;
+    let r = emu
+        .wait_for("all 2400 readings", WAIT, |r| all_arrived(r, &devices, 600))
+        .await;
+    assert!(r.sessions > sessions_before, "reconnected");
+    assert_in_order(&r, &devices, 0..600);
+    assert!(
+        r.connect_precedes_data(),
+        "re-announced before data in every session"
+    );
+    let announced_after: Vec<&String> = r
+        .events
+        .iter()
+        .filter(|e| e.session > sessions_before && e.kind == "connect")
+        .map(|e| &e.device)
+        .collect();
+    for d in devices {
+        assert!(announced_after.iter().any(|a| *a == d), "{d} re-announced");
+    }
+    bridge
+        .wait_status("store drained", |s| s.connected && s.acked_records >= 2400)
+        .await;
+    assert_eq!(bridge.depth().await, 0);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn withheld_pubacks_keep_rows_and_the_link_is_declared_dead() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut cfg = tb_config(&emu, MqttProtocol::V5);
+    cfg.ack_timeout = Duration::from_millis(800);
+    let mut bridge = Bridge::start(cfg).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+
+    emu.set_withhold_pubacks(true);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..10))
+        .await
+        .expect("enqueue");
+    emu.wait_for("data received, not acked", WAIT, |r| {
+        r.telemetry_ts("A").len() >= 10 && r.pubacks_withheld >= 1
+    })
+    .await;
+    assert_eq!(bridge.depth().await, 10, "no PUBACK, no delete");
+    bridge
+        .wait_status("dead link declared", |s| s.dead_links >= 1)
+        .await;
+    assert_eq!(bridge.depth().await, 10);
+    let sessions = emu
+        .wait_for("reconnected after the dead link", WAIT, |r| r.sessions >= 2)
+        .await
+        .sessions;
+    assert!(sessions >= 2);
+
+    emu.set_withhold_pubacks(false);
+    bridge
+        .wait_status("acked after acks resume", |s| s.acked_records >= 10)
+        .await;
+    assert_eq!(bridge.depth().await, 0);
+    let r = emu.snapshot();
+    assert!(
+        r.telemetry.get("A").map_or(0, Vec::len) > 10,
+        "the unacked rows were sent again"
+    );
+    assert_in_order(&r, &["A"], 0..10);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn rpc_and_attributes_reach_the_downlink_and_replies_reach_thingsboard() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge
+        .store
+        .enqueue(readings(&["Meter 1"], 0..1))
+        .await
+        .expect("enqueue");
+    emu.wait_for("device announced", WAIT, |r| {
+        r.telemetry_ts("Meter 1").len() == 1
+    })
+    .await;
+
+    assert!(
+        emu.push_rpc("Meter 1", 42, "getVoltage", json!({"phase": 1}))
+            .await
+    );
+    let msg = tokio::time::timeout(WAIT, bridge.downlink_rx.recv())
+        .await
+        .expect("rpc in time")
+        .expect("downlink open");
+    match msg {
+        Downlink::Rpc(rpc) => {
+            assert_eq!(rpc.device, "Meter 1");
+            assert_eq!(rpc.id, 42);
+            assert_eq!(rpc.method, "getVoltage");
+            assert_eq!(rpc.params, json!({"phase": 1}));
+        }
+        other => panic!("expected an RPC, got {other:?}"),
+    }
+    assert!(
+        emu.push_attributes("Meter 1", json!({"tariff": "T2"}))
+            .await
+    );
+    let msg = tokio::time::timeout(WAIT, bridge.downlink_rx.recv())
+        .await
+        .expect("attributes in time")
+        .expect("downlink open");
+    assert!(
+        matches!(msg, Downlink::Attributes(ref u) if u.device == "Meter 1" && u.data["tariff"] == "T2")
+    );
+
+    // Malformed pushes are counted, not fatal.
+    assert!(
+        emu.push("v1/gateway/rpc", json!({"device": "Meter 1"}))
+            .await
+    );
+
+    bridge
+        .store
+        .enqueue(vec![Record {
+            device: "Meter 1".into(),
+            device_type: PROFILE.into(),
+            kind: RecordKind::RpcReply,
+            payload: json!({"id": 42, "data": {"voltage": 230.1}}),
+        }])
+        .await
+        .expect("enqueue reply");
+    let r = emu
+        .wait_for("rpc reply", WAIT, |r| !r.rpc_replies.is_empty())
+        .await;
+    assert_eq!(
+        r.rpc_replies[0],
+        json!({"device": "Meter 1", "id": 42, "data": {"voltage": 230.1}})
+    );
+    let s = bridge
+        .wait_status("malformed counted", |s| s.downlink_malformed == 1)
+        .await;
+    assert_eq!(s.downlink_forwarded, 2);
+    assert_eq!(
+        emu.snapshot().sessions,
+        1,
+        "the session survived the malformed push"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn stop_waits_for_outstanding_pubacks() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..200))
+        .await
+        .expect("enqueue");
+    bridge
+        .wait_status("some acks", |s| s.acked_records > 0)
+        .await;
+    let store = bridge.store.clone();
+    bridge.stop().await;
+    // Whatever was not acked is still queued; nothing acked is lost.
+    let r = emu.snapshot();
+    let depth = store.stats().await.expect("stats").depth as usize;
+    assert!(r.telemetry_ts("A").len() + depth >= 200);
+}
