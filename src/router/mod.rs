@@ -11,7 +11,7 @@ pub mod mapping;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -34,6 +34,13 @@ const DUE_EVERY: Duration = Duration::from_millis(500);
 const STATS_EVERY: Duration = Duration::from_secs(60);
 /// Longest a malformed message is quoted in a log line.
 const LOG_SNIPPET: usize = 120;
+
+/// Meter name → actor handle, replaced on reload; read (briefly, never across an await) to route
+/// an RPC.
+pub type MeterMap = Arc<RwLock<HashMap<String, MeterHandle>>>;
+
+/// Capacity of the reload channel (new mapping sets from SIGHUP).
+pub const RELOAD_CAPACITY: usize = 4;
 
 /// Counters the router keeps; shared for health/metrics.
 #[derive(Debug, Default)]
@@ -60,7 +67,9 @@ pub struct Router {
     /// Where RPCs and attribute updates for local devices are published.
     broker: Option<BrokerHandle>,
     /// RPCs for a meter queue behind its polls on the one association its actor owns.
-    meters: HashMap<String, MeterHandle>,
+    meters: MeterMap,
+    /// New mapping sets from a configuration reload (SIGHUP).
+    reload_rx: mpsc::Receiver<MappingSet>,
     stats: Arc<RouterStats>,
 }
 
@@ -72,7 +81,8 @@ impl Router {
         mappings: MappingSet,
         local: LocalConfig,
         broker: Option<BrokerHandle>,
-        meters: HashMap<String, MeterHandle>,
+        meters: MeterMap,
+        reload_rx: mpsc::Receiver<MappingSet>,
     ) -> Self {
         Router {
             events_rx,
@@ -82,6 +92,7 @@ impl Router {
             local,
             broker,
             meters,
+            reload_rx,
             stats: Arc::default(),
         }
     }
@@ -97,6 +108,7 @@ impl Router {
         let mut stats_tick = tokio::time::interval(STATS_EVERY);
         stats_tick.tick().await;
         let mut downlink_open = true;
+        let mut reload_open = true;
         let mut batch = Vec::with_capacity(MAX_EVENTS_PER_ENQUEUE);
         loop {
             tokio::select! {
@@ -110,6 +122,13 @@ impl Router {
                 dl = self.downlink_rx.recv(), if downlink_open => match dl {
                     Some(dl) => self.downlink(dl).await,
                     None => downlink_open = false,
+                },
+                m = self.reload_rx.recv(), if reload_open => match m {
+                    Some(m) => {
+                        self.mappings = m;
+                        info!("Mappings reloaded.");
+                    }
+                    None => reload_open = false,
                 },
                 _ = due.tick() => {
                     let records = self.mappings.due(now_ms());
@@ -243,7 +262,12 @@ impl Router {
     fn rpc(&mut self, req: RpcRequest) {
         self.stats.rpc_requests.fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
-        if let Some(meter) = self.meters.get(&req.device).cloned() {
+        let meter = self
+            .meters
+            .read()
+            .ok()
+            .and_then(|m| m.get(&req.device).cloned());
+        if let Some(meter) = meter {
             tokio::spawn(async move {
                 let data = crate::downlink::meter_rpc(&meter, &req).await;
                 queue_reply(&store, &req, data).await;
