@@ -34,4 +34,5 @@ pub mod router;
 pub mod shutdown;
 pub mod sources;
 pub mod store;
+pub mod systemd;
 pub mod uplink;
