@@ -162,8 +162,8 @@ pub fn telemetry_batches(
     };
 
     for (id, entry) in rows {
-        if !entry.is_object() {
-            rejected.push((*id, shape(topic, "telemetry entry is not a JSON object")));
+        if let Err(what) = check_entry(entry) {
+            rejected.push((*id, shape(topic, what)));
             continue;
         }
         let text = entry.to_string();
@@ -190,6 +190,23 @@ pub fn telemetry_batches(
     }
     flush(&mut body, &mut ids, &mut out);
     (out, rejected)
+}
+
+/// A telemetry entry ThingsBoard accepts (spec §2.4): an object, and `{"ts","values"}` needs an
+/// integer `ts` (ms) and an object `values`. Anything else would be refused or close the session.
+fn check_entry(entry: &Value) -> Result<(), &'static str> {
+    let obj = entry
+        .as_object()
+        .ok_or("telemetry entry is not a JSON object")?;
+    if let (Some(ts), Some(values)) = (obj.get("ts"), obj.get("values")) {
+        if !ts.is_i64() {
+            return Err("telemetry ts is not an integer (ms)");
+        }
+        if !values.is_object() {
+            return Err("telemetry values is not a JSON object");
+        }
+    }
+    Ok(())
 }
 
 /// Build `{"<device>":{..}}` attribute publishes, merging consecutive rows of one device (later
@@ -384,11 +401,20 @@ mod tests {
         let big = json!({"ts": 1, "values": {"blob": "x".repeat(2000)}});
         let ok = entry(2, 1.0);
         let bad = json!([1, 2]);
-        let (batches, rejected) = telemetry_batches("d", &[(1, &big), (2, &ok), (3, &bad)], 1024);
+        let bad_ts = json!({"ts": "yesterday", "values": {"a": 1}});
+        let bad_values = json!({"ts": 5, "values": [1]});
+        let rows = [
+            (1, &big),
+            (2, &ok),
+            (3, &bad),
+            (4, &bad_ts),
+            (5, &bad_values),
+        ];
+        let (batches, rejected) = telemetry_batches("d", &rows, 1024);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].ids, vec![2]);
         let ids: Vec<i64> = rejected.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(ids, vec![1, 3, 4, 5]);
         assert!(matches!(rejected[0].1, Error::TooLarge { .. }));
     }
 

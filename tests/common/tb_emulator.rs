@@ -824,10 +824,11 @@ fn accept(
                 let entries = value.as_array().ok_or(Invalid)?;
                 for e in entries {
                     let e = e.as_object().ok_or(Invalid)?;
-                    if e.contains_key("ts") && e.contains_key("values") {
-                        if !e["ts"].is_i64() || !e["values"].is_object() {
-                            return Err(Invalid);
-                        }
+                    if e.contains_key("ts")
+                        && e.contains_key("values")
+                        && (!e["ts"].is_i64() || !e["values"].is_object())
+                    {
+                        return Err(Invalid);
                     }
                 }
                 if device.trim().is_empty() {
