@@ -540,3 +540,115 @@ async fn stop_waits_for_outstanding_pubacks() {
     let depth = store.stats().await.expect("stats").depth as usize;
     assert!(r.telemetry_ts("A").len() + depth >= 200);
 }
+
+#[tokio::test]
+async fn repeated_evictions_on_311_are_reported_as_takeover() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V311)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+
+    // A leftover tb-gateway that reconnects at once whenever it is evicted (3.1.1: no reason
+    // code, the server just closes the socket).
+    let mut opts = rumqttc::MqttOptions::new("tb-gateway", "127.0.0.1", emu.port());
+    opts.set_credentials(TOKEN, "");
+    let (other, mut other_loop) = rumqttc::AsyncClient::new(opts, 10);
+    let other_task = tokio::spawn(async move {
+        loop {
+            let _ = other_loop.poll().await;
+        }
+    });
+    let s = bridge
+        .wait_status("takeover reported", |s| s.session_takeovers >= 1)
+        .await;
+    assert!(s.connects >= SHORT_SESSIONS_FOR_TAKEOVER, "{s:?}");
+    other_task.abort();
+    drop(other);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..3))
+        .await
+        .expect("enqueue");
+    emu.wait_for("delivery once alone", WAIT, |r| {
+        r.telemetry_ts("A").len() >= 3
+    })
+    .await;
+    bridge.stop().await;
+}
+
+/// Must match the uplink's threshold of consecutive short sessions.
+const SHORT_SESSIONS_FOR_TAKEOVER: u64 = 3;
+
+#[tokio::test]
+async fn payload_invalid_drops_only_that_device_and_keeps_the_session() {
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.set_reject_device(Some("Bad"));
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge
+        .store
+        .enqueue(readings(&["Good", "Bad"], 0..20))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("good rows", WAIT, |r| r.telemetry_ts("Good").len() >= 20)
+        .await;
+    assert!(r.telemetry_ts("Bad").is_empty());
+    let s = bridge
+        .wait_status("bad rows dropped", |s| {
+            s.dropped_records == 20 && s.acked_records == 20
+        })
+        .await;
+    assert!(s.failed_acks >= 1);
+    assert_eq!(bridge.depth().await, 0);
+    assert_eq!(emu.snapshot().sessions, 1);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn attributes_requests_connect_and_disconnect_rows() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    let row = |kind, payload| Record {
+        device: "Meter 9".into(),
+        device_type: "Special Profile".into(),
+        kind,
+        payload,
+    };
+    bridge
+        .store
+        .enqueue(vec![
+            row(RecordKind::Connect, Value::Null),
+            row(RecordKind::Attributes, json!({"fw": "1.0", "serial": "S1"})),
+            row(RecordKind::Attributes, json!({"fw": "1.1"})),
+            row(
+                RecordKind::AttributeRequest,
+                json!({"id": 3, "client": false, "keys": ["tariff"]}),
+            ),
+            row(RecordKind::Disconnect, Value::Null),
+        ])
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("disconnect", WAIT, |r| !r.disconnects.is_empty())
+        .await;
+    assert_eq!(
+        r.connects,
+        vec![("Meter 9".to_string(), Some("Special Profile".to_string()))],
+        "an explicit Connect row is not announced twice"
+    );
+    assert_eq!(
+        r.attributes.get("Meter 9").cloned().map(Value::Object),
+        Some(json!({"fw": "1.1", "serial": "S1"}))
+    );
+    assert_eq!(
+        r.attribute_requests,
+        vec![json!({"id": 3, "device": "Meter 9", "client": false, "keys": ["tariff"]})]
+    );
+    assert!(r.connect_precedes_data());
+    let kinds: Vec<&str> = r.events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec!["connect", "attributes", "attribute_request", "disconnect"]
+    );
+    bridge.wait_status("acked", |s| s.acked_records == 5).await;
+    bridge.stop().await;
+}

@@ -1038,6 +1038,11 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
             NetError::ProtocolRefused(format!("{c:?}"))
         }
         E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
+        // rumqttc's v5 codec error type is private: a socket error inside it is only known by
+        // its text.
+        E::MqttState(S::Deserialization(d)) if d.to_string().starts_with("IO:") => {
+            NetError::Closed(d.to_string())
+        }
         // A 3.1.1-only server answers a v5 CONNECT with a v3 CONNACK the v5 codec cannot read.
         E::MqttState(S::Deserialization(d)) => NetError::ProtocolRefused(d.to_string()),
         E::NotConnAck(p) => NetError::ProtocolRefused(format!("expected CONNACK, got {p:?}")),
@@ -1070,7 +1075,9 @@ fn v4_error(e: rumqttc::ConnectionError) -> NetError {
         }
         E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
         E::MqttState(S::ConnectionAborted) => NetError::Closed("connection aborted".into()),
-        E::MqttState(S::Io(io)) | E::Io(io) => io_error(io),
+        E::MqttState(S::Io(io))
+        | E::Io(io)
+        | E::MqttState(S::Deserialization(rumqttc::mqttbytes::Error::Io(io))) => io_error(io),
         other => NetError::Other(other.to_string()),
     }
 }

@@ -135,6 +135,8 @@ struct Inner {
     version: watch::Sender<u64>,
     withhold: AtomicBool,
     refuse_v5: AtomicBool,
+    /// Telemetry for this device is refused as invalid (like a value TB's validation rejects).
+    reject_device: Mutex<Option<String>>,
     /// The one live session for the token.
     current: Mutex<Option<Slot>>,
     next_id: AtomicU64,
@@ -181,6 +183,7 @@ impl TbEmulator {
             version: watch::channel(0).0,
             withhold: AtomicBool::new(false),
             refuse_v5: AtomicBool::new(false),
+            reject_device: Mutex::new(None),
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
         });
@@ -259,6 +262,12 @@ impl TbEmulator {
     /// Answer MQTT 5 CONNECTs like a 3.1.1-only server: CONNACK return code 1, then close.
     pub fn set_refuse_v5(&self, on: bool) {
         self.inner.refuse_v5.store(on, Ordering::SeqCst);
+    }
+
+    /// Refuse every telemetry publish for `device` as an invalid payload (v5: PUBACK 0x99; v3:
+    /// close), or stop refusing with `None`.
+    pub fn set_reject_device(&self, device: Option<&str>) {
+        *self.inner.reject_device.lock().expect("emulator lock") = device.map(str::to_owned);
     }
 
     /// Whether a gateway session is currently open.
@@ -717,7 +726,10 @@ async fn session_loop(
                     qos,
                     pkid,
                     payload,
-                } => match inner.update(|r| accept(r, session, &topic, &payload)) {
+                } => match {
+                    let rejected = inner.reject_device.lock().expect("emulator lock").clone();
+                    inner.update(|r| accept(r, session, &topic, &payload, rejected.as_deref()))
+                } {
                     Ok(()) if qos == 0 => None,
                     Ok(()) => {
                         if inner.withhold.load(Ordering::SeqCst) {
@@ -807,6 +819,7 @@ fn accept(
     session: u64,
     topic: &str,
     payload: &[u8],
+    rejected_device: Option<&str>,
 ) -> Result<(), v5::PubAckReason> {
     use v5::PubAckReason::{PayloadFormatInvalid as Invalid, TopicNameInvalid};
     let m = obj(payload).ok_or(Invalid)?;
@@ -831,7 +844,7 @@ fn accept(
                         return Err(Invalid);
                     }
                 }
-                if device.trim().is_empty() {
+                if device.trim().is_empty() || Some(device.as_str()) == rejected_device {
                     return Err(Invalid);
                 }
                 parsed.push((device.clone(), entries.clone()));
