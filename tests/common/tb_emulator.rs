@@ -143,6 +143,16 @@ struct Inner {
 }
 
 impl Inner {
+    fn accept_publish(
+        &self,
+        session: u64,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), v5::PubAckReason> {
+        let rejected = self.reject_device.lock().expect("emulator lock").clone();
+        self.update(|r| accept(r, session, topic, payload, rejected.as_deref()))
+    }
+
     fn update<R>(&self, f: impl FnOnce(&mut Recorded) -> R) -> R {
         let r = {
             let mut rec = self.rec.lock().expect("emulator state lock");
@@ -726,10 +736,7 @@ async fn session_loop(
                     qos,
                     pkid,
                     payload,
-                } => match {
-                    let rejected = inner.reject_device.lock().expect("emulator lock").clone();
-                    inner.update(|r| accept(r, session, &topic, &payload, rejected.as_deref()))
-                } {
+                } => match inner.accept_publish(session, &topic, &payload) {
                     Ok(()) if qos == 0 => None,
                     Ok(()) => {
                         if inner.withhold.load(Ordering::SeqCst) {
