@@ -176,6 +176,10 @@ impl Uplink {
         let text = failure.to_string();
         self.status_tx
             .send_modify(|s| s.last_error = Some(text.clone()));
+        if matches!(failure, Failure::Connect(_)) {
+            // A takeover reconnects at once; a failed connect means something else is going on.
+            life.short_sessions = 0;
+        }
         match failure {
             Failure::Connect(NetError::AuthRefused(code)) => {
                 if !life.auth_reported {
@@ -1095,6 +1099,60 @@ fn io_error(io: std::io::Error) -> NetError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connack_and_disconnect_codes_are_classified() {
+        use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C5, DisconnectReasonCode as D};
+        use rumqttc::ConnectReturnCode as C4;
+        let v4 = |c| v4_error(rumqttc::ConnectionError::ConnectionRefused(c));
+        assert!(matches!(v4(C4::NotAuthorized), NetError::AuthRefused(_)));
+        assert!(matches!(
+            v4(C4::BadUserNamePassword),
+            NetError::AuthRefused(_)
+        ));
+        assert!(matches!(
+            v4(C4::RefusedProtocolVersion),
+            NetError::ProtocolRefused(_)
+        ));
+        assert!(matches!(v4(C4::ServiceUnavailable), NetError::Refused(_)));
+        let v5 = |c| v5_error(rumqttc::v5::ConnectionError::ConnectionRefused(c));
+        assert!(matches!(
+            v5(C5::BadUserNamePassword),
+            NetError::AuthRefused(_)
+        ));
+        assert!(matches!(v5(C5::NotAuthorized), NetError::AuthRefused(_)));
+        assert!(matches!(
+            v5(C5::UnsupportedProtocolVersion),
+            NetError::ProtocolRefused(_)
+        ));
+        assert!(matches!(v5(C5::ServerUnavailable), NetError::Refused(_)));
+        let disconnect = |reason_code| {
+            v5_error(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::ServerDisconnect {
+                    reason_code,
+                    reason_string: None,
+                },
+            ))
+        };
+        assert!(matches!(
+            disconnect(D::SessionTakenOver),
+            NetError::TakenOver
+        ));
+        assert!(matches!(
+            disconnect(D::MessageRateTooHigh),
+            NetError::ServerDisconnect(_)
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            v4_error(rumqttc::ConnectionError::Io(reset)),
+            NetError::Closed(_)
+        ));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(matches!(
+            v4_error(rumqttc::ConnectionError::Io(refused)),
+            NetError::Other(_)
+        ));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_resets() {
