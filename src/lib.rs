@@ -1,7 +1,9 @@
 //! dlms-bridge library.
 #![forbid(unsafe_code)]
 pub mod broker;
+pub mod app;
 pub mod config;
+pub mod downlink;
 pub mod import;
 pub mod model;
 pub mod router;

@@ -36,6 +36,10 @@ impl TestBroker {
     }
 
     async fn start_tuned(cfg: BrokerConfig, tuning: Tuning) -> TestBroker {
+        Self::start_with_capacity(cfg, tuning, 64).await
+    }
+
+    async fn start_with_capacity(cfg: BrokerConfig, tuning: Tuning, capacity: usize) -> TestBroker {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -43,7 +47,7 @@ impl TestBroker {
             )
             .with_test_writer()
             .try_init();
-        let (events_tx, events_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::channel(capacity);
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
@@ -606,6 +610,15 @@ async fn misbehaving_clients_are_closed_and_others_keep_working() {
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
     bad5.closed().await;
+    // Straight to rumqttd, that CONNACK panics the connection task, and the same client id
+    // reconnecting then poisons the v5 listener for every later client. Through the front it
+    // reconnects normally.
+    let mut again = Raw::connect(b.addr()).await;
+    again.send_v5(v5_connect("bad-v5")).await;
+    match again.recv_v5().await {
+        Some(v5::Packet::ConnAck(ack)) => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
 
     // CONNACK instead of CONNECT, on both protocol versions' framing.
     let mut bad_first = Raw::connect(b.addr()).await;
@@ -833,4 +846,367 @@ async fn packet_size_and_connection_limits_are_enforced() {
         .await;
     small.closed().await;
     b.assert_no_event();
+}
+
+#[tokio::test]
+async fn full_router_channel_stops_reading_the_publisher() {
+    let mut b = TestBroker::start_with_capacity(config(), Tuning::default(), 1).await;
+    let mut raw = raw_v4_connected(b.addr(), v4_connect("busy", 30, true)).await;
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 1, b"1"))
+        .await;
+    assert_eq!(
+        raw.recv_v4().await,
+        Some(v4::Packet::PubAck(v4::PubAck::new(1)))
+    );
+    // The channel now holds message 1; message 2 waits in the front, unforwarded and unacked.
+    raw.send_v4(publish_v4("bp/t", QoS::AtLeastOnce, 2, b"2"))
+        .await;
+    let mut scratch = [0u8; 8];
+    let early = timeout(Duration::from_millis(300), raw.stream.read(&mut scratch)).await;
+    assert!(
+        early.is_err(),
+        "message 2 was acked while the router channel was full"
+    );
+
+    assert_eq!(b.next_local().await.payload, Bytes::from_static(b"1"));
+    assert_eq!(
+        raw.recv_v4().await,
+        Some(v4::Packet::PubAck(v4::PubAck::new(2)))
+    );
+    assert_eq!(b.next_local().await.payload, Bytes::from_static(b"2"));
+}
+
+#[tokio::test]
+async fn cancel_closes_clients_and_stops_accepting() {
+    let b = TestBroker::start(config()).await;
+    let mut v5raw = Raw::connect(b.addr()).await;
+    v5raw.send_v5(v5_connect("bye-v5")).await;
+    assert!(matches!(
+        v5raw.recv_v5().await,
+        Some(v5::Packet::ConnAck(_))
+    ));
+    let mut v4raw = raw_v4_connected(b.addr(), v4_connect("bye-v4", 30, true)).await;
+    let addr = b.addr();
+
+    b.cancel.cancel();
+    match v5raw.recv_v5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    v5raw.closed().await;
+    v4raw.closed().await;
+    b.tracker.close();
+    timeout(WAIT, b.tracker.wait())
+        .await
+        .expect("all broker tasks end");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "public port closed"
+    );
+}
+
+#[tokio::test]
+async fn clean_disconnect_does_not_publish_the_will() {
+    let mut b = TestBroker::start(config()).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher")).await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let mut c = v4::Connect::new("polite");
+    c.keep_alive = 30;
+    c.last_will = Some(v4::LastWill::new(
+        "wills/polite",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut raw = raw_v4_connected(b.addr(), v4::Packet::Connect(c)).await;
+    raw.send_v4(v4::Packet::Disconnect).await;
+    raw.closed().await;
+
+    // A later message arrives first and alone: no will was published in between.
+    let marker = V4Client::connect(v4_options(b.addr(), "marker")).await;
+    marker
+        .client
+        .publish("wills/marker", QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("publish queued");
+    assert_eq!(sub.next_publish().await.topic, "wills/marker");
+    assert_eq!(b.next_local().await.client_id, "marker");
+    // rumqttd handles the closed session asynchronously; give a late will a moment to show.
+    let late = timeout(Duration::from_millis(300), async {
+        loop {
+            match sub.events.recv().await {
+                Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => return p,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        late.is_err(),
+        "will published after a clean DISCONNECT: {late:?}"
+    );
+}
+
+#[tokio::test]
+async fn same_client_id_takes_over_the_session() {
+    let b = TestBroker::start(config()).await;
+    let mut first = raw_v4_connected(b.addr(), v4_connect("dup", 30, true)).await;
+    let mut second = raw_v4_connected(b.addr(), v4_connect("dup", 30, true)).await;
+    first.closed().await;
+    second
+        .send_v4(publish_v4("dup/t", QoS::AtLeastOnce, 1, b"x"))
+        .await;
+    assert!(matches!(
+        second.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
+}
+
+#[tokio::test]
+async fn v5_subscriber_with_topic_alias_maximum_gets_right_topics() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = Raw::connect(b.addr()).await;
+    sub.send_v5(v5::Packet::Connect(
+        v5::Connect {
+            keep_alive: 30,
+            client_id: "alias-sub".into(),
+            clean_start: true,
+            properties: Some(v5::ConnectProperties {
+                topic_alias_max: Some(10),
+                ..v5::ConnectProperties::new()
+            }),
+        },
+        None,
+        None,
+    ))
+    .await;
+    assert!(matches!(sub.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    sub.send_v5(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("w/#", QoS5::AtMostOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v5().await, Some(v5::Packet::SubAck(_))));
+
+    let publisher = V4Client::connect(v4_options(b.addr(), "alias-pub")).await;
+    let mut aliases = std::collections::HashMap::new();
+    for topic in ["w/1", "w/2", "w/1"] {
+        publisher
+            .client
+            .publish(topic, QoS::AtMostOnce, false, topic)
+            .await
+            .expect("publish queued");
+        let Some(v5::Packet::Publish(p)) = sub.recv_v5().await else {
+            panic!("expected PUBLISH");
+        };
+        // Resolve as a client would.
+        let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
+        let seen = match (alias, p.topic.is_empty()) {
+            (Some(a), true) => aliases.get(&a).cloned().expect("known alias"),
+            (Some(a), false) => {
+                aliases.insert(a, p.topic.clone());
+                p.topic.clone()
+            }
+            (None, _) => p.topic.clone(),
+        };
+        assert_eq!(&seen[..], topic.as_bytes());
+        assert_eq!(&p.payload[..], topic.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn persistent_session_gets_messages_sent_while_offline() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = raw_v4_connected(b.addr(), v4_connect("durable", 30, false)).await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+        "p/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    sub.send_v4(v4::Packet::Disconnect).await;
+    sub.closed().await;
+
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("p-pub", 30, true)).await;
+    publisher
+        .send_v4(publish_v4("p/1", QoS::AtLeastOnce, 1, b"queued"))
+        .await;
+    assert!(matches!(
+        publisher.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
+
+    let mut back = Raw::connect(b.addr()).await;
+    back.send_v4(v4_connect("durable", 30, false)).await;
+    match back.recv_v4().await {
+        Some(v4::Packet::ConnAck(ack)) => assert!(ack.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    match back.recv_v4().await {
+        Some(v4::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"queued"),
+        other => panic!("expected the queued PUBLISH, got {other:?}"),
+    }
+}
+
+/// Rough numbers only (run with `--ignored --nocapture`); benchmarks belong in `bench/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_front_throughput_and_qos1_round_trip() {
+    const N: usize = 20_000;
+    let mut b = TestBroker::start_with_capacity(config(), Tuning::default(), 4096).await;
+    let mut sub = raw_v4_connected(b.addr(), v4_connect("m-sub", 30, true)).await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+        "m/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("m-pub", 30, true)).await;
+
+    let mut batch = BytesMut::new();
+    for _ in 0..N {
+        v4::Packet::Publish(v4::Publish::new("m/t", QoS::AtMostOnce, vec![b'x'; 100]))
+            .write(&mut batch, usize::MAX)
+            .expect("serialise");
+    }
+    let start = std::time::Instant::now();
+    let (_, events, delivered) = tokio::join!(
+        publisher.send(&batch),
+        async {
+            for _ in 0..N {
+                b.next_local().await;
+            }
+            start.elapsed()
+        },
+        async {
+            let mut got = 0;
+            let mut scratch = BytesMut::new();
+            let _ = timeout(Duration::from_secs(20), async {
+                while got < N {
+                    match v4::Packet::read(&mut sub.buf, usize::MAX) {
+                        Ok(_) => got += 1,
+                        Err(_) => {
+                            scratch.clear();
+                            if sub.stream.read_buf(&mut sub.buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            (got, start.elapsed())
+        }
+    );
+    eprintln!(
+        "QoS0 x{N} (100 B): router got all in {events:?} ({:.0}/s); subscriber got {} in {:?}",
+        N as f64 / events.as_secs_f64(),
+        delivered.0,
+        delivered.1
+    );
+
+    let mut total = Duration::ZERO;
+    const M: u16 = 500;
+    for pkid in 1..=M {
+        let t = std::time::Instant::now();
+        publisher
+            .send_v4(publish_v4("m/q1", QoS::AtLeastOnce, pkid, b"x"))
+            .await;
+        assert!(matches!(
+            publisher.recv_v4().await,
+            Some(v4::Packet::PubAck(_))
+        ));
+        total += t.elapsed();
+        b.next_local().await;
+    }
+    eprintln!("QoS1 publish→PUBACK mean {:?}", total / u32::from(M));
+}
+
+#[tokio::test]
+async fn large_payload_passes_intact() {
+    let mut b = TestBroker::start(config()).await;
+    let mut sub_opts = v5_options(b.addr(), "big-sub");
+    sub_opts.set_max_packet_size(Some(1024 * 1024));
+    let mut sub = V5Client::connect(sub_opts).await;
+    sub.subscribe("big", QoS5::AtLeastOnce).await;
+    let mut opts = v4_options(b.addr(), "big-pub");
+    opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let publisher = V4Client::connect(opts).await;
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    publisher
+        .client
+        .publish("big", QoS::AtLeastOnce, false, payload.clone())
+        .await
+        .expect("publish queued");
+    assert_eq!(&b.next_local().await.payload[..], &payload[..]);
+    assert_eq!(&sub.next_publish().await.payload[..], &payload[..]);
+}
+
+#[tokio::test]
+async fn v5_will_with_properties_reaches_v311_subscriber() {
+    let b = TestBroker::start(config()).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "v4-watcher")).await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let will = v5::LastWill::new(
+        "wills/v5",
+        "gone",
+        QoS5::AtLeastOnce,
+        false,
+        Some(v5::LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: Some(1),
+            message_expiry_interval: None,
+            content_type: Some("text/plain".into()),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("k".into(), "v".into())],
+        }),
+    );
+    let mut raw = Raw::connect(b.addr()).await;
+    raw.send_v5(v5::Packet::Connect(
+        v5::Connect {
+            keep_alive: 30,
+            client_id: "v5-dies".into(),
+            clean_start: true,
+            properties: None,
+        },
+        Some(will),
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.recv_v5().await, Some(v5::Packet::ConnAck(_))));
+    drop(raw);
+
+    let got = sub.next_publish().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("wills/v5", &b"gone"[..])
+    );
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_connect_timeout() {
+    let tuning = Tuning {
+        connect_timeout: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let b = TestBroker::start_tuned(config(), tuning).await;
+    let mut idle = Raw::connect(b.addr()).await;
+    idle.closed().await;
+    // Unknown protocol level: CONNACK 0x01, then closed.
+    let mut odd = Raw::connect(b.addr()).await;
+    odd.send(&[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 30, 0, 0])
+        .await;
+    match odd.recv_v4().await {
+        Some(v4::Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, v4::ConnectReturnCode::RefusedProtocolVersion)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert_eq!(odd.recv_v4().await, None);
 }

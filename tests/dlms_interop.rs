@@ -285,6 +285,9 @@ async fn small_frames_small_pdu_block_transfer_and_split_list() {
     }));
     attrs.push(AttrRef::new(1, ObisCode::new(0, 0, 42, 0, 0, 255), 2));
     attrs.push(AttrRef::new(8, ObisCode::new(0, 0, 1, 0, 0, 255), 2));
+    // Gurux 1.0.203 mis-encodes a failed entry inside a with-list answer; the client falls back
+    // to single GETs for that request and still reports a per-attribute error.
+    attrs.push(AttrRef::new(3, ObisCode::new(1, 0, 99, 99, 0, 255), 2));
     let results = timeout(STEP, c.get(&attrs))
         .await
         .expect("in time")
@@ -307,8 +310,8 @@ async fn small_frames_small_pdu_block_transfer_and_split_list() {
         Ok(Data::OctetString(b)) if b.len() == 12 => {}
         other => panic!("clock {other:?}"),
     }
-    // An unknown object: a per-attribute error, the association stays usable. (Asked alone:
-    // Gurux 1.0.203 mis-encodes a failed entry inside a with-list answer.)
+    assert_eq!(results[12], Err(DataAccessResult::ObjectUndefined));
+    // Asked alone: a per-attribute error, the association stays usable.
     let missing = AttrRef::new(3, ObisCode::new(1, 0, 99, 99, 0, 255), 2);
     let r = timeout(STEP, c.get_one(&missing))
         .await
@@ -532,4 +535,74 @@ async fn meter_handle_get_queues_behind_polls() {
     tracker.close();
     timeout(STEP, tracker.wait()).await.expect("poller stops");
     let _unused: Option<Register> = None;
+}
+
+#[tokio::test]
+async fn read_cli_answers_and_fails_clearly() {
+    use dlms_bridge::sources::dlms::cli::{read, ReadArgs, Transport};
+    let sim = Sim::start(&[
+        "--transport",
+        "wrapper",
+        "--auth",
+        "low",
+        "--password",
+        "12345678",
+    ])
+    .await;
+    let args = ReadArgs {
+        host: "127.0.0.1".into(),
+        port: sim.port,
+        transport: Transport::Wrapper,
+        obis: vec![],
+        client_address: 17,
+        logical_address: 1,
+        physical_address: 17,
+        address_size: 1,
+        password: Some("12345678".into()),
+        timeout: Duration::from_secs(5),
+    };
+    timeout(STEP, read(args.clone()))
+        .await
+        .expect("in time")
+        .expect("default registers");
+    let with_clock = ReadArgs {
+        obis: vec![
+            "1-0:1.8.0*255".into(),
+            "8/0.0.1.0.0.255/2".into(),
+            "1/0.0.42.0.0.255/2".into(),
+        ],
+        ..args.clone()
+    };
+    timeout(STEP, read(with_clock))
+        .await
+        .expect("in time")
+        .expect("explicit registers");
+    let unknown = ReadArgs {
+        obis: vec!["1.0.99.99.0.255".into()],
+        ..args.clone()
+    };
+    let e = timeout(STEP, read(unknown))
+        .await
+        .expect("in time")
+        .expect_err("an unreadable register fails the exit code");
+    assert!(e.to_string().contains("1 of 1 registers"), "{e}");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let e = timeout(
+        STEP,
+        read(ReadArgs {
+            port: closed,
+            ..args
+        }),
+    )
+    .await
+    .expect("in time")
+    .expect_err("nothing listens");
+    assert!(
+        poller::error_chain(&e).contains("cannot reach the meter"),
+        "{}",
+        poller::error_chain(&e)
+    );
 }

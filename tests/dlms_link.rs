@@ -296,6 +296,91 @@ async fn hdlc_duplex_window_three_polls_every_third_frame() {
     );
 }
 
+#[tokio::test]
+async fn default_proposal_sends_an_empty_snrm_and_takes_the_servers_limits() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let log: Log = Arc::default();
+    let server = HdlcServer::new(
+        b,
+        HdlcServerConfig {
+            limits: params(40, 1),
+            ..HdlcServerConfig::default()
+        },
+    );
+    spawn_server(server, long_answer);
+    let client_io = Tap {
+        inner: a,
+        side: Side::Client,
+        log: log.clone(),
+    };
+    let mut link =
+        ClientLink::hdlc(client_io, address(1, 0), LinkParams::default()).expect("address");
+    let negotiated = timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(negotiated, params(40, 1));
+    let snrm = &frames(&log)[0].1;
+    assert_eq!(snrm.control, Control::Snrm);
+    assert!(snrm.info.is_empty());
+    let response = timeout(STEP, link.exchange(&AARQ))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(response, long_answer(&AARQ));
+}
+
+#[tokio::test]
+async fn hdlc_duplex_all_sizes_windows_and_address_forms() {
+    for (max_info, window, size) in [(1, 1, 1), (5, 2, 2), (17, 7, 4), (128, 1, 2), (2000, 3, 4)] {
+        let (a, b) = tokio::io::duplex(4096);
+        let server = HdlcServer::new(
+            b,
+            HdlcServerConfig {
+                limits: params(max_info, window),
+                ..HdlcServerConfig::default()
+            },
+        );
+        spawn_server(server, long_answer);
+        let mut link =
+            ClientLink::hdlc(a, address(size, 17), params(max_info, window)).expect("address");
+        let negotiated = timeout(STEP, link.open())
+            .await
+            .expect("in time")
+            .expect("open");
+        assert_eq!(negotiated, params(max_info, window));
+        for len in [0usize, 1, 2, 3, 100, 3000] {
+            let request: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let response = timeout(STEP, link.exchange(&request))
+                .await
+                .expect("in time")
+                .unwrap_or_else(|e| panic!("max_info {max_info} window {window} len {len}: {e}"));
+            assert_eq!(
+                response,
+                long_answer(&request),
+                "max_info {max_info} len {len}"
+            );
+        }
+        timeout(STEP, link.close())
+            .await
+            .expect("in time")
+            .expect("close");
+    }
+}
+
+#[tokio::test]
+async fn exchange_before_open_is_refused() {
+    let (a, _b) = tokio::io::duplex(64);
+    let mut link = ClientLink::hdlc(a, address(2, 17), LinkParams::default()).expect("address");
+    let r = link.exchange(&AARQ).await;
+    assert!(matches!(r, Err(Error::NotOpen)), "{r:?}");
+    let (a, _b) = tokio::io::duplex(64);
+    assert!(matches!(
+        ClientLink::hdlc(a, address(3, 17), LinkParams::default()),
+        Err(Error::AddressSize(3))
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scripted meters: a task answering each client frame with canned frames.
 // ---------------------------------------------------------------------------------------------
@@ -378,7 +463,7 @@ async fn rnr_and_frmr_during_exchange_are_errors() {
 }
 
 #[tokio::test]
-async fn garbage_and_corrupted_frames_are_skipped() {
+async fn garbage_echoes_and_corrupted_frames_are_skipped() {
     let good = meter_frame(
         Control::I {
             ns: 0,
@@ -390,7 +475,23 @@ async fn garbage_and_corrupted_frames_are_skipped() {
     );
     let mut corrupted = good.clone();
     corrupted[12] ^= 0x40;
+    // an echo of a client frame, as half-duplex converters produce: not for us
+    let mut echo = Vec::new();
+    Frame {
+        segmented: false,
+        dest: Address::server(1, 17),
+        src: Address::single(16),
+        control: Control::I {
+            ns: 0,
+            nr: 0,
+            pf: true,
+        },
+        info: vec![0xE6, 0xE6, 0x00, 0x60],
+    }
+    .encode(AddressSizes { dest: 2, src: 1 }, &mut echo)
+    .expect("valid frame");
     let mut reply = vec![0x00, 0xFF, 0x7E, 0x7E, 0x13];
+    reply.extend_from_slice(&echo);
     reply.extend_from_slice(&corrupted);
     reply.extend_from_slice(&[0xA0, 0x55]);
     reply.extend_from_slice(&good);

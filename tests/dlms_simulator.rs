@@ -424,6 +424,83 @@ async fn cancel_stops_meters_with_open_connections() {
     drop(links);
 }
 
+#[tokio::test]
+async fn simulate_command_serves_until_cancelled() {
+    let args = simulator::SimulateArgs {
+        host: LOCALHOST,
+        port: 0,
+        count: 2,
+        transport: DlmsTransport::Hdlc,
+        logical_address: 1,
+        physical_address: 17,
+        any_address: true,
+        password: None,
+        max_info: 128,
+        window: 1,
+        pdu_size: 1024,
+        energy_scaler: 0,
+        seed: 7,
+        delay: Duration::ZERO,
+        drop_every: 0,
+        no_reply_every: 0,
+    };
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(simulator::simulate(args, cancel.clone()));
+    cancel.cancel();
+    timeout(STEP, run)
+        .await
+        .expect("stops in time")
+        .expect("task")
+        .expect("no error");
+}
+
+#[tokio::test]
+async fn fault_injection_drops_and_swallows_requests() {
+    // every 3rd request closes the connection
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            drop_every: 3,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let mut link = connect(sim.addrs[0], DlmsTransport::Hdlc, LinkParams::default()).await;
+    associate(&mut link, 1024).await; // request 1
+    read_five(&mut link).await; // request 2
+    let attrs = [AttrRef::new(3, REGISTERS[0].0, 2)];
+    let r = timeout(
+        STEP,
+        link.exchange(&apdu::encode_get_with_list(0xC1, &attrs)),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        matches!(r, Err(dlms_bridge::sources::dlms::link::Error::Closed)),
+        "{r:?}"
+    );
+    sim.stop().await;
+
+    // every 2nd request gets no answer
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            no_reply_every: 2,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let mut link = connect(sim.addrs[0], DlmsTransport::Hdlc, LinkParams::default()).await;
+    associate(&mut link, 1024).await; // request 1
+    let r = timeout(
+        Duration::from_millis(300),
+        link.exchange(&apdu::encode_get_with_list(0xC1, &attrs)),
+    )
+    .await;
+    assert!(r.is_err(), "request 2 must be swallowed: {r:?}");
+    sim.stop().await;
+}
+
 /// Measurement, not a test: latency of one five-register GET-with-list cycle against one meter,
 /// and a thousand meters polled at once. Prints numbers; asserts nothing about speed.
 /// Run: `cargo test --release --test dlms_simulator -- --ignored --nocapture measure_`.
@@ -497,7 +574,11 @@ from gurux_dlms.objects import GXDLMSRegister, GXDLMSClock, GXDLMSData
 port = int(sys.argv[1]); transport = sys.argv[2]; max_info = int(sys.argv[3]); pdu = int(sys.argv[4])
 iface = InterfaceType.HDLC if transport == "hdlc" else InterfaceType.WRAPPER
 server = GXDLMSClient.getServerAddress(1, 17) if iface == InterfaceType.HDLC else 1
-c = GXDLMSClient(True, 16, server, Authentication.NONE, None, iface)
+password = sys.argv[5] if len(sys.argv) > 5 else ""
+if password:
+    c = GXDLMSClient(True, 32, server, Authentication.LOW, password, iface)
+else:
+    c = GXDLMSClient(True, 16, server, Authentication.NONE, None, iface)
 c.hdlcSettings.maxInfoTX = c.hdlcSettings.maxInfoRX = max_info
 c.setMaxReceivePDUSize(pdu)
 s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -561,11 +642,17 @@ if iface == InterfaceType.HDLC:
 print("OK " + "; ".join(out))
 "#;
 
-async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, pdu: u16) {
+async fn gurux_client_reads_simulator(
+    transport: DlmsTransport,
+    max_info: u16,
+    pdu: u16,
+    password: &str,
+) {
     let sim = Sim::start(
         1,
         SimOptions {
             transport,
+            password: (!password.is_empty()).then(|| password.as_bytes().to_vec()),
             ..SimOptions::default()
         },
     )
@@ -581,6 +668,7 @@ async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, p
         .arg(name)
         .arg(max_info.to_string())
         .arg(pdu.to_string())
+        .arg(password)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -602,15 +690,20 @@ async fn gurux_client_reads_simulator(transport: DlmsTransport, max_info: u16, p
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_over_hdlc() {
-    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024).await;
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024, "").await;
 }
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_with_small_frames_and_pdu() {
-    gurux_client_reads_simulator(DlmsTransport::Hdlc, 32, 64).await;
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 32, 64, "").await;
+}
+
+#[tokio::test]
+async fn gurux_client_with_lls_reads_simulator() {
+    gurux_client_reads_simulator(DlmsTransport::Hdlc, 128, 1024, "12345678").await;
 }
 
 #[tokio::test]
 async fn gurux_client_reads_simulator_over_wrapper() {
-    gurux_client_reads_simulator(DlmsTransport::Wrapper, 128, 1024).await;
+    gurux_client_reads_simulator(DlmsTransport::Wrapper, 128, 1024, "").await;
 }

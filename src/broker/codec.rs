@@ -155,7 +155,9 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     }
 }
 
-/// A parsed CONNECT, in the codec of the backend that will serve it.
+/// A parsed CONNECT, in the codec of the backend that will serve it. One lives briefly per
+/// connection attempt, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Connect {
     /// MQTT 3.1 or 3.1.1, as a 3.1.1 CONNECT.
@@ -240,6 +242,17 @@ impl Connect {
         }
     }
 
+    /// Hide the client's Topic Alias Maximum from rumqttd: rumqttd 0.20 keys its outgoing aliases
+    /// by subscription filter, not topic, so with a wildcard subscription a second topic would
+    /// be delivered under the first topic's alias, i.e. with the wrong topic.
+    pub fn disable_broker_topic_aliases(&mut self) {
+        if let Connect::V5(c, ..) = self {
+            if let Some(props) = c.properties.as_mut() {
+                props.topic_alias_max = None;
+            }
+        }
+    }
+
     /// Drop the password so the backend (which does no auth) never holds it.
     pub fn strip_password(&mut self) {
         match self {
@@ -289,6 +302,7 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
                 Refusal::ProtocolVersion => v4::ConnectReturnCode::RefusedProtocolVersion,
                 Refusal::ClientId => v4::ConnectReturnCode::BadClientId,
                 Refusal::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                Refusal::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
             };
             let _ = v4::ConnAck::new(code, false).write(&mut out);
         }
@@ -297,6 +311,7 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
                 Refusal::ProtocolVersion => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                 Refusal::ClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 Refusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                Refusal::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
             };
             let ack = v5::ConnAck {
                 session_present: false,
@@ -318,6 +333,8 @@ pub enum Refusal {
     ClientId,
     /// Wrong or missing username/password.
     NotAuthorized,
+    /// rumqttd cannot be reached.
+    ServerUnavailable,
 }
 
 /// A v5 DISCONNECT with the given reason and an empty property list, sent before the front

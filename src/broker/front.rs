@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::codec::{self, Connect, Inbound, Refusal, Session, Version};
 use super::Tuning;
@@ -33,6 +33,10 @@ use crate::sources::{LocalPublish, SourceEvent};
 
 /// Initial read buffer per socket direction.
 const READ_BUF_BYTES: usize = 4096;
+/// After forwarding a client's DISCONNECT, longest wait for rumqttd to close the session.
+const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
+/// Longest wait for rumqttd's CONNACK after forwarding a CONNECT.
+const BACKEND_CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -49,6 +53,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("rumqttd sent no connack within {0:?}")]
+    BackendSilent(Duration),
     #[error("no connect within {0:?}")]
     ConnectTimeout(Duration),
     #[error("protocol violation")]
@@ -72,12 +78,15 @@ pub struct Shared {
     pub password: Option<Secret>,
     /// Largest packet accepted from a client, bytes, fixed header included.
     pub max_packet_size: usize,
+    /// Keep-alive rewrite and CONNECT timeout.
     pub tuning: Tuning,
 }
 
 /// The accept loop.
 pub struct Front {
+    /// The public broker port.
     pub listener: TcpListener,
+    /// Handed to every connection task.
     pub shared: Arc<Shared>,
     /// One permit per open client connection (`max_connections`).
     pub limit: Arc<Semaphore>,
@@ -139,11 +148,18 @@ async fn serve(
         Err(Error::Protocol(e)) => {
             warn!(client = %conn.client_id, %peer, error = %e, "Client broke the MQTT protocol; closed it.")
         }
+        Err(e @ (Error::BackendConnect { .. } | Error::BackendSilent(_))) => {
+            error!(client = %conn.client_id, %peer, error = %e, "Embedded rumqttd unreachable; client refused.")
+        }
+        Err(e @ Error::EventsClosed) => {
+            warn!(client = %conn.client_id, %peer, error = %e, "Router gone; closed client connection.")
+        }
         Err(e) => debug!(client = %conn.client_id, %peer, error = %e, "Client connection ended."),
     }
 }
 
 struct Connection {
+    /// The local client's socket; closed when this connection ends.
     client: TcpStream,
     shared: Arc<Shared>,
     peer: SocketAddr,
@@ -219,6 +235,7 @@ impl Connection {
         }
         connect.strip_password();
         connect.strip_will_properties();
+        connect.disable_broker_topic_aliases();
         let connect_bytes = connect.to_bytes().map_err(Error::Protocol)?;
 
         let addr = if version.is_v4() {
@@ -226,9 +243,13 @@ impl Connection {
         } else {
             self.shared.backend_v5
         };
-        let mut backend = TcpStream::connect(addr)
-            .await
-            .map_err(|source| Error::BackendConnect { addr, source })?;
+        let mut backend = match TcpStream::connect(addr).await {
+            Ok(b) => b,
+            Err(source) => {
+                self.refuse(version, Refusal::ServerUnavailable).await;
+                return Err(Error::BackendConnect { addr, source });
+            }
+        };
         let _ = backend.set_nodelay(true);
         backend
             .write_all(&connect_bytes)
@@ -281,6 +302,11 @@ impl Connection {
                     _ => DisconnectReasonCode::ProtocolError,
                 };
                 (End::Refuse(code), Err(Error::Protocol(e)))
+            }
+            Err(e @ Error::BackendSilent(_)) => {
+                let ack = codec::connack_refused(version, Refusal::ServerUnavailable);
+                let _ = client_wr.write_all(&ack).await;
+                (End::Closed, Err(e))
             }
             Err(e) => (End::Closed, Err(e)),
         };
@@ -393,6 +419,10 @@ impl Upstream<'_> {
                 out.clear();
             }
             if disconnect {
+                // Let rumqttd close first: if the backend socket closes right behind the
+                // DISCONNECT, rumqttd sometimes treats it as an abrupt loss and publishes the
+                // will. The downstream half ends this connection when rumqttd closes.
+                tokio::time::sleep(DISCONNECT_LINGER).await;
                 return Ok(End::Closed);
             }
             tokio::select! {
@@ -444,12 +474,16 @@ impl Downstream<'_> {
         let mut out = BytesMut::with_capacity(READ_BUF_BYTES);
         let mut first = true;
         loop {
-            if backend_rd
-                .read_buf(&mut buf)
-                .await
-                .map_err(Error::Backend)?
-                == 0
-            {
+            let read = backend_rd.read_buf(&mut buf);
+            let n = if first {
+                // A rumqttd whose router thread died accepts TCP but never answers.
+                tokio::time::timeout(BACKEND_CONNACK_TIMEOUT, read)
+                    .await
+                    .map_err(|_| Error::BackendSilent(BACKEND_CONNACK_TIMEOUT))?
+            } else {
+                read.await
+            };
+            if n.map_err(Error::Backend)? == 0 {
                 return Ok(End::Closed);
             }
             // rumqttd's packets are not size-limited here: the client chose to subscribe.

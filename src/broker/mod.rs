@@ -53,9 +53,10 @@ const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKEND_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// Client id of the bridge's own rumqttd local link.
 const LINK_CLIENT_ID: &str = "dlms-bridge-local-link";
-/// Size of one in-memory commitlog segment in rumqttd, per topic. rumqttd keeps every topic's
-/// messages until segments rotate, so memory is about topics × size × count.
-const SEGMENT_SIZE_BYTES: usize = 1024 * 1024;
+/// Size of one in-memory commitlog segment in rumqttd, per subscribed filter. rumqttd keeps
+/// messages until segments rotate, so memory is about filters × size × (count + 1); a subscriber
+/// further behind than that skips messages (1 MiB lost half of a 20 000-message burst).
+const SEGMENT_SIZE_BYTES: usize = 4 * 1024 * 1024;
 /// Segments kept per topic besides the active one.
 const SEGMENT_COUNT: usize = 2;
 /// Outgoing packets rumqttd buffers per connection.
@@ -109,7 +110,7 @@ pub enum Error {
     #[error("cannot start the rumqttd thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot open the rumqttd local link")]
-    OpenLink(#[source] LinkError),
+    OpenLink(#[source] Box<LinkError>),
     #[error("rumqttd did not accept connections on {addr} within {timeout:?}")]
     BackendNotReady { addr: SocketAddr, timeout: Duration },
     #[error("broker start was interrupted")]
@@ -121,7 +122,7 @@ pub enum Error {
         topic: String,
         payload: Bytes,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("invalid topic {0:?}")]
     InvalidTopic(String),
@@ -193,7 +194,9 @@ pub async fn start_with(
     // Broker::new spawns rumqttd's router thread and `link` blocks on the router's reply.
     let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
         let mut broker = rumqttd::Broker::new(rumqttd_config);
-        let link = broker.link(LINK_CLIENT_ID).map_err(Error::OpenLink)?;
+        let link = broker
+            .link(LINK_CLIENT_ID)
+            .map_err(|e| Error::OpenLink(Box::new(e)))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -304,8 +307,8 @@ impl BrokerHandle {
 }
 
 /// rumqttd configuration: one v4 and one v5 listener on private loopback ports, no auth (the
-/// front checks credentials), dynamic filters so publishing to a topic nobody subscribed to is
-/// not an error.
+/// front checks credentials), dynamic filters on (a publish to a topic with no subscriber must
+/// never be an error).
 fn backend_config(cfg: &BrokerConfig, v4: SocketAddr, v5: SocketAddr) -> rumqttd::Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: BACKEND_CONNECT_TIMEOUT_MS,
@@ -385,9 +388,9 @@ struct LinkTask {
 
 impl LinkTask {
     async fn run(mut self) {
-        // One wildcard subscription on the link: every local message reaches this task exactly
-        // once whatever the bridge's filters overlap, and a publish to a topic nobody else
-        // subscribed to never trips rumqttd's "no matching filter" disconnect.
+        // One wildcard subscription on the link, fanned out here: every local message reaches
+        // this task exactly once however the bridge's filters overlap (rumqttd delivers one copy
+        // per matching filter of a connection).
         if let Err(e) = self.link_tx.subscribe("#") {
             error!(error = %e, "Cannot subscribe the broker link; bridge subscriptions will stay silent.");
         }
@@ -435,7 +438,7 @@ impl LinkTask {
                     .map_err(|source| Error::Link {
                         topic,
                         payload,
-                        source,
+                        source: Box::new(source),
                     });
                 let _ = reply.send(result);
             }

@@ -428,7 +428,7 @@ impl Default for MeterConfig {
             transport: DlmsTransport::Hdlc,
             client_address: 16,
             logical_address: 1,
-            physical_address: 16,
+            physical_address: 17,
             address_size: 1,
             auth: DlmsAuth::None,
             password: None,

@@ -516,7 +516,7 @@ impl fmt::Display for Data {
                 }
                 Ok(())
             }
-            Data::OctetString(b) if b.len() == 12 => fmt_date_time(f, b),
+            Data::OctetString(b) if looks_like_date_time(b) => fmt_date_time(f, b),
             Data::OctetString(b) | Data::VisibleString(b)
                 if !b.is_empty() && b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') =>
             {
@@ -544,6 +544,21 @@ impl fmt::Display for Data {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|c| format!("{c:02X}")).collect()
+}
+
+/// A 12-byte octet-string whose fields are in range for a COSEM date-time (clock attribute 2
+/// is sent that way), so a 12-character name is not shown as a date.
+fn looks_like_date_time(b: &[u8]) -> bool {
+    let ok = |v: u8, max: u8| v <= max || v >= 0xFD;
+    b.len() == 12
+        && ok(b[2], 12)
+        && b[2] != 0
+        && ok(b[3], 31)
+        && b[3] != 0
+        && ok(b[4], 7)
+        && (b[5] < 24 || b[5] == 0xFF)
+        && (b[6] < 60 || b[6] == 0xFF)
+        && (b[7] < 60 || b[7] == 0xFF)
 }
 
 /// `YYYY-MM-DD HH:MM:SS` from a COSEM date-time; `*` marks "not specified" fields.
@@ -908,18 +923,16 @@ pub fn parse_aare(buf: &[u8]) -> Result<Aare> {
         let len = r.bounded_len("aare field length")?;
         let v = r.take(len, "aare field")?;
         match t {
-            0xA1 => {
-                // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4).
-                if v.len() == 9 && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01] {
-                    if v[8] != 1 {
-                        return Err(Error::Invalid(format!(
-                            "meter answered with application context {} (only LN without ciphering is supported)",
-                            v[8]
-                        )));
-                    }
-                } else {
-                    return Err(Error::Invalid("unknown application context name".into()));
-                }
+            // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4). Only a
+            // well-formed DLMS context other than LN is refused; odd encodings are ignored.
+            0xA1 if v.len() == 9
+                && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01]
+                && v[8] != 1 =>
+            {
+                return Err(Error::Invalid(format!(
+                    "meter answered with application context {} (only LN without ciphering is supported)",
+                    v[8]
+                )));
             }
             0xA2 => {
                 let mut f = Reader::new(v);
@@ -1672,6 +1685,22 @@ mod tests {
         assert!(parse_rlre(&[0x63, 0x00]).is_ok());
         assert!(parse_rlre(&[0x61]).is_err());
         assert_eq!(encode_rlrq(), [0x62, 0x03, 0x80, 0x01, 0x00]);
+    }
+
+    #[test]
+    fn display_of_values() {
+        let clock = Data::OctetString(vec![0x07, 0xEA, 11, 22, 7, 5, 6, 7, 0xFF, 0x80, 0, 0]);
+        assert_eq!(clock.to_string(), "2026-11-22 05:06:07");
+        assert_eq!(
+            Data::OctetString(b"MSE012345678".to_vec()).to_string(),
+            "MSE012345678"
+        );
+        assert_eq!(Data::OctetString(vec![0, 1, 0xAB]).to_string(), "0001AB");
+        assert_eq!(Data::I16(-3).to_string(), "-3");
+        assert_eq!(
+            Data::Structure(vec![Data::I8(-2), Data::Enum(35)]).to_string(),
+            "{-2, 35}"
+        );
     }
 
     #[test]

@@ -163,14 +163,18 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
                     ReadingValue::Raw(d) => show_raw(d),
                 };
                 let unit = reading.unit.map(|u| format!(" {u}")).unwrap_or_default();
-                println!("{:width$}  {}  {value}{unit}", reg.key, reg.attr.obis);
+                println!(
+                    "{:width$}  {:15}  {value}{unit}",
+                    reg.key,
+                    reg.attr.obis.to_string()
+                );
             }
             Err(e) => {
                 failed += 1;
                 println!(
-                    "{:width$}  {}  error: {}",
+                    "{:width$}  {:15}  error: {}",
                     reg.key,
-                    reg.attr.obis,
+                    reg.attr.obis.to_string(),
                     error_chain(e)
                 );
             }

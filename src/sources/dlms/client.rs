@@ -403,10 +403,18 @@ impl<L: Link> DlmsClient<L> {
                         "normal answer to a get-with-list".into(),
                     )));
                 }
-                Err(e) if !e.needs_reconnect() => {
-                    // The meter claims multiple-references but cannot do it: go single.
-                    tracing::debug!(error = %e, "Get-with-list refused; using single gets.");
-                    self.list_broken = true;
+                Err(Error::Apdu(e)) => {
+                    // The link delivered a whole answer, so the association is intact: either
+                    // the meter refused with-list (exception / service error: stop using it)
+                    // or it mis-encoded the list (Gurux does when an entry fails): read this
+                    // chunk one by one.
+                    if matches!(
+                        e,
+                        apdu::Error::Exception { .. } | apdu::Error::ServiceError { .. }
+                    ) {
+                        self.list_broken = true;
+                    }
+                    tracing::debug!(error = %e, "Get-with-list answer unusable; using single gets.");
                     for a in chunk {
                         out.push(self.get_one(a).await?);
                     }

@@ -180,6 +180,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo<S> {
     }
 }
 
+/// Removes the response LLC header (E6 E7 00) from a reassembled APDU, tolerating its absence.
+fn strip_llc(mut data: Vec<u8>) -> Vec<u8> {
+    if data.starts_with(&hdlc::LLC_RESPONSE) {
+        data.drain(..hdlc::LLC_RESPONSE.len());
+    } else {
+        tracing::debug!("Response without LLC header.");
+    }
+    data
+}
+
 fn next_seq(n: u8) -> u8 {
     (n + 1) & 7
 }
@@ -241,11 +251,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
         }
     }
 
-    /// Reads the next frame addressed to us; frames for other clients are skipped.
+    /// Reads the next frame addressed to us; frames for other clients (and echoes of our own
+    /// frames on half-duplex converters) are skipped. The source address is not checked: some
+    /// meters answer from a different address form than the one they were called with.
     async fn read_own(&mut self) -> Result<Frame, Error> {
         loop {
             let (frame, _) = self.io.read_frame().await?;
-            if frame.dest.upper == self.client.upper && frame.src.upper == self.server.upper {
+            if frame.dest.upper == self.client.upper {
+                if frame.src.upper != self.server.upper {
+                    tracing::debug!(src = ?frame.src, "Frame from an unexpected server address.");
+                }
                 return Ok(frame);
             }
             tracing::debug!(dest = ?frame.dest, src = ?frame.src, "Ignored a frame for another station.");
@@ -255,7 +270,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
     /// SNRM/UA: connects the link and negotiates its limits.
     pub async fn open(&mut self) -> Result<LinkParams, Error> {
         self.open = false;
-        let snrm = self.frame(Control::Snrm, false, self.proposal.encode());
+        // Default parameters are implied by an empty SNRM; some older meters refuse an SNRM that
+        // carries an information field, so only send one when it says something.
+        let info = if self.proposal == Parameters::default() {
+            Vec::new()
+        } else {
+            self.proposal.encode()
+        };
+        let snrm = self.frame(Control::Snrm, false, info);
         self.io.send(&snrm, self.sizes).await?;
         loop {
             let frame = self.read_own().await?;
@@ -342,7 +364,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
 
     async fn receive_apdu(&mut self) -> Result<Vec<u8>, Error> {
         let mut data: Vec<u8> = Vec::new();
-        let mut first = true;
         let mut since_ack = 0u8;
         loop {
             let frame = self.read_own().await?;
@@ -370,21 +391,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
                     }
                     self.nr = next_seq(self.nr);
                     since_ack += 1;
-                    let mut info = frame.info.as_slice();
-                    if first {
-                        first = false;
-                        if let Some(rest) = info.strip_prefix(&hdlc::LLC_RESPONSE) {
-                            info = rest;
-                        } else {
-                            tracing::debug!("Response without LLC header.");
-                        }
-                    }
                     if data.is_empty() && !frame.segmented {
-                        return Ok(info.to_vec());
+                        // Fast path: the whole response in one frame.
+                        return Ok(strip_llc(frame.info));
                     }
-                    data.extend_from_slice(info);
+                    // The LLC header may itself be split over tiny frames: strip it only once the
+                    // APDU is complete.
+                    data.extend_from_slice(&frame.info);
                     if !frame.segmented {
-                        return Ok(data);
+                        return Ok(strip_llc(data));
                     }
                     if pf || since_ack >= self.params.window_rx {
                         since_ack = 0;

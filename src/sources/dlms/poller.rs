@@ -280,8 +280,10 @@ pub struct Meter {
     client: Option<DlmsClient<ClientLink<TcpStream>>>,
     /// Units already published for the current association.
     units_sent: bool,
+    /// Failure count and the earliest next attempt: the circuit breaker. While it is open,
+    /// ticks are skipped and commands fail fast with `CommandError::Unavailable`.
     backoff: Backoff,
-    /// Whether ThingsBoard currently sees the meter as connected.
+    /// Whether ThingsBoard currently sees the meter as connected (Connect sent, no Disconnect).
     announced: bool,
     /// Polls skipped because the previous one overran the interval.
     overruns: u64,
@@ -383,8 +385,9 @@ impl Meter {
         Ok(true)
     }
 
-    /// Await `fut`, but give up on cancellation by reporting a timeout-like error (the caller
-    /// then exits through the cancel branch).
+    /// Await a connection attempt, but give it up on cancellation (there is no association to
+    /// release yet) by reporting a timeout-like error; the caller then exits through the cancel
+    /// branch.
     async fn cancellable<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, Error>>,
@@ -473,14 +476,13 @@ impl Meter {
                 values.insert("poll_ok".into(), false.into());
                 values.insert("consecutive_failures".into(), failures.into());
                 values.insert("last_error".into(), text.into());
-                if self.announced || failures <= DOWN_AFTER_FAILURES {
-                    records.push(Record::telemetry(
-                        &self.cfg.name,
-                        &self.device_type,
-                        ts,
-                        values,
-                    ));
-                }
+                // One health entry per attempt; the backoff bounds how often that is.
+                records.push(Record::telemetry(
+                    &self.cfg.name,
+                    &self.device_type,
+                    ts,
+                    values,
+                ));
                 if self.announced && failures >= DOWN_AFTER_FAILURES {
                     records.push(self.record(RecordKind::Disconnect, Value::Object(Map::new())));
                     self.announced = false;
@@ -498,13 +500,9 @@ impl Meter {
             .client
             .as_mut()
             .ok_or((Error::Client(client::Error::NotAssociated), false))?;
-        let regs = &self.registers;
-        let cancel = &self.cancel;
-        let r = tokio::select! {
-            r = client.read_registers(regs) => r,
-            _ = cancel.cancelled() => Err(client::Error::Timeout(Duration::ZERO)),
-        };
-        match r {
+        // Not raced against cancellation: a request in flight is finished (it is bounded by the
+        // request timeout) so the association can be released cleanly afterwards.
+        match client.read_registers(&self.registers).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.needs_reconnect() {

@@ -5,15 +5,17 @@
 //! values, a clock, a relay Data object (settable, for RPC tests), the logical device name and
 //! the association's object list (large enough to need GET block transfer with small PDUs).
 //! Public client 16 associates without authentication; other clients need the LLS password when
-//! one is configured.
+//! one is configured. Optional fault injection (reply delay, dropped connections, swallowed
+//! requests) lets poller tests exercise timeouts and reconnects without a third-party meter.
 //!
 //! One task per connection, no thread per meter: a thousand meters fit in one process. The
 //! request handling ([`Session::handle`]) is synchronous and I/O-free; only [`serve`] touches
 //! sockets. It must not block the runtime or share state between meters.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +26,7 @@ use super::apdu::{Conformance, Data, DataAccessResult};
 use super::link::{
     HdlcServer, HdlcServerConfig, LinkParams, ServerLink, WrapperServer, WrapperServerConfig,
 };
-use crate::config::DlmsTransport;
+use crate::config::{DlmsTransport, Secret};
 
 /// The public client SAP: may always associate without authentication.
 pub const PUBLIC_CLIENT: u16 = 16;
@@ -85,6 +87,13 @@ pub struct SimOptions {
     pub energy_scaler: i8,
     /// Makes values differ between meters (start energy, phase of the swings).
     pub seed: u64,
+    /// Fault injection: wait this long before every response.
+    pub reply_delay: Duration,
+    /// Fault injection: close the connection instead of answering every K-th request of this
+    /// meter (all connections counted); 0 = never.
+    pub drop_every: u64,
+    /// Fault injection: silently swallow every K-th request of this meter; 0 = never.
+    pub no_reply_every: u64,
 }
 
 impl Default for SimOptions {
@@ -99,6 +108,9 @@ impl Default for SimOptions {
             max_pdu: DEFAULT_MAX_PDU,
             energy_scaler: 0,
             seed: 0,
+            reply_delay: Duration::ZERO,
+            drop_every: 0,
+            no_reply_every: 0,
         }
     }
 }
@@ -187,6 +199,8 @@ pub struct MeterState {
     relay: Mutex<Data>,
     /// Seed for per-connection jitter.
     seed: u64,
+    /// Requests received on all connections, for the fault-injection counters.
+    requests: AtomicU64,
 }
 
 /// Mean active power the energy register integrates (W).
@@ -207,6 +221,7 @@ impl MeterState {
             energy_scaler: opts.energy_scaler,
             relay: Mutex::new(Data::Bool(true)),
             seed: s,
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -959,6 +974,8 @@ async fn serve_connection(
             },
         )),
     };
+    let faults = opts.clone();
+    let counter = meter.clone();
     let mut session = Session::new(meter, opts);
     tracing::debug!("Simulated meter connection opened.");
     loop {
@@ -968,7 +985,22 @@ async fn serve_connection(
         };
         match request {
             Ok(Some(req)) => {
+                let n = counter.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                if faults.drop_every > 0 && n % faults.drop_every == 0 {
+                    tracing::debug!(request = n, "Dropping the connection (fault injection).");
+                    break;
+                }
+                if faults.no_reply_every > 0 && n % faults.no_reply_every == 0 {
+                    tracing::debug!(request = n, "Swallowing a request (fault injection).");
+                    continue;
+                }
                 let resp = session.handle(link.client_sap(), &req);
+                if !faults.reply_delay.is_zero() {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(faults.reply_delay) => {}
+                    }
+                }
                 if let Err(e) = link.respond(&resp).await {
                     tracing::debug!(error = %e, "Response failed; closing.");
                     break;
@@ -1035,6 +1067,147 @@ pub async fn spawn_meters(
         });
     }
     Ok(addrs)
+}
+
+/// Arguments of `dlms-bridge simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Address to listen on (loopback by default; a LAN address exposes the meters).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// First TCP port; meter i listens on port + i. 0 = ephemeral ports (printed at start).
+    #[arg(long, default_value_t = 4059)]
+    pub port: u16,
+    /// Number of meters.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Link layer: `hdlc` or `wrapper`.
+    #[arg(long, default_value = "hdlc", value_parser = parse_transport)]
+    pub transport: DlmsTransport,
+    /// Server logical device address (HDLC upper address; wrapper destination port).
+    #[arg(long, default_value_t = 1)]
+    pub logical_address: u16,
+    /// Server physical device address (HDLC lower address).
+    #[arg(long, default_value_t = 17)]
+    pub physical_address: u16,
+    /// Answer any server address.
+    #[arg(long)]
+    pub any_address: bool,
+    /// LLS password required from every client except the public client 16.
+    #[arg(long, env = "DLMS_BRIDGE_SIM_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub password: Option<Secret>,
+    /// Largest HDLC information field the meters accept and send.
+    #[arg(long, default_value_t = 128)]
+    pub max_info: usize,
+    /// HDLC window size the meters offer (1..=7).
+    #[arg(long, default_value_t = 1)]
+    pub window: u8,
+    /// Largest APDU the meters send; longer GET responses use block transfer.
+    #[arg(long, default_value_t = DEFAULT_MAX_PDU)]
+    pub pdu_size: u16,
+    /// Scaler of the active energy register.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub energy_scaler: i8,
+    /// Seed that makes values differ between runs and meters.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fault injection: delay before every response, e.g. `50ms`.
+    #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "0s")]
+    pub delay: Duration,
+    /// Fault injection: close the connection instead of answering every K-th request (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub drop_every: u64,
+    /// Fault injection: swallow every K-th request (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub no_reply_every: u64,
+}
+
+fn parse_transport(s: &str) -> Result<DlmsTransport, String> {
+    match s {
+        "hdlc" => Ok(DlmsTransport::Hdlc),
+        "wrapper" => Ok(DlmsTransport::Wrapper),
+        other => Err(format!("`{other}` is not `hdlc` or `wrapper`")),
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
+impl SimulateArgs {
+    /// The per-meter options these arguments describe.
+    pub fn options(&self) -> SimOptions {
+        SimOptions {
+            transport: self.transport,
+            logical: self.logical_address,
+            physical: self.physical_address,
+            any_address: self.any_address,
+            password: self
+                .password
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map(|p| p.expose().as_bytes().to_vec()),
+            hdlc: LinkParams {
+                max_info_tx: self.max_info,
+                max_info_rx: self.max_info,
+                window_tx: self.window,
+                window_rx: self.window,
+            },
+            max_pdu: self.pdu_size,
+            energy_scaler: self.energy_scaler,
+            seed: self.seed,
+            reply_delay: self.delay,
+            drop_every: self.drop_every,
+            no_reply_every: self.no_reply_every,
+        }
+    }
+}
+
+/// `dlms-bridge simulate`: serves the meters until `cancel` fires (the binary cancels on
+/// SIGINT/SIGTERM), printing where they listen.
+pub async fn simulate(args: SimulateArgs, cancel: CancellationToken) -> Result<(), Error> {
+    let tracker = TaskTracker::new();
+    let opts = args.options();
+    let addrs = spawn_meters(
+        args.host,
+        args.port,
+        args.count,
+        &opts,
+        &tracker,
+        cancel.clone(),
+    )
+    .await;
+    let addrs = match addrs {
+        Ok(a) => a,
+        Err(e) => {
+            cancel.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return Err(e);
+        }
+    };
+    let transport = match args.transport {
+        DlmsTransport::Hdlc => "hdlc",
+        DlmsTransport::Wrapper => "wrapper",
+    };
+    match (addrs.first(), addrs.last()) {
+        (Some(first), Some(last)) if addrs.len() > 1 && args.port != 0 => println!(
+            "Simulating {} {transport} meters on {}:{}-{}.",
+            addrs.len(),
+            first.ip(),
+            first.port(),
+            last.port()
+        ),
+        _ => {
+            for addr in &addrs {
+                println!("Simulating a {transport} meter on {addr}.");
+            }
+        }
+    }
+    tracker.close();
+    cancel.cancelled().await;
+    tracker.wait().await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1293,6 +1466,38 @@ mod tests {
             let resp = s.handle(16, req);
             assert!(!resp.is_empty());
         }
+    }
+
+    #[test]
+    fn simulate_args_parse_and_hide_the_password() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SimulateArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "simulate",
+            "--count",
+            "3",
+            "--transport",
+            "wrapper",
+            "--energy-scaler",
+            "-1",
+            "--password",
+            "s3cret",
+            "--max-info",
+            "64",
+        ])
+        .expect("parses");
+        let opts = cli.args.options();
+        assert_eq!(opts.transport, DlmsTransport::Wrapper);
+        assert_eq!(opts.energy_scaler, -1);
+        assert_eq!(opts.password.as_deref(), Some(&b"s3cret"[..]));
+        assert_eq!(opts.hdlc.max_info_rx, 64);
+        assert_eq!(cli.args.count, 3);
+        assert!(!format!("{cli:?}").contains("s3cret"));
+        assert!(Cli::try_parse_from(["simulate", "--transport", "serial"]).is_err());
     }
 
     #[test]
