@@ -243,7 +243,12 @@ impl Uplink {
                 warn!(error = %error, after = ?connected_for, "Connection to ThingsBoard lost; reconnecting.");
                 life.backoff.next()
             }
-            Failure::DeadLink => life.backoff.next(),
+            Failure::DeadLink { connected_for } => {
+                if connected_for >= STABLE_SESSION {
+                    life.backoff.reset();
+                }
+                life.backoff.next()
+            }
             Failure::Store(e) => {
                 warn!(error = %e, "Reading the store failed; restarting the session.");
                 life.backoff.next()
@@ -369,7 +374,8 @@ impl Uplink {
                 "No PUBACK from ThingsBoard in time; declaring the link dead and reconnecting."
             );
             self.status_tx.send_modify(|st| st.dead_links += 1);
-            return Err(Failure::DeadLink);
+            let connected_for = s.connected_at.map(|at| at.elapsed()).unwrap_or_default();
+            return Err(Failure::DeadLink { connected_for });
         }
         for tag in s
             .inflight
@@ -824,7 +830,7 @@ enum Failure {
         connected_for: Duration,
     },
     #[error("no PUBACK within ack_timeout (dead link)")]
-    DeadLink,
+    DeadLink { connected_for: Duration },
     #[error("store: {0}")]
     Store(String),
     #[error("client: {0}")]
