@@ -652,3 +652,30 @@ async fn attributes_requests_connect_and_disconnect_rows() {
     bridge.wait_status("acked", |s| s.acked_records == 5).await;
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_downlink_channel_drops_and_counts_without_stalling_the_session() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+    // Nobody reads downlink_rx (capacity 16): the uplink must keep polling and count drops.
+    for id in 0..24 {
+        assert!(emu.push_rpc("Meter 1", id, "ping", Value::Null).await);
+    }
+    let s = bridge
+        .wait_status("drops counted", |s| {
+            s.downlink_forwarded + s.downlink_dropped == 24
+        })
+        .await;
+    assert_eq!(s.downlink_forwarded, 16);
+    assert_eq!(s.downlink_dropped, 8);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..5))
+        .await
+        .expect("enqueue");
+    emu.wait_for("data still flows", WAIT, |r| r.telemetry_ts("A").len() >= 5)
+        .await;
+    assert_eq!(emu.snapshot().sessions, 1);
+    bridge.stop().await;
+}
