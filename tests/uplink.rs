@@ -22,19 +22,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn tb_config(emu: &TbEmulator, protocol: MqttProtocol) -> ThingsboardConfig {
     ThingsboardConfig {
-        host: "127.0.0.1".into(),
-        port: emu.port(),
-        access_token: Secret::new(TOKEN),
-        client_id: "dlms-bridge-test".into(),
         protocol,
-        keep_alive: Duration::from_secs(5),
-        max_packet_size: 65_536,
-        max_inflight: 80,
-        batch_linger: Duration::from_millis(20),
-        ack_timeout: Duration::from_secs(2),
-        reconnect_min: Duration::from_millis(50),
-        reconnect_max: Duration::from_millis(400),
-        auth_retry: Duration::from_secs(60),
+        ..emu.thingsboard_config()
     }
 }
 

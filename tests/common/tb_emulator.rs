@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use dlms_bridge::config::{MqttProtocol, Secret, ThingsboardConfig};
 use rumqttc::mqttbytes::{v4, QoS};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
@@ -213,6 +214,26 @@ impl TbEmulator {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// An uplink config pointing at this emulator with its token, tuned for tests: fast
+    /// reconnects, a short PUBACK deadline, the auto protocol.
+    pub fn thingsboard_config(&self) -> ThingsboardConfig {
+        ThingsboardConfig {
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            access_token: Secret::new(self.inner.token.clone()),
+            client_id: "dlms-bridge-test".into(),
+            protocol: MqttProtocol::Auto,
+            keep_alive: Duration::from_secs(5),
+            max_packet_size: MAX_PACKET_SIZE,
+            max_inflight: 80,
+            batch_linger: Duration::from_millis(20),
+            ack_timeout: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(400),
+            auth_retry: Duration::from_secs(60),
+        }
     }
 
     /// A copy of everything recorded so far.
