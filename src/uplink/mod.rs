@@ -10,6 +10,21 @@
 //! in-flight bookkeeping is forgotten and everything unacked is resent from the store after a
 //! jittered backoff. Delivery is at least once.
 //!
+//! Choices worth knowing:
+//! - The rumqttc `EventLoop` runs in a task of its own and forwards events over a bounded
+//!   channel: `poll` is not cancel-safe while connecting (a losing `select!` branch opened a
+//!   second TCP connection, which ThingsBoard treats as a session takeover).
+//! - PUBACK matching is FIFO over `Outgoing::Publish(pkid)` (see [`inflight`]); a PUBACK for
+//!   nothing in flight is ignored.
+//! - Announcements (`connect`) are not awaited before the device's data: ThingsBoard handles a
+//!   session's messages in order and the data reuses the pending device lookup of the `connect`,
+//!   so the profile `type` wins. They carry no rows, so a missing PUBACK (ThingsBoard sends none
+//!   when device creation fails) only frees the window slot after `ack_timeout`.
+//! - `protocol = auto` starts with MQTT 5 and falls back to 3.1.1 for the rest of the process
+//!   when the server refuses the v5 CONNECT (v3 CONNACK, or a close before any CONNACK).
+//! - On 3.1.1 a takeover has no reason code: three sessions in a row closed by the server
+//!   within 5 s of CONNACK are reported as one.
+//!
 //! It must not: block the event loop (downlink sends are `try_send`, counted when dropped); send
 //! anything but QoS 1; put two devices in one publish; delete a row before its PUBACK; log the
 //! access token; retry a refused token in a tight loop.
