@@ -65,6 +65,8 @@ const SHORT_SESSION: Duration = Duration::from_secs(5);
 const SHORT_SESSIONS_FOR_TAKEOVER: u32 = 3;
 /// Requests rumqttc may hold beyond our publish window (subscribes, disconnect).
 const REQUEST_CHANNEL_SLACK: usize = 16;
+/// Events handled per turn before acked rows are deleted in one store call.
+const MAX_EVENTS_PER_TURN: usize = 64;
 /// Events buffered between the event-loop task and the session logic.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// How long a graceful stop waits for the DISCONNECT to be written.
@@ -335,19 +337,39 @@ impl Uplink {
             let live = s.connected_at.is_some() && s.stopping.is_none();
             let read_at = s.read_at;
             tokio::select! {
-                ev = ev_rx.recv() => match ev.unwrap_or_else(|| Err(NetError::Other("event loop task ended".into()))) {
-                    Ok(ev) => {
-                        if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
-                            return SessionEnd::Failed(f);
+                ev = ev_rx.recv() => {
+                    // Handle what is already queued too, then delete all acked rows at once.
+                    let mut next = Some(ev.unwrap_or_else(|| {
+                        Err(NetError::Other("event loop task ended".into()))
+                    }));
+                    let mut handled = 0;
+                    let mut failure = None;
+                    while let Some(ev) = next.take() {
+                        match ev {
+                            Ok(ev) => {
+                                if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
+                                    failure = Some(f);
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                failure = Some(match s.connected_at {
+                                    None => Failure::Connect(e),
+                                    Some(at) => Failure::Lost { error: e, connected_for: at.elapsed() },
+                                });
+                                break;
+                            }
+                        }
+                        handled += 1;
+                        if handled < MAX_EVENTS_PER_TURN {
+                            next = ev_rx.try_recv().ok();
                         }
                     }
-                    Err(e) => {
-                        return SessionEnd::Failed(match s.connected_at {
-                            None => Failure::Connect(e),
-                            Some(at) => Failure::Lost { error: e, connected_for: at.elapsed() },
-                        });
+                    self.flush_acks(&mut s).await;
+                    if let Some(f) = failure {
+                        return SessionEnd::Failed(f);
                     }
-                },
+                }
                 changed = store_rx.changed(), if live && store_open => {
                     if changed.is_err() {
                         store_open = false;
@@ -562,6 +584,30 @@ impl Uplink {
         }
     }
 
+    /// Delete the rows of every success PUBACK handled since the last flush, in one store call.
+    async fn flush_acks(&self, s: &mut Session) {
+        if s.acked.is_empty() && s.acked_publishes == 0 {
+            return;
+        }
+        let ids = std::mem::take(&mut s.acked);
+        let publishes = std::mem::take(&mut s.acked_publishes);
+        let n = ids.len() as u64;
+        if n == 0 {
+            self.status_tx
+                .send_modify(|st| st.acked_publishes += publishes);
+            return;
+        }
+        if let Err(e) = self.store.ack(ids).await {
+            warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
+            return;
+        }
+        // Counted once deleted, so a reader of the status never sees rows it cannot find gone.
+        self.status_tx.send_modify(|st| {
+            st.acked_publishes += publishes;
+            st.acked_records += n;
+        });
+    }
+
     /// ERROR once per device for rows ThingsBoard can never accept (data loss, operator action).
     fn report_dropped(&self, life: &mut Life, device: &str, id: i64, why: &str) {
         if life.invalid_reported.insert(device.to_owned()) {
@@ -636,16 +682,8 @@ impl Uplink {
                 };
                 match reason {
                     0x00 | 0x10 => {
-                        let n = tag.ids.len() as u64;
-                        if n > 0 {
-                            if let Err(e) = self.store.ack(tag.ids).await {
-                                warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
-                            }
-                        }
-                        self.status_tx.send_modify(|st| {
-                            st.acked_publishes += 1;
-                            st.acked_records += n;
-                        });
+                        s.acked.extend(tag.ids);
+                        s.acked_publishes += 1;
                     }
                     0x99 => {
                         self.status_tx.send_modify(|st| st.failed_acks += 1);
@@ -813,6 +851,10 @@ struct Session {
     resend_at: Option<Instant>,
     /// Cancelled: stop sending, wait for PUBACKs until then.
     stopping: Option<Instant>,
+    /// Rows whose publish got a success PUBACK, not yet deleted (see `flush_acks`), and how
+    /// many publishes those PUBACKs were.
+    acked: Vec<i64>,
+    acked_publishes: u64,
 }
 
 /// A publish ready to go.
