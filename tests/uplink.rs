@@ -668,3 +668,34 @@ async fn a_full_downlink_channel_drops_and_counts_without_stalling_the_session()
     assert_eq!(emu.snapshot().sessions, 1);
     bridge.stop().await;
 }
+
+/// Prints how fast a backlog drains (debug build, loopback emulator). A measurement, not an
+/// assertion: run with `cargo test --test uplink -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn drain_rate_measurement() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let devices: Vec<String> = (0..100).map(|i| format!("Meter {i}")).collect();
+    let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    for chunk in 0..10 {
+        let from = chunk * 20;
+        bridge
+            .store
+            .enqueue(readings(&names, from..from + 20))
+            .await
+            .expect("enqueue");
+    }
+    let started = std::time::Instant::now();
+    bridge
+        .wait_status("20000 rows acked", |s| s.acked_records >= 20_000)
+        .await;
+    let took = started.elapsed();
+    let r = emu.snapshot();
+    println!(
+        "drained 20000 rows of 100 devices in {took:?} ({:.0} rows/s), {} telemetry publishes",
+        20_000.0 / took.as_secs_f64(),
+        r.telemetry_publishes
+    );
+    bridge.stop().await;
+}
