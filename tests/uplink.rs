@@ -699,3 +699,38 @@ async fn drain_rate_measurement() {
     );
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn rpc_to_the_gateway_device_itself_is_answered() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+    assert!(
+        emu.push(
+            "v1/devices/me/rpc/request/7",
+            json!({"method": "gateway_ping", "params": {}})
+        )
+        .await
+    );
+    assert!(
+        emu.push(
+            "v1/devices/me/rpc/request/8",
+            json!({"method": "gateway_device_renamed", "params": {"Old": "New"}})
+        )
+        .await
+    );
+    let r = emu
+        .wait_for("gateway rpc replies", WAIT, |r| {
+            r.gateway_rpc_responses.len() == 2
+        })
+        .await;
+    assert!(r
+        .gateway_rpc_responses
+        .contains(&("7".into(), json!({"code": 200, "resp": "pong"}))));
+    assert!(r
+        .gateway_rpc_responses
+        .iter()
+        .any(|(id, v)| id == "8" && v["code"] == 404));
+    assert_eq!(bridge.status.borrow().downlink_forwarded, 0);
+    bridge.stop().await;
+}

@@ -32,6 +32,7 @@
 pub mod inflight;
 pub mod thingsboard;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
@@ -438,7 +439,7 @@ impl Uplink {
                 let Some(out) = s.pending.pop_front() else {
                     break;
                 };
-                if let Err(e) = client.publish(out.topic, out.payload.clone()) {
+                if let Err(e) = client.publish(&out.topic, out.payload.clone()) {
                     return Err(Failure::Client(e));
                 }
                 let tracked = !out.ids.is_empty();
@@ -513,7 +514,7 @@ impl Uplink {
                 }
                 let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
                     payload.map(|p| Out {
-                        topic,
+                        topic: Cow::Borrowed(topic),
                         payload: Bytes::from(p),
                         ids: vec![run[0].id],
                         device: device.clone(),
@@ -532,7 +533,7 @@ impl Uplink {
                             .into_iter()
                             .map(|b| {
                                 Ok(Out {
-                                    topic: b.topic,
+                                    topic: Cow::Borrowed(b.topic),
                                     payload: Bytes::from(b.payload),
                                     ids: b.ids,
                                     device: device.clone(),
@@ -713,7 +714,20 @@ impl Uplink {
                     }
                 }
             }
-            NetEvent::Publish { topic, payload } => self.on_downlink(&topic, &payload),
+            NetEvent::Publish { topic, payload } => {
+                if let Some((reply_topic, body)) = tb::gateway_rpc_reply(&topic, &payload) {
+                    // Fire-and-forget like an announcement: no rows, no dead-link deadline.
+                    debug!(topic = %topic, "Answering an RPC to the gateway device itself.");
+                    s.pending.push_front(Out {
+                        topic: Cow::Owned(reply_topic),
+                        payload: Bytes::from(body),
+                        ids: Vec::new(),
+                        device: String::new(),
+                    });
+                } else {
+                    self.on_downlink(&topic, &payload);
+                }
+            }
             NetEvent::SentDisconnect | NetEvent::Other => {}
         }
         Ok(())
@@ -754,7 +768,7 @@ impl Uplink {
 
 fn announcement(device: &str, device_type: &str) -> Out {
     Out {
-        topic: tb::TOPIC_CONNECT,
+        topic: Cow::Borrowed(tb::TOPIC_CONNECT),
         payload: Bytes::from(tb::connect_payload(device, device_type)),
         ids: Vec::new(),
         device: device.to_owned(),
@@ -859,7 +873,7 @@ struct Session {
 
 /// A publish ready to go.
 struct Out {
-    topic: &'static str,
+    topic: Cow<'static, str>,
     payload: Bytes,
     ids: Vec<i64>,
     device: String,
@@ -943,7 +957,7 @@ enum Conn {
 }
 
 impl Client {
-    fn publish(&self, topic: &'static str, payload: Bytes) -> Result<(), String> {
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
         match self {
             Client::V5(c) => c
                 .try_publish(

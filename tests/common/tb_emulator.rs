@@ -82,6 +82,8 @@ pub struct Recorded {
     pub attributes: HashMap<String, Map<String, Value>>,
     pub rpc_replies: Vec<Value>,
     pub attribute_requests: Vec<Value>,
+    /// `(request id, body)` of replies to RPCs addressed to the gateway device itself.
+    pub gateway_rpc_responses: Vec<(String, Value)>,
     pub invalid_payloads: u64,
     pub oversize_packets: u64,
     /// PUBACKs not sent because withholding was on.
@@ -942,6 +944,11 @@ fn accept(
             }
             event(&device, "attribute_request");
             r.attribute_requests.push(Value::Object(m));
+        }
+        t if t.starts_with("v1/devices/me/rpc/response/") => {
+            let id = &t["v1/devices/me/rpc/response/".len()..];
+            r.gateway_rpc_responses
+                .push((id.to_owned(), Value::Object(m)));
         }
         _ => return Err(TopicNameInvalid),
     }
