@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::broker::{self, BrokerHandle};
 use crate::config::{Config, MeterConfig};
 use crate::router::mapping::MappingSet;
-use crate::router::{MeterMap, Router, RELOAD_CAPACITY};
+use crate::router::{MeterMap, Router, RouterInputs, RELOAD_CAPACITY};
 use crate::shutdown::Tasks;
 use crate::sources::dlms::{self, MeterHandle};
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
@@ -171,7 +171,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             continue;
         }
         let cancel = sources_cancel.child_token();
-        let h = dlms::spawn_meter(m.clone(), events_tx.clone(), tasks.tracker(), cancel.clone());
+        let h = dlms::spawn_meter(
+            m.clone(),
+            events_tx.clone(),
+            tasks.tracker(),
+            cancel.clone(),
+        );
         if let Ok(mut g) = meters.write() {
             g.insert(name.clone(), h);
         }
@@ -181,18 +186,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     let router = Router::new(
-        events_rx,
-        downlink_rx,
+        RouterInputs {
+            events_rx,
+            downlink_rx,
+            reload_rx,
+        },
         store.clone(),
         mappings,
         cfg.local.clone(),
         broker.clone(),
         meters.clone(),
-        reload_rx,
     );
     let router_done = tasks.spawn("router", router.run());
 
-    let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx);
+    // The uplink's wait for outstanding PUBACKs gets half the shutdown grace: the other half is
+    // for the sources and the router before it, and the store checkpoint after it.
+    let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx)
+        .with_shutdown_grace(cfg.shutdown.grace / 2);
     let uplink_status = uplink.status();
     let uplink_cancel = CancellationToken::new();
     let uc = uplink_cancel.clone();
@@ -250,7 +260,11 @@ impl Running {
         let stop: Vec<String> = self
             .slots
             .iter()
-            .filter(|(n, s)| wanted_names.get(n.as_str()).is_none_or(|w| !same(&s.cfg, w)))
+            .filter(|(n, s)| {
+                wanted_names
+                    .get(n.as_str())
+                    .is_none_or(|w| !same(&s.cfg, w))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for n in stop {
@@ -281,7 +295,8 @@ impl Running {
                 g.insert(m.name.clone(), h);
             }
             report.meters_started.push(m.name.clone());
-            self.slots.insert(m.name.clone(), MeterSlot { cfg: m, cancel });
+            self.slots
+                .insert(m.name.clone(), MeterSlot { cfg: m, cancel });
         }
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
         if cfg.local.device_type != self.default_device_type {

@@ -69,7 +69,8 @@ fn obis_param(p: &Value) -> Result<ObisCode, String> {
         .get("obis")
         .and_then(Value::as_str)
         .ok_or("`obis` (e.g. \"1.0.32.7.0.255\") is required")?;
-    s.parse::<ObisCode>().map_err(|e| format!("bad obis `{s}`: {e}"))
+    s.parse::<ObisCode>()
+        .map_err(|e| format!("bad obis `{s}`: {e}"))
 }
 
 fn int_param<T: TryFrom<i64>>(p: &Value, key: &str, default: Option<T>) -> Result<T, String> {
@@ -142,7 +143,9 @@ fn json_to_data(v: &Value, ty: Option<&str>) -> Result<Data, String> {
         Some("enum") => Data::Enum(u8::try_from(int()?).map_err(|_| bad("enum"))?),
         Some("f32") => Data::F32(v.as_f64().ok_or_else(|| bad("f32"))? as f32),
         Some("f64") => Data::F64(v.as_f64().ok_or_else(|| bad("f64"))?),
-        Some("string") => Data::VisibleString(v.as_str().ok_or_else(|| bad("string"))?.as_bytes().to_vec()),
+        Some("string") => {
+            Data::VisibleString(v.as_str().ok_or_else(|| bad("string"))?.as_bytes().to_vec())
+        }
         Some("octets") => Data::OctetString(hex(v.as_str().ok_or_else(|| bad("octets"))?)?),
         Some(t) => return Err(format!("unknown type `{t}`")),
     })
@@ -170,7 +173,11 @@ pub async fn local_rpc(broker: &BrokerHandle, route: RpcRoute) -> Value {
         None => None,
     };
     if let Err(e) = broker
-        .publish(&route.request.topic, route.request.payload.into(), route.request.retain)
+        .publish(
+            &route.request.topic,
+            route.request.payload.into(),
+            route.request.retain,
+        )
         .await
     {
         return rpc_error(format!("local publish failed: {e}"));

@@ -1,1 +1,538 @@
-//! placeholder
+//! `dlms-bridge import tb-gateway`: turn an existing ThingsBoard IoT Gateway configuration
+//! directory (tb_gateway.json + its MQTT connector files) and an optional Mosquitto config into a
+//! dlms-bridge `config.toml`.
+//!
+//! It never guesses silently: every setting that is not carried over is listed in
+//! [`ImportResult::not_carried`] with the reason, and the same list heads the generated file as
+//! comments. MQTT connector files are referenced as is (`tb_gateway_file`), after checking that
+//! the mapping engine accepts them. This module only reads files; writing the result is the CLI's
+//! job.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::router::mapping::MappingSet;
+
+/// Why an import could not produce a configuration at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No `tb_gateway.json` in the directory.
+    #[error("{dir}: no tb_gateway.json found (is this the tb-gateway config directory, usually /etc/thingsboard-gateway/config?)")]
+    NoConfig { dir: PathBuf },
+    /// Only the deprecated YAML main configuration exists.
+    #[error("{path}: tb_gateway.yaml is not supported; start tb-gateway 3.x once (it converts the file to tb_gateway.json) or convert it to JSON, then import again")]
+    YamlUnsupported { path: PathBuf },
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse.
+    #[error("{path} is not valid JSON")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A setting the result cannot do without is missing or malformed.
+    #[error("{path}: {key}: {message}")]
+    Setting {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The generated configuration and everything that did not make it into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportResult {
+    /// A complete dlms-bridge `config.toml`.
+    pub toml: String,
+    /// Each setting not carried over, with the reason.
+    pub not_carried: Vec<String>,
+}
+
+/// `thingsboard` keys of tb_gateway.json with no dlms-bridge equivalent, and why.
+const TB_NOT_CARRIED: &[(&str, &str)] = &[
+    ("keep_alive", "dlms-bridge uses a short keep-alive (thingsboard.keep_alive, default 20s) so a dead link is noticed quickly"),
+    ("remoteConfiguration", "remote configuration from the ThingsBoard UI is not supported; edit config.toml"),
+    ("remoteShell", "the remote shell is not supported"),
+    ("statistics", "tb-gateway statistics telemetry is not produced by dlms-bridge"),
+    ("deviceFiltering", "device allow/deny lists are not supported"),
+    ("maxPayloadSizeBytes", "dlms-bridge splits messages by thingsboard.max_packet_size (default 64 KiB)"),
+    ("minPackSendDelayMS", "dlms-bridge sends as soon as records are stored (thingsboard.batch_linger)"),
+    ("minPackSizeToSend", "unused by tb-gateway itself"),
+    ("checkConnectorsConfigurationInSeconds", "configuration is read at start-up; restart to apply changes"),
+    ("handleDeviceRenaming", "device renaming is not configurable in dlms-bridge"),
+    ("checkingDeviceActivity", "the gateway-side inactivity check is not carried (it is broken in tb-gateway 3.8.5, spec §7.1)"),
+    ("provisioning", "device provisioning is not supported; create the gateway device and copy its access token"),
+    ("proxy_host", "HTTP CONNECT proxies are not supported"),
+    ("proxy_port", "HTTP CONNECT proxies are not supported"),
+    ("latencyDebugMode", "latency metadata is not sent"),
+    ("syncDevicesSharedAttributesOnConnect", "shared attributes are synchronised by the attribute rules"),
+    ("rateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+    ("dpRateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+    ("messagesRateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+    ("deviceRateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+    ("deviceDpRateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+    ("deviceMessagesRateLimits", "dlms-bridge learns rate limits from ThingsBoard (getSessionLimits)"),
+];
+
+/// Read `<dir>/tb_gateway.json`, its MQTT connectors and (optionally) a Mosquitto config, and
+/// produce a dlms-bridge configuration.
+pub fn import_tb_gateway(dir: &Path, mosquitto_conf: Option<&Path>) -> Result<ImportResult, Error> {
+    let main_path = dir.join("tb_gateway.json");
+    if !main_path.exists() {
+        for yaml in ["tb_gateway.yaml", "tb_gateway.yml"] {
+            let p = dir.join(yaml);
+            if p.exists() {
+                return Err(Error::YamlUnsupported { path: p });
+            }
+        }
+        return Err(Error::NoConfig {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let main = read_json(&main_path)?;
+    let mut out = Out::default();
+    out.not_carried.push(
+        "environment variables that override tb_gateway.json (TB_GW_HOST, TB_GW_ACCESS_TOKEN, ...) are not read: check the tb-gateway service environment".into(),
+    );
+
+    let setting = |key: &str, message: &str| Error::Setting {
+        path: main_path.clone(),
+        key: key.to_string(),
+        message: message.to_string(),
+    };
+    let tb = main
+        .get("thingsboard")
+        .and_then(Value::as_object)
+        .ok_or_else(|| setting("thingsboard", "missing"))?;
+    thingsboard_section(tb, &mut out, &setting)?;
+    if let Some(storage) = main.get("storage").and_then(Value::as_object) {
+        storage_section(storage, &mut out);
+    }
+    for (k, _) in main.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "thingsboard" | "storage" | "connectors" => {}
+            "grpc" => out.skip("grpc: out-of-process (gRPC) connectors are not supported"),
+            other => out.skip(format!("{other}: no dlms-bridge equivalent")),
+        }
+    }
+
+    let mut local_ports = Vec::new();
+    let connectors = main
+        .get("connectors")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for (i, c) in connectors.iter().enumerate() {
+        connector(dir, i, c, &mut out, &mut local_ports)?;
+    }
+
+    if let Some(conf) = mosquitto_conf {
+        mosquitto(conf, &local_ports, &mut out)?;
+    } else if !local_ports.is_empty() {
+        out.skip(format!(
+            "the MQTT connectors subscribe to a broker on port(s) {}; without --mosquitto the embedded broker keeps its default address 127.0.0.1:1884 and allows anonymous clients",
+            local_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+        ));
+    }
+
+    Ok(out.finish())
+}
+
+/// The result being built: TOML sections in order, and the list of what is left behind.
+#[derive(Default)]
+struct Out {
+    thingsboard: Vec<String>,
+    store: Vec<String>,
+    broker: Vec<String>,
+    mappings: String,
+    not_carried: Vec<String>,
+}
+
+impl Out {
+    fn skip(&mut self, s: impl Into<String>) {
+        self.not_carried.push(s.into());
+    }
+
+    fn finish(self) -> ImportResult {
+        let mut t = String::new();
+        t.push_str("# dlms-bridge configuration generated by `dlms-bridge import tb-gateway`.\n");
+        t.push_str("# Review it, in particular the settings that were not carried over:\n");
+        for n in &self.not_carried {
+            let _ = writeln!(t, "#   - {}", n.replace('\n', " "));
+        }
+        for (name, lines) in [
+            ("thingsboard", &self.thingsboard),
+            ("store", &self.store),
+            ("broker", &self.broker),
+        ] {
+            if !lines.is_empty() {
+                let _ = writeln!(t, "\n[{name}]");
+                for l in lines {
+                    t.push_str(l);
+                    t.push('\n');
+                }
+            }
+        }
+        t.push_str(&self.mappings);
+        ImportResult {
+            toml: t,
+            not_carried: self.not_carried,
+        }
+    }
+}
+
+/// A TOML basic string (JSON string escapes are valid TOML escapes).
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn read_text(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value, Error> {
+    serde_json::from_str(&read_text(path)?).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn thingsboard_section(
+    tb: &Map<String, Value>,
+    out: &mut Out,
+    setting: &dyn Fn(&str, &str) -> Error,
+) -> Result<(), Error> {
+    let host = tb
+        .get("host")
+        .and_then(Value::as_str)
+        .filter(|h| !h.trim().is_empty())
+        .ok_or_else(|| {
+            setting(
+                "thingsboard.host",
+                "missing (the ThingsBoard MQTT host is required)",
+            )
+        })?;
+    out.thingsboard.push(format!("host = {}", toml_str(host)));
+    let port = match tb.get("port") {
+        None => 1883,
+        Some(p) => p
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| setting("thingsboard.port", "must be a port number"))?,
+    };
+    out.thingsboard.push(format!("port = {port}"));
+    if port == 8883 {
+        out.skip("thingsboard.port 8883 implies TLS in tb-gateway; dlms-bridge connects without TLS: check the port");
+    }
+
+    match tb.get("security").and_then(Value::as_object) {
+        Some(sec) => {
+            let ty = sec
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("accessToken");
+            let token = sec.get("accessToken").and_then(Value::as_str);
+            match (ty, token) {
+                ("accessToken", Some(tok)) | ("tlsAccessToken", Some(tok)) => {
+                    out.thingsboard.push(format!("access_token = {}", toml_str(tok)));
+                    if ty == "tlsAccessToken" {
+                        out.skip("thingsboard.security tlsAccessToken: the token is carried, TLS (caCert) is not supported");
+                    }
+                }
+                ("accessToken", None) | ("tlsAccessToken", None) => out.skip(
+                    "thingsboard.security.accessToken is missing: set thingsboard.access_token",
+                ),
+                (other, _) => out.skip(format!(
+                    "thingsboard.security type {other}: dlms-bridge authenticates with an access token only; set thingsboard.access_token to the gateway device's token"
+                )),
+            }
+            for k in [
+                "caCert",
+                "cert",
+                "privateKey",
+                "insecure",
+                "checkCertPeriod",
+                "certificateDaysLeft",
+            ] {
+                if sec.contains_key(k) {
+                    out.skip(format!("thingsboard.security.{k}: TLS is not supported"));
+                }
+            }
+        }
+        None => out.skip("thingsboard.security missing: set thingsboard.access_token"),
+    }
+
+    match tb.get("qos").and_then(Value::as_u64) {
+        None | Some(1) => {}
+        Some(q) => out.skip(format!(
+            "thingsboard.qos {q}: dlms-bridge always publishes with QoS 1 (QoS 0 on v1/gateway/* is harmful, spec §2.5)"
+        )),
+    }
+    if let Some(rs) = tb.get("reportStrategy") {
+        let ty = rs
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("ON_RECEIVED");
+        if ty != "ON_RECEIVED" {
+            out.skip(format!(
+                "thingsboard.reportStrategy {ty} (gateway-wide default): set reportStrategy in each connector file or mapping instead"
+            ));
+        }
+    }
+    for (k, _) in tb {
+        if matches!(
+            k.as_str(),
+            "host" | "port" | "security" | "qos" | "reportStrategy"
+        ) {
+            continue;
+        }
+        match TB_NOT_CARRIED.iter().find(|(n, _)| n == k) {
+            Some((_, why)) => out.skip(format!("thingsboard.{k}: {why}")),
+            None => out.skip(format!("thingsboard.{k}: no dlms-bridge equivalent")),
+        }
+    }
+    Ok(())
+}
+
+fn storage_section(st: &Map<String, Value>, out: &mut Out) {
+    let ty = st.get("type").and_then(Value::as_str).unwrap_or("memory");
+    out.store.push("# Queue location and format are dlms-bridge's own (SQLite WAL); tb-gateway's stored events are not migrated.".into());
+    out.skip(format!(
+        "storage ({ty}): events still queued in tb-gateway's storage are not migrated; let tb-gateway drain before stopping it"
+    ));
+    if ty == "sqlite" {
+        if let Some(days) = st
+            .get("messages_ttl_in_days")
+            .and_then(Value::as_u64)
+            .filter(|d| *d > 0)
+        {
+            out.store.push(format!("max_age = \"{days}days\""));
+        }
+        let size = st.get("size_limit").and_then(Value::as_u64);
+        let count = st.get("max_db_amount").and_then(Value::as_u64);
+        if let (Some(mb), Some(n)) = (size, count) {
+            out.store.push(format!(
+                "max_bytes = {}",
+                mb.saturating_mul(n).saturating_mul(1024 * 1024)
+            ));
+        }
+    }
+    for (k, _) in st {
+        let carried = match ty {
+            "sqlite" => matches!(
+                k.as_str(),
+                "type" | "messages_ttl_in_days" | "size_limit" | "max_db_amount"
+            ),
+            _ => k == "type",
+        };
+        if !carried {
+            out.skip(format!(
+                "storage.{k}: dlms-bridge caps its queue by size (store.max_bytes) and age (store.max_age) and evicts the oldest records"
+            ));
+        }
+    }
+}
+
+fn connector(
+    dir: &Path,
+    i: usize,
+    c: &Value,
+    out: &mut Out,
+    local_ports: &mut Vec<u16>,
+) -> Result<(), Error> {
+    let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+    let ty = c.get("type").and_then(Value::as_str).unwrap_or("?");
+    if ty != "mqtt"
+        || c.get("class").is_some()
+        || c.get("useGRPC").and_then(Value::as_bool) == Some(true)
+    {
+        out.skip(format!(
+            "connectors[{i}] `{name}` (type {ty}): only tb-gateway's built-in mqtt connector is supported"
+        ));
+        return Ok(());
+    }
+    let Some(file) = c.get("configuration").and_then(Value::as_str) else {
+        out.skip(format!(
+            "connectors[{i}] `{name}`: no configuration file named"
+        ));
+        return Ok(());
+    };
+    let path = dir.join(file);
+    let path = path.canonicalize().map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let conn = read_json(&path)?;
+    if let Some(b) = conn.get("broker").and_then(Value::as_object) {
+        let host = b.get("host").and_then(Value::as_str).unwrap_or("?");
+        let port = b
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(1883);
+        if !local_ports.contains(&port) {
+            local_ports.push(port);
+        }
+        if !matches!(host, "127.0.0.1" | "localhost" | "::1" | "0.0.0.0") {
+            out.skip(format!(
+                "connectors[{i}] `{name}`: its broker is {host}:{port}, not local; dlms-bridge maps only what its embedded broker receives, so point those publishers at broker.listen"
+            ));
+        }
+        out.skip(format!(
+            "{}: broker section (client id, workers, security of the connector's own client) is not needed: the embedded broker replaces it",
+            path.display()
+        ));
+    }
+    match MappingSet::from_connector_json(&conn, &path.display().to_string()) {
+        Ok(_) => {
+            let _ = write!(
+                out.mappings,
+                "\n# tb-gateway connector `{}`\n[[mappings]]\ntb_gateway_file = {}\n",
+                name.replace('\n', " "),
+                toml_str(&path.display().to_string())
+            );
+        }
+        Err(errs) => {
+            let why = errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.skip(format!(
+                "connectors[{i}] `{name}` ({}): not usable as is: {why}",
+                path.display()
+            ));
+            let _ = write!(
+                out.mappings,
+                "\n# tb-gateway connector `{}` is NOT active: fix it, then uncomment (see the list above).\n# [[mappings]]\n# tb_gateway_file = {}\n",
+                name.replace('\n', " "),
+                toml_str(&path.display().to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The Mosquitto settings dlms-bridge's broker can take: one listener, anonymous or not.
+fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Error> {
+    let text = read_text(conf)?;
+    let mut listeners: Vec<(u16, Option<String>)> = Vec::new();
+    let mut bind_address: Option<String> = None;
+    let mut allow_anonymous: Option<bool> = None;
+    let mut password_file: Option<String> = None;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let key = words.next().unwrap_or_default();
+        let args: Vec<&str> = words.collect();
+        let bad = |m: &str| Error::Setting {
+            path: conf.to_path_buf(),
+            key: format!("line {}: {key}", n + 1),
+            message: m.to_string(),
+        };
+        match key {
+            "listener" | "port" => {
+                let port = args
+                    .first()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| bad("needs a port number"))?;
+                listeners.push((port, args.get(1).map(|s| s.to_string())));
+            }
+            "bind_address" => bind_address = args.first().map(|s| s.to_string()),
+            "allow_anonymous" => allow_anonymous = Some(args.first() == Some(&"true")),
+            "password_file" => password_file = args.first().map(|s| s.to_string()),
+            "max_connections" => match args.first().and_then(|m| m.parse::<i64>().ok()) {
+                Some(m) if m > 0 => out.broker.push(format!("max_connections = {m}")),
+                _ => out.skip(format!(
+                    "mosquitto `{line}`: unlimited connections are not supported; broker.max_connections keeps its default (10000)"
+                )),
+            },
+            "per_listener_settings" if args.first() != Some(&"true") => {}
+            other => out.skip(format!(
+                "mosquitto `{line}` ({}:{}): `{other}` has no equivalent in dlms-bridge's embedded broker",
+                conf.display(),
+                n + 1
+            )),
+        }
+    }
+    if listeners.is_empty() {
+        listeners.push((1883, None));
+        out.skip(format!(
+            "{}: no listener/port line, so Mosquitto listened on 1883 on all addresses; carried as 0.0.0.0:1883",
+            conf.display()
+        ));
+    }
+    let chosen = listeners
+        .iter()
+        .position(|(p, _)| local_ports.contains(p))
+        .unwrap_or(0);
+    for (j, (p, a)) in listeners.iter().enumerate() {
+        if j != chosen {
+            out.skip(format!(
+                "mosquitto listener {p} {}: the embedded broker has one listener; kept {}",
+                a.as_deref().unwrap_or(""),
+                listeners[chosen].0
+            ));
+        }
+    }
+    let (port, addr) = &listeners[chosen];
+    let addr = addr
+        .clone()
+        .or(bind_address)
+        .unwrap_or_else(|| "0.0.0.0".into());
+    let listen = if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else if addr == "localhost" {
+        format!("127.0.0.1:{port}")
+    } else {
+        format!("{addr}:{port}")
+    };
+    out.broker
+        .insert(0, format!("listen = {}", toml_str(&listen)));
+    match (allow_anonymous, &password_file) {
+        (_, Some(pf)) => out.skip(format!(
+            "mosquitto password_file {pf}: Mosquitto keeps only password hashes, which cannot be turned back into passwords; the imported broker accepts anonymous clients until you set broker.username and broker.password (one account)"
+        )),
+        (Some(false), None) => out.skip(
+            "mosquitto allow_anonymous false without a password_file: set broker.username and broker.password; until then the imported broker accepts anonymous clients",
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_str(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(toml_str("x\ny"), r#""x\ny""#);
+    }
+
+    #[test]
+    fn missing_dir_and_yaml_are_clear_errors() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let e = import_tb_gateway(d.path(), None).expect_err("empty dir");
+        assert!(e.to_string().contains("no tb_gateway.json"), "{e}");
+        std::fs::write(d.path().join("tb_gateway.yaml"), "thingsboard: {}").expect("write");
+        let e = import_tb_gateway(d.path(), None).expect_err("yaml");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+}

@@ -1,7 +1,7 @@
 //! dlms-bridge library.
 #![forbid(unsafe_code)]
-pub mod broker;
 pub mod app;
+pub mod broker;
 pub mod config;
 pub mod downlink;
 pub mod import;

@@ -15,7 +15,11 @@ use dlms_bridge::sources::dlms::cli::ReadArgs;
 use dlms_bridge::sources::dlms::simulator::SimulateArgs;
 
 #[derive(Parser, Debug)]
-#[command(name = "dlms-bridge", version, about = "DLMS/COSEM meters and local MQTT to ThingsBoard, in one binary")]
+#[command(
+    name = "dlms-bridge",
+    version,
+    about = "DLMS/COSEM meters and local MQTT to ThingsBoard, in one binary"
+)]
 struct Cli {
     /// Configuration file (default /etc/dlms-bridge/config.toml; absent = built-in defaults).
     #[arg(long, global = true, env = "DLMS_BRIDGE_CONFIG")]
@@ -91,7 +95,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Read(args) => block_on(async move {
-            dlms_bridge::sources::dlms::cli::read(args).await.map_err(anyhow::Error::from)
+            dlms_bridge::sources::dlms::cli::read(args)
+                .await
+                .map_err(anyhow::Error::from)
         }),
         Command::Simulate(args) => {
             init_tracing("info");
@@ -135,14 +141,25 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
+/// rumqttd logs routine events (a client closing, our readiness probe) at ERROR; it stays quiet
+/// unless the filter names it.
+fn filter_for(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    if level.contains("rumqttd") {
+        EnvFilter::try_new(level)
+    } else {
+        EnvFilter::try_new(format!("{level},rumqttd=off"))
+    }
+}
+
 /// Logs to stdout (journald under systemd, which adds its own timestamps). `RUST_LOG`, when
 /// set, wins over the configured level.
 fn init_tracing(level: &str) -> Option<FilterHandle> {
     use tracing_subscriber::prelude::*;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new(level));
+        .and_then(|s| filter_for(&s).ok())
+        .or_else(|| filter_for(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
@@ -152,7 +169,10 @@ fn init_tracing(level: &str) -> Option<FilterHandle> {
             .with(fmt.without_time().with_ansi(false))
             .try_init()
     } else {
-        tracing_subscriber::registry().with(filter).with(fmt).try_init()
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt)
+            .try_init()
     };
     res.ok().map(|_| handle)
 }
@@ -180,20 +200,32 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config, path: Option<PathBuf>, filter: Option<FilterHandle>) -> anyhow::Result<bool> {
+async fn serve(
+    cfg: Config,
+    path: Option<PathBuf>,
+    filter: Option<FilterHandle>,
+) -> anyhow::Result<bool> {
     info!(version = env!("CARGO_PKG_VERSION"), "Starting dlms-bridge.");
-    let running = dlms_bridge::app::start(cfg).await?;
+    let mut running = dlms_bridge::app::start(cfg).await?;
     loop {
-        match shutdown::next_signal().await.context("installing signal handlers")? {
+        match shutdown::next_signal()
+            .await
+            .context("installing signal handlers")?
+        {
             Signal::Terminate => break,
-            Signal::Reload => reload(path.as_deref(), filter.as_ref()),
+            Signal::Reload => reload(path.as_deref(), filter.as_ref(), &mut running).await,
         }
     }
     running.shutdown().await
 }
 
-/// SIGHUP: re-read the configuration; apply the log level; say what needs a restart.
-fn reload(path: Option<&std::path::Path>, filter: Option<&FilterHandle>) {
+/// SIGHUP: re-read the configuration; apply the log level, meters and mappings; say what needs
+/// a restart. An invalid configuration changes nothing.
+async fn reload(
+    path: Option<&std::path::Path>,
+    filter: Option<&FilterHandle>,
+    running: &mut dlms_bridge::app::Running,
+) {
     let raw = match config::load(path) {
         Ok(r) => r,
         Err(e) => {
@@ -211,7 +243,7 @@ fn reload(path: Option<&std::path::Path>, filter: Option<&FilterHandle>) {
     };
     if let Some(h) = filter {
         if std::env::var_os("RUST_LOG").is_none() {
-            match EnvFilter::try_new(&cfg.log_level) {
+            match filter_for(&cfg.log_level) {
                 Ok(f) => {
                     let _ = h.reload(f);
                     info!(level = %cfg.log_level, "Reload: log level applied.");
@@ -220,7 +252,15 @@ fn reload(path: Option<&std::path::Path>, filter: Option<&FilterHandle>) {
             }
         }
     }
-    warn!("Reload: changes other than the log level need a restart (systemctl restart dlms-bridge).");
+    if let Err(e) = running.reload(&cfg).await {
+        warn!(
+            error = format!("{e:#}"),
+            "Reload: meters/mappings not applied."
+        );
+    }
+    info!(
+        "Reload: [broker], [thingsboard], [store], [local] and [simulator] changes need a restart."
+    );
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -238,8 +278,7 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
         dry_run,
         output,
     } = what;
-    let res: Result<ImportStub, String> = Err(format!("{dir:?}{mosquitto:?}"));
-    let res = match res {
+    let res = match dlms_bridge::import::import_tb_gateway(&dir, mosquitto.as_deref()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -274,5 +313,3 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
         }
     }
 }
-
-struct ImportStub { toml: String, not_carried: Vec<String> }

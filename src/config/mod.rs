@@ -443,7 +443,7 @@ impl Default for MeterConfig {
 
 /// One local-MQTT mapping rule: tb-gateway MQTT connector semantics written in TOML, or a
 /// tb-gateway connector JSON file used as is (`tb_gateway_file`). Compiled and checked by
-/// `router::mapping::MappingSet::from_config`; see docs/CONFIG.md for every field.
+/// `router::mapping::MappingSet::from_config`; the fields mirror tb-gateway keys (spec §6).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct MappingConfig {

@@ -6,6 +6,35 @@
 //! `${…}` expressions and regexes are never parsed per message. The engine is pure: it reads
 //! connector files while it is built, then does no I/O and reads no clock (callers pass times).
 //! It never creates a device whose name is an unresolved `${field}`: such messages are errors.
+//!
+//! Native TOML, equivalent to a tb-gateway `mapping` entry and an RPC rule:
+//!
+//! ```toml
+//! [[mappings]]
+//! topic_filter = "meters/+/data"
+//! device_name_topic = "meters/([^/]+)/data"       # or device_name_json = "${serial}", device_name = "M1"
+//! device_type = "DLMS meter"                       # constant, or "${profile}" from the payload
+//! timeseries = ["*"]                               # or [{ key = "kWh", type = "double", value = "${energy.import}" }]
+//! attributes = [{ key = "model", type = "string", value = "${info.model}" }]
+//! report_strategy = { type = "ON_CHANGE_OR_REPORT_PERIOD", report_period = "60s" }
+//!
+//! [[mappings]]
+//! kind = "rpc"                                     # also connect, disconnect, attribute_request, attribute_update
+//! method_filter = "^setRelay$"
+//! topic_expression = "meters/${deviceName}/rpc/${requestId}"
+//! response_topic_expression = "meters/${deviceName}/rpc/${requestId}/reply"
+//! response_timeout = "5s"
+//! value_expression = "${params}"
+//!
+//! [[mappings]]
+//! tb_gateway_file = "/etc/thingsboard-gateway/config/mqtt.json"   # a connector file, used as is
+//! ```
+//!
+//! Differences from tb-gateway, all reported rather than guessed: custom (Python) converters,
+//! `useEval`, `tsField` and aggregation functions are configuration errors; a missing device
+//! name or profile rejects the message instead of naming the device after the expression; topic
+//! regexes support look-around only as a leading `(?<=…)` and a trailing `(?=…)`; `"*"` leaves
+//! out the keys the device name/profile are read from and `ts`/`timestamp`.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -715,7 +744,7 @@ impl MappingSet {
                 for (k, ks) in map.iter_mut() {
                     if ks.period > 0 && ks.next_due <= now_ms {
                         values.insert(k.clone(), ks.last.clone());
-                        ks.next_due = now_ms + ks.period;
+                        ks.next_due = now_ms.saturating_add(ks.period);
                     }
                 }
                 if !values.is_empty() {
@@ -1151,7 +1180,7 @@ fn filter_strategy(
                             KeyState {
                                 last: v,
                                 period: p,
-                                next_due: now + p,
+                                next_due: now.saturating_add(p),
                             },
                         );
                     }
@@ -1165,7 +1194,7 @@ fn filter_strategy(
                         s.last = v.clone();
                         s.period = p;
                         if changed {
-                            s.next_due = now + p;
+                            s.next_due = now.saturating_add(p);
                         }
                     }
                     None => {
@@ -1174,7 +1203,7 @@ fn filter_strategy(
                             KeyState {
                                 last: v.clone(),
                                 period: p,
-                                next_due: now + p,
+                                next_due: now.saturating_add(p),
                             },
                         );
                     }
@@ -2683,6 +2712,180 @@ mod tests {
                 "want {key} ~ {msg}, got {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn native_request_rules() {
+        let mut set = native(
+            r#"
+            [[mappings]]
+            kind = "connect"
+            topic_filter = "dev/+/up"
+            device_name_topic = "dev/([^/]+)/up"
+            device_type = "Sensor"
+
+            [[mappings]]
+            kind = "disconnect"
+            topic_filter = "dev/+/down"
+            device_name_topic = "dev/([^/]+)/down"
+
+            [[mappings]]
+            kind = "attribute_request"
+            topic_filter = "dev/req"
+            device_name_json = "${id}"
+            attribute_names = "${keys}"
+            scope = "client"
+            topic_expression = "dev/${deviceName}/attr/${attributeKey}"
+            value_expression = "${attributeValue}"
+
+            [[mappings]]
+            kind = "attribute_update"
+            device_name_filter = "dev-.*"
+            attribute_filter = "target"
+            topic_expression = "dev/${deviceName}/set/${attributeKey}"
+            value_expression = "${attributeValue}"
+            retain = true
+
+            [[mappings]]
+            kind = "rpc"
+            method_filter = "^read$"
+            topic_expression = "dev/${deviceName}/rpc/${requestId}"
+            response_topic_expression = "dev/${deviceName}/rpc/${requestId}/reply"
+            response_timeout = "3s"
+
+            [[mappings]]
+            kind = "rpc"
+            method_filter = ".*"
+            topic_expression = "dev/${deviceName}/cmd/${methodName}"
+            value_expression = "${params.on}"
+            "#,
+        );
+        let out = set
+            .map(&publish("dev/dev-1/up", ""))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(
+            (
+                out[0].kind,
+                out[0].device.as_str(),
+                out[0].device_type.as_str()
+            ),
+            (RecordKind::Connect, "dev-1", "Sensor")
+        );
+        let out = set
+            .map(&publish("dev/dev-1/down", ""))
+            .expect("m")
+            .expect("ok");
+        assert_eq!(
+            (out[0].kind, out[0].device_type.as_str()),
+            (RecordKind::Disconnect, DEFAULT_DEVICE_TYPE)
+        );
+        let out = set
+            .map(&publish("dev/req", r#"{"id":"dev-1","keys":"target"}"#))
+            .expect("m")
+            .expect("ok");
+        let id = out[0].payload["id"].as_i64().expect("id");
+        assert_eq!(out[0].payload["client"], json!(true));
+        let a = set
+            .attribute_response_publish("dev-1", id, &json!(21.5))
+            .expect("routed");
+        assert_eq!(
+            (a.topic.as_str(), a.payload.as_slice()),
+            ("dev/dev-1/attr/target", &b"21.5"[..])
+        );
+        let mut data = Map::new();
+        data.insert("target".into(), json!(22));
+        let ups = set.attribute_update_publishes(&AttributeUpdate {
+            device: "dev-1".into(),
+            data,
+        });
+        assert_eq!(
+            ups,
+            vec![LocalOut {
+                topic: "dev/dev-1/set/target".into(),
+                payload: b"22".to_vec(),
+                retain: true
+            }]
+        );
+        let req = |m: &str| RpcRequest {
+            device: "dev-1".into(),
+            id: 5,
+            method: m.into(),
+            params: json!({"on": true}),
+        };
+        let r = set.rpc_route(&req("read")).expect("two-way");
+        assert_eq!(
+            (r.response_topic.as_deref(), r.timeout),
+            (Some("dev/dev-1/rpc/5/reply"), Duration::from_secs(3))
+        );
+        assert_eq!(r.request.payload, br#"{"on":true}"#.to_vec());
+        let r = set.rpc_route(&req("relay")).expect("one-way");
+        assert_eq!(
+            (
+                r.request.topic.as_str(),
+                r.request.payload.as_slice(),
+                r.response_topic
+            ),
+            ("dev/dev-1/cmd/relay", &b"true"[..], None)
+        );
+    }
+
+    #[test]
+    fn arbitrary_payloads_never_panic() {
+        let mut set = connector(new_connector());
+        set.absorb(connector(original_connector()));
+        let topics = [
+            "meters/a/data",
+            "sensor/connect",
+            "sensor/x/disconnect",
+            "v1/devices/me/attributes/request",
+            "v1/devices/me/telemetry",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces = [
+            "{",
+            "}",
+            "[",
+            "]",
+            "\"deviceName\"",
+            ":",
+            ",",
+            "\"SN\"",
+            "1e999",
+            "-0",
+            "null",
+            "\"${x}\"",
+            "\"\\u0000\"",
+            "true",
+            "\"serialNumber\"",
+        ];
+        for i in 0..5_000 {
+            let len = (next() % 12) as usize;
+            let payload: String = (0..len)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            let _ = set.map(&publish(topics[i % topics.len()], &payload));
+        }
+    }
+
+    #[test]
+    fn huge_report_periods_do_not_overflow() {
+        let mut set = connector(json!({"mapping": [{
+            "topicFilter": "t",
+            "reportStrategy": {"type": "ON_CHANGE_OR_REPORT_PERIOD", "reportPeriod": i64::MAX},
+            "converter": {"deviceInfo": {"deviceNameExpressionSource": "constant", "deviceNameExpression": "A"},
+                "timeseries": "*"}}]}));
+        let mut p = publish("t", r#"{"v":1}"#);
+        p.received_ms = i64::MAX - 5;
+        assert_eq!(set.map(&p).expect("m").expect("ok").len(), 1);
+        assert!(set.due(i64::MAX - 1).is_empty());
+        assert_eq!(set.due(i64::MAX).len(), 1);
     }
 
     #[test]

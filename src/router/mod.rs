@@ -56,6 +56,16 @@ pub struct RouterStats {
     pub rpc_requests: AtomicU64,
 }
 
+/// The channels the router reads.
+pub struct RouterInputs {
+    /// From the broker front and every meter actor; closes when they are all gone.
+    pub events_rx: mpsc::Receiver<SourceEvent>,
+    /// From the uplink: RPCs, shared attribute updates, attribute responses.
+    pub downlink_rx: mpsc::Receiver<Downlink>,
+    /// New mapping sets from a configuration reload (SIGHUP).
+    pub reload_rx: mpsc::Receiver<MappingSet>,
+}
+
 pub struct Router {
     /// From the broker front and every meter actor; closes when they are all gone.
     events_rx: mpsc::Receiver<SourceEvent>,
@@ -75,24 +85,22 @@ pub struct Router {
 
 impl Router {
     pub fn new(
-        events_rx: mpsc::Receiver<SourceEvent>,
-        downlink_rx: mpsc::Receiver<Downlink>,
+        inputs: RouterInputs,
         store: StoreHandle,
         mappings: MappingSet,
         local: LocalConfig,
         broker: Option<BrokerHandle>,
         meters: MeterMap,
-        reload_rx: mpsc::Receiver<MappingSet>,
     ) -> Self {
         Router {
-            events_rx,
-            downlink_rx,
+            events_rx: inputs.events_rx,
+            downlink_rx: inputs.downlink_rx,
             store,
             mappings,
             local,
             broker,
             meters,
-            reload_rx,
+            reload_rx: inputs.reload_rx,
             stats: Arc::default(),
         }
     }
@@ -235,9 +243,14 @@ impl Router {
                 }
             }
             Downlink::AttributeResponse { device, id, values } => {
-                match self.mappings.attribute_response_publish(&device, id, &values) {
+                match self
+                    .mappings
+                    .attribute_response_publish(&device, id, &values)
+                {
                     Some(o) => self.publish_local(&o.topic, o.payload, o.retain).await,
-                    None => debug!(%device, id, "Attribute response with no pending local request."),
+                    None => {
+                        debug!(%device, id, "Attribute response with no pending local request.")
+                    }
                 }
             }
             Downlink::DeviceDisconnected { device, reason } => {
