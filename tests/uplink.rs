@@ -734,3 +734,33 @@ async fn rpc_to_the_gateway_device_itself_is_answered() {
     assert_eq!(bridge.status.borrow().downlink_forwarded, 0);
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn thingsboard_down_at_start_then_up_delivers_the_queue() {
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.stop().await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
+    bridge
+        .store
+        .enqueue(readings(&["A", "B"], 0..30))
+        .await
+        .expect("enqueue");
+    let s = bridge
+        .wait_status("a few failed attempts", |s| s.connect_attempts >= 3)
+        .await;
+    assert!(!s.connected);
+    assert!(s.last_error.unwrap_or_default().starts_with("connecting"));
+    emu.restart().await;
+    let r = emu
+        .wait_for("the queue", WAIT, |r| all_arrived(r, &["A", "B"], 30))
+        .await;
+    assert_in_order(&r, &["A", "B"], 0..30);
+    assert!(r.connect_precedes_data());
+    let s = bridge.wait_status("acked", |s| s.acked_records == 60).await;
+    assert_eq!(
+        s.protocol,
+        Some(Protocol::V5),
+        "refused TCP is not a reason to leave MQTT 5"
+    );
+    bridge.stop().await;
+}
