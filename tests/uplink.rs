@@ -22,19 +22,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn tb_config(emu: &TbEmulator, protocol: MqttProtocol) -> ThingsboardConfig {
     ThingsboardConfig {
-        host: "127.0.0.1".into(),
-        port: emu.port(),
-        access_token: Secret::new(TOKEN),
-        client_id: "dlms-bridge-test".into(),
         protocol,
-        keep_alive: Duration::from_secs(5),
-        max_packet_size: 65_536,
-        max_inflight: 80,
-        batch_linger: Duration::from_millis(20),
-        ack_timeout: Duration::from_secs(2),
-        reconnect_min: Duration::from_millis(50),
-        reconnect_max: Duration::from_millis(400),
-        auth_retry: Duration::from_secs(60),
+        ..emu.thingsboard_config()
     }
 }
 
@@ -539,4 +528,239 @@ async fn stop_waits_for_outstanding_pubacks() {
     let r = emu.snapshot();
     let depth = store.stats().await.expect("stats").depth as usize;
     assert!(r.telemetry_ts("A").len() + depth >= 200);
+}
+
+#[tokio::test]
+async fn repeated_evictions_on_311_are_reported_as_takeover() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V311)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+
+    // A leftover tb-gateway that reconnects at once whenever it is evicted (3.1.1: no reason
+    // code, the server just closes the socket).
+    let mut opts = rumqttc::MqttOptions::new("tb-gateway", "127.0.0.1", emu.port());
+    opts.set_credentials(TOKEN, "");
+    let (other, mut other_loop) = rumqttc::AsyncClient::new(opts, 10);
+    let other_task = tokio::spawn(async move {
+        loop {
+            let _ = other_loop.poll().await;
+        }
+    });
+    let s = bridge
+        .wait_status("takeover reported", |s| s.session_takeovers >= 1)
+        .await;
+    assert!(s.connects >= SHORT_SESSIONS_FOR_TAKEOVER, "{s:?}");
+    other_task.abort();
+    drop(other);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..3))
+        .await
+        .expect("enqueue");
+    emu.wait_for("delivery once alone", WAIT, |r| {
+        r.telemetry_ts("A").len() >= 3
+    })
+    .await;
+    bridge.stop().await;
+}
+
+/// Must match the uplink's threshold of consecutive short sessions.
+const SHORT_SESSIONS_FOR_TAKEOVER: u64 = 3;
+
+#[tokio::test]
+async fn payload_invalid_drops_only_that_device_and_keeps_the_session() {
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.set_reject_device(Some("Bad"));
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge
+        .store
+        .enqueue(readings(&["Good", "Bad"], 0..20))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("good rows", WAIT, |r| r.telemetry_ts("Good").len() >= 20)
+        .await;
+    assert!(r.telemetry_ts("Bad").is_empty());
+    let s = bridge
+        .wait_status("bad rows dropped", |s| {
+            s.dropped_records == 20 && s.acked_records == 20
+        })
+        .await;
+    assert!(s.failed_acks >= 1);
+    assert_eq!(bridge.depth().await, 0);
+    assert_eq!(emu.snapshot().sessions, 1);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn attributes_requests_connect_and_disconnect_rows() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    let row = |kind, payload| Record {
+        device: "Meter 9".into(),
+        device_type: "Special Profile".into(),
+        kind,
+        payload,
+    };
+    bridge
+        .store
+        .enqueue(vec![
+            row(RecordKind::Connect, Value::Null),
+            row(RecordKind::Attributes, json!({"fw": "1.0", "serial": "S1"})),
+            row(RecordKind::Attributes, json!({"fw": "1.1"})),
+            row(
+                RecordKind::AttributeRequest,
+                json!({"id": 3, "client": false, "keys": ["tariff"]}),
+            ),
+            row(RecordKind::Disconnect, Value::Null),
+        ])
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("disconnect", WAIT, |r| !r.disconnects.is_empty())
+        .await;
+    assert_eq!(
+        r.connects,
+        vec![("Meter 9".to_string(), Some("Special Profile".to_string()))],
+        "an explicit Connect row is not announced twice"
+    );
+    assert_eq!(
+        r.attributes.get("Meter 9").cloned().map(Value::Object),
+        Some(json!({"fw": "1.1", "serial": "S1"}))
+    );
+    assert_eq!(
+        r.attribute_requests,
+        vec![json!({"id": 3, "device": "Meter 9", "client": false, "keys": ["tariff"]})]
+    );
+    assert!(r.connect_precedes_data());
+    let kinds: Vec<&str> = r.events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec!["connect", "attributes", "attribute_request", "disconnect"]
+    );
+    bridge.wait_status("acked", |s| s.acked_records == 5).await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_downlink_channel_drops_and_counts_without_stalling_the_session() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+    // Nobody reads downlink_rx (capacity 16): the uplink must keep polling and count drops.
+    for id in 0..24 {
+        assert!(emu.push_rpc("Meter 1", id, "ping", Value::Null).await);
+    }
+    let s = bridge
+        .wait_status("drops counted", |s| {
+            s.downlink_forwarded + s.downlink_dropped == 24
+        })
+        .await;
+    assert_eq!(s.downlink_forwarded, 16);
+    assert_eq!(s.downlink_dropped, 8);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..5))
+        .await
+        .expect("enqueue");
+    emu.wait_for("data still flows", WAIT, |r| r.telemetry_ts("A").len() >= 5)
+        .await;
+    assert_eq!(emu.snapshot().sessions, 1);
+    bridge.stop().await;
+}
+
+/// Prints how fast a backlog drains (debug build, loopback emulator). A measurement, not an
+/// assertion: run with `cargo test --test uplink -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn drain_rate_measurement() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let devices: Vec<String> = (0..100).map(|i| format!("Meter {i}")).collect();
+    let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    for chunk in 0..10 {
+        let from = chunk * 20;
+        bridge
+            .store
+            .enqueue(readings(&names, from..from + 20))
+            .await
+            .expect("enqueue");
+    }
+    let started = std::time::Instant::now();
+    bridge
+        .wait_status("20000 rows acked", |s| s.acked_records >= 20_000)
+        .await;
+    let took = started.elapsed();
+    let r = emu.snapshot();
+    println!(
+        "drained 20000 rows of 100 devices in {took:?} ({:.0} rows/s), {} telemetry publishes",
+        20_000.0 / took.as_secs_f64(),
+        r.telemetry_publishes
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn rpc_to_the_gateway_device_itself_is_answered() {
+    let emu = TbEmulator::start(TOKEN).await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::V5)).await;
+    bridge.wait_status("connected", |s| s.connected).await;
+    assert!(
+        emu.push(
+            "v1/devices/me/rpc/request/7",
+            json!({"method": "gateway_ping", "params": {}})
+        )
+        .await
+    );
+    assert!(
+        emu.push(
+            "v1/devices/me/rpc/request/8",
+            json!({"method": "gateway_device_renamed", "params": {"Old": "New"}})
+        )
+        .await
+    );
+    let r = emu
+        .wait_for("gateway rpc replies", WAIT, |r| {
+            r.gateway_rpc_responses.len() == 2
+        })
+        .await;
+    assert!(r
+        .gateway_rpc_responses
+        .contains(&("7".into(), json!({"code": 200, "resp": "pong"}))));
+    assert!(r
+        .gateway_rpc_responses
+        .iter()
+        .any(|(id, v)| id == "8" && v["code"] == 404));
+    assert_eq!(bridge.status.borrow().downlink_forwarded, 0);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn thingsboard_down_at_start_then_up_delivers_the_queue() {
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.stop().await;
+    let mut bridge = Bridge::start(tb_config(&emu, MqttProtocol::Auto)).await;
+    bridge
+        .store
+        .enqueue(readings(&["A", "B"], 0..30))
+        .await
+        .expect("enqueue");
+    let s = bridge
+        .wait_status("a few failed attempts", |s| s.connect_attempts >= 3)
+        .await;
+    assert!(!s.connected);
+    assert!(s.last_error.unwrap_or_default().starts_with("connecting"));
+    emu.restart().await;
+    let r = emu
+        .wait_for("the queue", WAIT, |r| all_arrived(r, &["A", "B"], 30))
+        .await;
+    assert_in_order(&r, &["A", "B"], 0..30);
+    assert!(r.connect_precedes_data());
+    let s = bridge.wait_status("acked", |s| s.acked_records == 60).await;
+    assert_eq!(
+        s.protocol,
+        Some(Protocol::V5),
+        "refused TCP is not a reason to leave MQTT 5"
+    );
+    bridge.stop().await;
 }

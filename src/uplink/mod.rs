@@ -10,6 +10,21 @@
 //! in-flight bookkeeping is forgotten and everything unacked is resent from the store after a
 //! jittered backoff. Delivery is at least once.
 //!
+//! Choices worth knowing:
+//! - The rumqttc `EventLoop` runs in a task of its own and forwards events over a bounded
+//!   channel: `poll` is not cancel-safe while connecting (a losing `select!` branch opened a
+//!   second TCP connection, which ThingsBoard treats as a session takeover).
+//! - PUBACK matching is FIFO over `Outgoing::Publish(pkid)` (see [`inflight`]); a PUBACK for
+//!   nothing in flight is ignored.
+//! - Announcements (`connect`) are not awaited before the device's data: ThingsBoard handles a
+//!   session's messages in order and the data reuses the pending device lookup of the `connect`,
+//!   so the profile `type` wins. They carry no rows, so a missing PUBACK (ThingsBoard sends none
+//!   when device creation fails) only frees the window slot after `ack_timeout`.
+//! - `protocol = auto` starts with MQTT 5 and falls back to 3.1.1 for the rest of the process
+//!   when the server refuses the v5 CONNECT (v3 CONNACK, or a close before any CONNACK).
+//! - On 3.1.1 a takeover has no reason code: three sessions in a row closed by the server
+//!   within 5 s of CONNACK are reported as one.
+//!
 //! It must not: block the event loop (downlink sends are `try_send`, counted when dropped); send
 //! anything but QoS 1; put two devices in one publish; delete a row before its PUBACK; log the
 //! access token; retry a refused token in a tight loop.
@@ -17,6 +32,7 @@
 pub mod inflight;
 pub mod thingsboard;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
@@ -50,6 +66,8 @@ const SHORT_SESSION: Duration = Duration::from_secs(5);
 const SHORT_SESSIONS_FOR_TAKEOVER: u32 = 3;
 /// Requests rumqttc may hold beyond our publish window (subscribes, disconnect).
 const REQUEST_CHANNEL_SLACK: usize = 16;
+/// Events handled per turn before acked rows are deleted in one store call.
+const MAX_EVENTS_PER_TURN: usize = 64;
 /// Events buffered between the event-loop task and the session logic.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// How long a graceful stop waits for the DISCONNECT to be written.
@@ -176,6 +194,10 @@ impl Uplink {
         let text = failure.to_string();
         self.status_tx
             .send_modify(|s| s.last_error = Some(text.clone()));
+        if matches!(failure, Failure::Connect(_)) {
+            // A takeover reconnects at once; a failed connect means something else is going on.
+            life.short_sessions = 0;
+        }
         match failure {
             Failure::Connect(NetError::AuthRefused(code)) => {
                 if !life.auth_reported {
@@ -239,7 +261,12 @@ impl Uplink {
                 warn!(error = %error, after = ?connected_for, "Connection to ThingsBoard lost; reconnecting.");
                 life.backoff.next()
             }
-            Failure::DeadLink => life.backoff.next(),
+            Failure::DeadLink { connected_for } => {
+                if connected_for >= STABLE_SESSION {
+                    life.backoff.reset();
+                }
+                life.backoff.next()
+            }
             Failure::Store(e) => {
                 warn!(error = %e, "Reading the store failed; restarting the session.");
                 life.backoff.next()
@@ -311,19 +338,39 @@ impl Uplink {
             let live = s.connected_at.is_some() && s.stopping.is_none();
             let read_at = s.read_at;
             tokio::select! {
-                ev = ev_rx.recv() => match ev.unwrap_or_else(|| Err(NetError::Other("event loop task ended".into()))) {
-                    Ok(ev) => {
-                        if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
-                            return SessionEnd::Failed(f);
+                ev = ev_rx.recv() => {
+                    // Handle what is already queued too, then delete all acked rows at once.
+                    let mut next = Some(ev.unwrap_or_else(|| {
+                        Err(NetError::Other("event loop task ended".into()))
+                    }));
+                    let mut handled = 0;
+                    let mut failure = None;
+                    while let Some(ev) = next.take() {
+                        match ev {
+                            Ok(ev) => {
+                                if let Err(f) = self.on_event(ev, &client, life, &mut s).await {
+                                    failure = Some(f);
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                failure = Some(match s.connected_at {
+                                    None => Failure::Connect(e),
+                                    Some(at) => Failure::Lost { error: e, connected_for: at.elapsed() },
+                                });
+                                break;
+                            }
+                        }
+                        handled += 1;
+                        if handled < MAX_EVENTS_PER_TURN {
+                            next = ev_rx.try_recv().ok();
                         }
                     }
-                    Err(e) => {
-                        return SessionEnd::Failed(match s.connected_at {
-                            None => Failure::Connect(e),
-                            Some(at) => Failure::Lost { error: e, connected_for: at.elapsed() },
-                        });
+                    self.flush_acks(&mut s).await;
+                    if let Some(f) = failure {
+                        return SessionEnd::Failed(f);
                     }
-                },
+                }
                 changed = store_rx.changed(), if live && store_open => {
                     if changed.is_err() {
                         store_open = false;
@@ -365,7 +412,8 @@ impl Uplink {
                 "No PUBACK from ThingsBoard in time; declaring the link dead and reconnecting."
             );
             self.status_tx.send_modify(|st| st.dead_links += 1);
-            return Err(Failure::DeadLink);
+            let connected_for = s.connected_at.map(|at| at.elapsed()).unwrap_or_default();
+            return Err(Failure::DeadLink { connected_for });
         }
         for tag in s
             .inflight
@@ -391,7 +439,7 @@ impl Uplink {
                 let Some(out) = s.pending.pop_front() else {
                     break;
                 };
-                if let Err(e) = client.publish(out.topic, out.payload.clone()) {
+                if let Err(e) = client.publish(&out.topic, out.payload.clone()) {
                     return Err(Failure::Client(e));
                 }
                 let tracked = !out.ids.is_empty();
@@ -466,7 +514,7 @@ impl Uplink {
                 }
                 let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
                     payload.map(|p| Out {
-                        topic,
+                        topic: Cow::Borrowed(topic),
                         payload: Bytes::from(p),
                         ids: vec![run[0].id],
                         device: device.clone(),
@@ -485,7 +533,7 @@ impl Uplink {
                             .into_iter()
                             .map(|b| {
                                 Ok(Out {
-                                    topic: b.topic,
+                                    topic: Cow::Borrowed(b.topic),
                                     payload: Bytes::from(b.payload),
                                     ids: b.ids,
                                     device: device.clone(),
@@ -535,6 +583,30 @@ impl Uplink {
             }
             self.drop_rows(ids).await;
         }
+    }
+
+    /// Delete the rows of every success PUBACK handled since the last flush, in one store call.
+    async fn flush_acks(&self, s: &mut Session) {
+        if s.acked.is_empty() && s.acked_publishes == 0 {
+            return;
+        }
+        let ids = std::mem::take(&mut s.acked);
+        let publishes = std::mem::take(&mut s.acked_publishes);
+        let n = ids.len() as u64;
+        if n == 0 {
+            self.status_tx
+                .send_modify(|st| st.acked_publishes += publishes);
+            return;
+        }
+        if let Err(e) = self.store.ack(ids).await {
+            warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
+            return;
+        }
+        // Counted once deleted, so a reader of the status never sees rows it cannot find gone.
+        self.status_tx.send_modify(|st| {
+            st.acked_publishes += publishes;
+            st.acked_records += n;
+        });
     }
 
     /// ERROR once per device for rows ThingsBoard can never accept (data loss, operator action).
@@ -611,16 +683,8 @@ impl Uplink {
                 };
                 match reason {
                     0x00 | 0x10 => {
-                        let n = tag.ids.len() as u64;
-                        if n > 0 {
-                            if let Err(e) = self.store.ack(tag.ids).await {
-                                warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
-                            }
-                        }
-                        self.status_tx.send_modify(|st| {
-                            st.acked_publishes += 1;
-                            st.acked_records += n;
-                        });
+                        s.acked.extend(tag.ids);
+                        s.acked_publishes += 1;
                     }
                     0x99 => {
                         self.status_tx.send_modify(|st| st.failed_acks += 1);
@@ -650,7 +714,20 @@ impl Uplink {
                     }
                 }
             }
-            NetEvent::Publish { topic, payload } => self.on_downlink(&topic, &payload),
+            NetEvent::Publish { topic, payload } => {
+                if let Some((reply_topic, body)) = tb::gateway_rpc_reply(&topic, &payload) {
+                    // Fire-and-forget like an announcement: no rows, no dead-link deadline.
+                    debug!(topic = %topic, "Answering an RPC to the gateway device itself.");
+                    s.pending.push_front(Out {
+                        topic: Cow::Owned(reply_topic),
+                        payload: Bytes::from(body),
+                        ids: Vec::new(),
+                        device: String::new(),
+                    });
+                } else {
+                    self.on_downlink(&topic, &payload);
+                }
+            }
             NetEvent::SentDisconnect | NetEvent::Other => {}
         }
         Ok(())
@@ -691,7 +768,7 @@ impl Uplink {
 
 fn announcement(device: &str, device_type: &str) -> Out {
     Out {
-        topic: tb::TOPIC_CONNECT,
+        topic: Cow::Borrowed(tb::TOPIC_CONNECT),
         payload: Bytes::from(tb::connect_payload(device, device_type)),
         ids: Vec::new(),
         device: device.to_owned(),
@@ -788,11 +865,15 @@ struct Session {
     resend_at: Option<Instant>,
     /// Cancelled: stop sending, wait for PUBACKs until then.
     stopping: Option<Instant>,
+    /// Rows whose publish got a success PUBACK, not yet deleted (see `flush_acks`), and how
+    /// many publishes those PUBACKs were.
+    acked: Vec<i64>,
+    acked_publishes: u64,
 }
 
 /// A publish ready to go.
 struct Out {
-    topic: &'static str,
+    topic: Cow<'static, str>,
     payload: Bytes,
     ids: Vec<i64>,
     device: String,
@@ -820,7 +901,7 @@ enum Failure {
         connected_for: Duration,
     },
     #[error("no PUBACK within ack_timeout (dead link)")]
-    DeadLink,
+    DeadLink { connected_for: Duration },
     #[error("store: {0}")]
     Store(String),
     #[error("client: {0}")]
@@ -876,7 +957,7 @@ enum Conn {
 }
 
 impl Client {
-    fn publish(&self, topic: &'static str, payload: Bytes) -> Result<(), String> {
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
         match self {
             Client::V5(c) => c
                 .try_publish(
@@ -1038,6 +1119,11 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
             NetError::ProtocolRefused(format!("{c:?}"))
         }
         E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
+        // rumqttc's v5 codec error type is private: a socket error inside it is only known by
+        // its text.
+        E::MqttState(S::Deserialization(d)) if d.to_string().starts_with("IO:") => {
+            NetError::Closed(d.to_string())
+        }
         // A 3.1.1-only server answers a v5 CONNECT with a v3 CONNACK the v5 codec cannot read.
         E::MqttState(S::Deserialization(d)) => NetError::ProtocolRefused(d.to_string()),
         E::NotConnAck(p) => NetError::ProtocolRefused(format!("expected CONNACK, got {p:?}")),
@@ -1070,7 +1156,9 @@ fn v4_error(e: rumqttc::ConnectionError) -> NetError {
         }
         E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
         E::MqttState(S::ConnectionAborted) => NetError::Closed("connection aborted".into()),
-        E::MqttState(S::Io(io)) | E::Io(io) => io_error(io),
+        E::MqttState(S::Io(io))
+        | E::Io(io)
+        | E::MqttState(S::Deserialization(rumqttc::mqttbytes::Error::Io(io))) => io_error(io),
         other => NetError::Other(other.to_string()),
     }
 }
@@ -1088,6 +1176,60 @@ fn io_error(io: std::io::Error) -> NetError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connack_and_disconnect_codes_are_classified() {
+        use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C5, DisconnectReasonCode as D};
+        use rumqttc::ConnectReturnCode as C4;
+        let v4 = |c| v4_error(rumqttc::ConnectionError::ConnectionRefused(c));
+        assert!(matches!(v4(C4::NotAuthorized), NetError::AuthRefused(_)));
+        assert!(matches!(
+            v4(C4::BadUserNamePassword),
+            NetError::AuthRefused(_)
+        ));
+        assert!(matches!(
+            v4(C4::RefusedProtocolVersion),
+            NetError::ProtocolRefused(_)
+        ));
+        assert!(matches!(v4(C4::ServiceUnavailable), NetError::Refused(_)));
+        let v5 = |c| v5_error(rumqttc::v5::ConnectionError::ConnectionRefused(c));
+        assert!(matches!(
+            v5(C5::BadUserNamePassword),
+            NetError::AuthRefused(_)
+        ));
+        assert!(matches!(v5(C5::NotAuthorized), NetError::AuthRefused(_)));
+        assert!(matches!(
+            v5(C5::UnsupportedProtocolVersion),
+            NetError::ProtocolRefused(_)
+        ));
+        assert!(matches!(v5(C5::ServerUnavailable), NetError::Refused(_)));
+        let disconnect = |reason_code| {
+            v5_error(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::ServerDisconnect {
+                    reason_code,
+                    reason_string: None,
+                },
+            ))
+        };
+        assert!(matches!(
+            disconnect(D::SessionTakenOver),
+            NetError::TakenOver
+        ));
+        assert!(matches!(
+            disconnect(D::MessageRateTooHigh),
+            NetError::ServerDisconnect(_)
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            v4_error(rumqttc::ConnectionError::Io(reset)),
+            NetError::Closed(_)
+        ));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(matches!(
+            v4_error(rumqttc::ConnectionError::Io(refused)),
+            NetError::Other(_)
+        ));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_resets() {

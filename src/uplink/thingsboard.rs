@@ -29,6 +29,9 @@ pub const TOPIC_ME_RPC_REQUEST_FILTER: &str = "v1/devices/me/rpc/request/+";
 /// Prefix of [`TOPIC_ME_RPC_REQUEST_FILTER`] matches.
 pub const TOPIC_ME_RPC_REQUEST_PREFIX: &str = "v1/devices/me/rpc/request/";
 
+/// GW → TB: reply to an RPC addressed to the gateway device itself; the request id follows.
+pub const TOPIC_ME_RPC_RESPONSE_PREFIX: &str = "v1/devices/me/rpc/response/";
+
 /// Filters subscribed after every (re)connect; ThingsBoard keeps no session state (spec §1.2) and
 /// grants only these exact filters (spec §1.3).
 pub const SUBSCRIPTIONS: [&str; 5] = [
@@ -162,8 +165,8 @@ pub fn telemetry_batches(
     };
 
     for (id, entry) in rows {
-        if !entry.is_object() {
-            rejected.push((*id, shape(topic, "telemetry entry is not a JSON object")));
+        if let Err(what) = check_entry(entry) {
+            rejected.push((*id, shape(topic, what)));
             continue;
         }
         let text = entry.to_string();
@@ -190,6 +193,23 @@ pub fn telemetry_batches(
     }
     flush(&mut body, &mut ids, &mut out);
     (out, rejected)
+}
+
+/// A telemetry entry ThingsBoard accepts (spec §2.4): an object, and `{"ts","values"}` needs an
+/// integer `ts` (ms) and an object `values`. Anything else would be refused or close the session.
+fn check_entry(entry: &Value) -> Result<(), &'static str> {
+    let obj = entry
+        .as_object()
+        .ok_or("telemetry entry is not a JSON object")?;
+    if let (Some(ts), Some(values)) = (obj.get("ts"), obj.get("values")) {
+        if !ts.is_i64() {
+            return Err("telemetry ts is not an integer (ms)");
+        }
+        if !values.is_object() {
+            return Err("telemetry values is not a JSON object");
+        }
+    }
+    Ok(())
 }
 
 /// Build `{"<device>":{..}}` attribute publishes, merging consecutive rows of one device (later
@@ -250,6 +270,27 @@ pub fn attribute_batches(
         });
     }
     (out, rejected)
+}
+
+/// The reply to an RPC addressed to the gateway device itself (spec §3.5): `gateway_ping` answers
+/// pong, anything else "method not found" (rename/delete notifications are one-way; answering is
+/// harmless). `None` when `topic` is not such a request.
+pub fn gateway_rpc_reply(topic: &str, payload: &[u8]) -> Option<(String, Vec<u8>)> {
+    let id = topic.strip_prefix(TOPIC_ME_RPC_REQUEST_PREFIX)?;
+    if id.is_empty() || id.contains(['/', '+', '#']) {
+        return None;
+    }
+    let method = serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| v.get("method")?.as_str().map(str::to_owned));
+    let body = match method.as_deref() {
+        Some("gateway_ping") => json!({"code": 200, "resp": "pong"}),
+        _ => json!({"error": "Method not found", "code": 404}),
+    };
+    Some((
+        format!("{TOPIC_ME_RPC_RESPONSE_PREFIX}{id}"),
+        body.to_string().into_bytes(),
+    ))
 }
 
 fn parse_json(topic: &str, payload: &[u8]) -> Result<Map<String, Value>, Error> {
@@ -384,11 +425,20 @@ mod tests {
         let big = json!({"ts": 1, "values": {"blob": "x".repeat(2000)}});
         let ok = entry(2, 1.0);
         let bad = json!([1, 2]);
-        let (batches, rejected) = telemetry_batches("d", &[(1, &big), (2, &ok), (3, &bad)], 1024);
+        let bad_ts = json!({"ts": "yesterday", "values": {"a": 1}});
+        let bad_values = json!({"ts": 5, "values": [1]});
+        let rows = [
+            (1, &big),
+            (2, &ok),
+            (3, &bad),
+            (4, &bad_ts),
+            (5, &bad_values),
+        ];
+        let (batches, rejected) = telemetry_batches("d", &rows, 1024);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].ids, vec![2]);
         let ids: Vec<i64> = rejected.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(ids, vec![1, 3, 4, 5]);
         assert!(matches!(rejected[0].1, Error::TooLarge { .. }));
     }
 
@@ -493,6 +543,23 @@ mod tests {
             parse_downlink("v1/devices/me/rpc/request/5", b"{}").unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn gateway_rpc_gets_a_reply_on_the_response_topic() {
+        let (topic, body) = gateway_rpc_reply(
+            "v1/devices/me/rpc/request/17",
+            br#"{"method":"gateway_ping"}"#,
+        )
+        .unwrap();
+        assert_eq!(topic, "v1/devices/me/rpc/response/17");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, json!({"code": 200, "resp": "pong"}));
+        let (_, body) = gateway_rpc_reply("v1/devices/me/rpc/request/3", b"garbage").unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], 404);
+        assert!(gateway_rpc_reply("v1/gateway/rpc", b"{}").is_none());
+        assert!(gateway_rpc_reply("v1/devices/me/rpc/request/", b"{}").is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use dlms_bridge::config::{MqttProtocol, Secret, ThingsboardConfig};
 use rumqttc::mqttbytes::{v4, QoS};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
@@ -81,6 +82,8 @@ pub struct Recorded {
     pub attributes: HashMap<String, Map<String, Value>>,
     pub rpc_replies: Vec<Value>,
     pub attribute_requests: Vec<Value>,
+    /// `(request id, body)` of replies to RPCs addressed to the gateway device itself.
+    pub gateway_rpc_responses: Vec<(String, Value)>,
     pub invalid_payloads: u64,
     pub oversize_packets: u64,
     /// PUBACKs not sent because withholding was on.
@@ -135,12 +138,24 @@ struct Inner {
     version: watch::Sender<u64>,
     withhold: AtomicBool,
     refuse_v5: AtomicBool,
+    /// Telemetry for this device is refused as invalid (like a value TB's validation rejects).
+    reject_device: Mutex<Option<String>>,
     /// The one live session for the token.
     current: Mutex<Option<Slot>>,
     next_id: AtomicU64,
 }
 
 impl Inner {
+    fn accept_publish(
+        &self,
+        session: u64,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), v5::PubAckReason> {
+        let rejected = self.reject_device.lock().expect("emulator lock").clone();
+        self.update(|r| accept(r, session, topic, payload, rejected.as_deref()))
+    }
+
     fn update<R>(&self, f: impl FnOnce(&mut Recorded) -> R) -> R {
         let r = {
             let mut rec = self.rec.lock().expect("emulator state lock");
@@ -181,6 +196,7 @@ impl TbEmulator {
             version: watch::channel(0).0,
             withhold: AtomicBool::new(false),
             refuse_v5: AtomicBool::new(false),
+            reject_device: Mutex::new(None),
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
         });
@@ -200,6 +216,26 @@ impl TbEmulator {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// An uplink config pointing at this emulator with its token, tuned for tests: fast
+    /// reconnects, a short PUBACK deadline, the auto protocol.
+    pub fn thingsboard_config(&self) -> ThingsboardConfig {
+        ThingsboardConfig {
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            access_token: Secret::new(self.inner.token.clone()),
+            client_id: "dlms-bridge-test".into(),
+            protocol: MqttProtocol::Auto,
+            keep_alive: Duration::from_secs(5),
+            max_packet_size: MAX_PACKET_SIZE,
+            max_inflight: 80,
+            batch_linger: Duration::from_millis(20),
+            ack_timeout: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(400),
+            auth_retry: Duration::from_secs(60),
+        }
     }
 
     /// A copy of everything recorded so far.
@@ -259,6 +295,12 @@ impl TbEmulator {
     /// Answer MQTT 5 CONNECTs like a 3.1.1-only server: CONNACK return code 1, then close.
     pub fn set_refuse_v5(&self, on: bool) {
         self.inner.refuse_v5.store(on, Ordering::SeqCst);
+    }
+
+    /// Refuse every telemetry publish for `device` as an invalid payload (v5: PUBACK 0x99; v3:
+    /// close), or stop refusing with `None`.
+    pub fn set_reject_device(&self, device: Option<&str>) {
+        *self.inner.reject_device.lock().expect("emulator lock") = device.map(str::to_owned);
     }
 
     /// Whether a gateway session is currently open.
@@ -717,7 +759,7 @@ async fn session_loop(
                     qos,
                     pkid,
                     payload,
-                } => match inner.update(|r| accept(r, session, &topic, &payload)) {
+                } => match inner.accept_publish(session, &topic, &payload) {
                     Ok(()) if qos == 0 => None,
                     Ok(()) => {
                         if inner.withhold.load(Ordering::SeqCst) {
@@ -807,6 +849,7 @@ fn accept(
     session: u64,
     topic: &str,
     payload: &[u8],
+    rejected_device: Option<&str>,
 ) -> Result<(), v5::PubAckReason> {
     use v5::PubAckReason::{PayloadFormatInvalid as Invalid, TopicNameInvalid};
     let m = obj(payload).ok_or(Invalid)?;
@@ -824,13 +867,14 @@ fn accept(
                 let entries = value.as_array().ok_or(Invalid)?;
                 for e in entries {
                     let e = e.as_object().ok_or(Invalid)?;
-                    if e.contains_key("ts") && e.contains_key("values") {
-                        if !e["ts"].is_i64() || !e["values"].is_object() {
-                            return Err(Invalid);
-                        }
+                    if e.contains_key("ts")
+                        && e.contains_key("values")
+                        && (!e["ts"].is_i64() || !e["values"].is_object())
+                    {
+                        return Err(Invalid);
                     }
                 }
-                if device.trim().is_empty() {
+                if device.trim().is_empty() || Some(device.as_str()) == rejected_device {
                     return Err(Invalid);
                 }
                 parsed.push((device.clone(), entries.clone()));
@@ -900,6 +944,11 @@ fn accept(
             }
             event(&device, "attribute_request");
             r.attribute_requests.push(Value::Object(m));
+        }
+        t if t.starts_with("v1/devices/me/rpc/response/") => {
+            let id = &t["v1/devices/me/rpc/response/".len()..];
+            r.gateway_rpc_responses
+                .push((id.to_owned(), Value::Object(m)));
         }
         _ => return Err(TopicNameInvalid),
     }
