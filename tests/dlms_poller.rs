@@ -220,36 +220,42 @@ async fn reconnects_after_the_meter_goes_away() {
 }
 
 #[tokio::test]
-async fn unreachable_meter_backs_off_exponentially() {
+async fn unreachable_meter_reports_health_goes_down_and_backs_off() {
     // A port nobody listens on.
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
     let mut p = Poller::start(meter_cfg("down", addr, DlmsTransport::Wrapper));
+    let mut seen = Vec::new();
     let mut at = Vec::new();
-    while at.len() < 5 {
+    while !seen.contains(&RecordKind::Disconnect) {
         for r in p.next().await {
-            assert_ne!(
-                r.kind,
-                RecordKind::Connect,
-                "never answered, never connected"
-            );
-            assert!(is_failed_telemetry(&r), "{r:?}");
-            assert_eq!(
-                r.payload["values"]["consecutive_failures"],
-                at.len() as u64 + 1
-            );
-            at.push(Instant::now());
+            seen.push(r.kind);
+            if r.kind == RecordKind::Telemetry {
+                assert!(is_failed_telemetry(&r), "{r:?}");
+                assert_eq!(
+                    r.payload["values"]["consecutive_failures"],
+                    at.len() as u64 + 1
+                );
+                at.push(Instant::now());
+            }
         }
     }
-    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
-    // First retry on the next tick, then 1 s, 2 s, 4 s... each jittered into [0.5, 1] of the
-    // step. Lower bounds only: a slow box can stretch a wait, never shorten it.
-    assert!(gaps[1] >= Duration::from_millis(500), "{gaps:?}");
-    assert!(gaps[2] >= Duration::from_secs(1), "{gaps:?}");
-    assert!(gaps[3] >= Duration::from_secs(2), "{gaps:?}");
-    assert!(gaps[0] < gaps[3], "{gaps:?}");
+    // The device appears with its health, then is reported down.
+    use RecordKind::*;
+    assert_eq!(seen, [Connect, Telemetry, Telemetry, Telemetry, Disconnect]);
+    // First retry on the next tick, the next after a jittered 1 s step (>= 0.5 s). Lower
+    // bounds only: a slow box can stretch a wait, never shorten it.
+    assert!(at[2] - at[1] >= Duration::from_millis(500), "{at:?}");
+    assert!(at[2] - at[1] > at[1] - at[0], "{at:?}");
+    // Down: silent (records would re-announce the device) while probing with backoff.
+    assert!(
+        timeout(Duration::from_millis(1500), p.rx.recv())
+            .await
+            .is_err(),
+        "records while down"
+    );
     p.stop().await;
 }
 

@@ -5,6 +5,14 @@
 //! invoke-id bookkeeping (that is `client.rs`). Every decoder works on untrusted input: a truncated
 //! or corrupted APDU is an [`Error`], never a panic, and nesting and allocation are bounded by the
 //! input length.
+//!
+//! Why our own codec rather than dlms-cosem-rs 0.1.0: its session refuses the LLS AARE without
+//! mechanism-name that Gurux and many field meters send, and its HDLC driver bursts multi-frame
+//! requests with the poll bit only on the last frame. Using only its codec layers under our own
+//! session would still tie us to a 0.1 crate we cannot patch or vendor, for what is a small,
+//! fully specified surface (LN services a poller needs). This module is that surface, tested on
+//! byte vectors and against the independent Gurux stack (`tests/dlms_interop.rs`).
+//! Not covered: short-name referencing, ciphering/HLS, and block transfer of SET/ACTION requests.
 
 use std::fmt;
 

@@ -28,8 +28,9 @@ use crate::sources::SourceEvent;
 /// Device profile used when the meter config names none.
 pub const DEFAULT_DEVICE_TYPE: &str = "DLMS Energy Meter";
 
-/// Consecutive failed polls after which the meter is reported down (`Disconnect`). A single
-/// dropped connection that reconnects at once is not an outage.
+/// Consecutive failed polls after which the meter is reported down (`Disconnect`) and goes
+/// silent until it answers again. A single dropped connection that reconnects at once is not an
+/// outage.
 pub const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// First backoff step after the immediate retry.
@@ -327,7 +328,9 @@ impl Meter {
     #[instrument(skip_all, fields(meter = %self.cfg.name))]
     pub async fn run(mut self) {
         let period = self.cfg.interval.max(Duration::from_millis(1));
-        let mut ticker = tokio::time::interval(period);
+        // Start at a random point of the first period so a fleet spreads its polls evenly.
+        let offset = period.mul_f64(rand::rng().random_range(0.0..1.0));
+        let mut ticker = tokio::time::interval_at(Instant::now() + offset, period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut commands_open = true;
         info!(host = %self.cfg.host, port = self.cfg.port, registers = self.registers.len(), "Meter poller started.");
@@ -423,7 +426,7 @@ impl Meter {
                 self.backoff.succeed();
                 if !self.announced {
                     info!("Meter is answering.");
-                    records.push(self.record(RecordKind::Connect, Value::Object(Map::new())));
+                    records.push(self.record(RecordKind::Connect));
                     self.announced = true;
                 }
                 let mut values = Map::new();
@@ -472,20 +475,28 @@ impl Meter {
                 } else {
                     debug!(error = %text, failures, "Poll failed.");
                 }
-                let mut values = Map::new();
-                values.insert("poll_ok".into(), false.into());
-                values.insert("consecutive_failures".into(), failures.into());
-                values.insert("last_error".into(), text.into());
-                // One health entry per attempt; the backoff bounds how often that is.
-                records.push(Record::telemetry(
-                    &self.cfg.name,
-                    &self.device_type,
-                    ts,
-                    values,
-                ));
-                if self.announced && failures >= DOWN_AFTER_FAILURES {
-                    records.push(self.record(RecordKind::Disconnect, Value::Object(Map::new())));
-                    self.announced = false;
+                // Health goes up while the meter is failing but not yet down. Once down, the
+                // meter stays silent until it answers again: any record would make the uplink
+                // announce the device as connected again, undoing the Disconnect.
+                if failures <= DOWN_AFTER_FAILURES {
+                    if !self.announced {
+                        records.push(self.record(RecordKind::Connect));
+                        self.announced = true;
+                    }
+                    let mut values = Map::new();
+                    values.insert("poll_ok".into(), false.into());
+                    values.insert("consecutive_failures".into(), failures.into());
+                    values.insert("last_error".into(), text.into());
+                    records.push(Record::telemetry(
+                        &self.cfg.name,
+                        &self.device_type,
+                        ts,
+                        values,
+                    ));
+                    if failures == DOWN_AFTER_FAILURES {
+                        records.push(self.record(RecordKind::Disconnect));
+                        self.announced = false;
+                    }
                 }
             }
         }
@@ -524,12 +535,13 @@ impl Meter {
         }
     }
 
-    fn record(&self, kind: RecordKind, payload: Value) -> Record {
+    /// A Connect or Disconnect record (the uplink builds their payloads from device and type).
+    fn record(&self, kind: RecordKind) -> Record {
         Record {
             device: self.cfg.name.clone(),
             device_type: self.device_type.clone(),
             kind,
-            payload,
+            payload: Value::Null,
         }
     }
 
