@@ -11,6 +11,7 @@ use tracing_subscriber::{reload, EnvFilter};
 
 use dlms_bridge::config::{self, Config};
 use dlms_bridge::shutdown::{self, Signal};
+use dlms_bridge::systemd;
 use dlms_bridge::sources::dlms::cli::ReadArgs;
 use dlms_bridge::sources::dlms::simulator::SimulateArgs;
 
@@ -207,15 +208,34 @@ async fn serve(
 ) -> anyhow::Result<bool> {
     info!(version = env!("CARGO_PKG_VERSION"), "Starting dlms-bridge.");
     let mut running = dlms_bridge::app::start(cfg).await?;
+    // READY once the broker listens and every task is spawned (Type=notify).
+    systemd::notify_ready();
+    // The watchdog is fed only while the store worker answers: a wedged runtime or a dead
+    // queue stops the pings and systemd restarts the service.
+    let watchdog_cancel = tokio_util::sync::CancellationToken::new();
+    let store = running.store.clone();
+    tokio::spawn(systemd::watchdog(
+        move || {
+            let store = store.clone();
+            async move { store.stats().await.is_ok() }
+        },
+        watchdog_cancel.clone(),
+    ));
     loop {
         match shutdown::next_signal()
             .await
             .context("installing signal handlers")?
         {
             Signal::Terminate => break,
-            Signal::Reload => reload(path.as_deref(), filter.as_ref(), &mut running).await,
+            Signal::Reload => {
+                systemd::notify_reloading();
+                reload(path.as_deref(), filter.as_ref(), &mut running).await;
+                systemd::notify_ready();
+            }
         }
     }
+    systemd::notify_stopping();
+    watchdog_cancel.cancel();
     running.shutdown().await
 }
 

@@ -1,17 +1,10 @@
-//! DRAFT (not compiled: rename to tests/systemd_binary.rs once `src/main.rs` runs `app`).
-//!
-//! End-to-end check of the binary under a pretend systemd: the test plays the service manager
-//! with a Unix datagram socket as NOTIFY_SOCKET, runs `dlms-bridge run`, and checks
+//! The binary under a pretend systemd: the test plays the service manager with a Unix datagram
+//! socket as NOTIFY_SOCKET, runs `dlms-bridge run`, and checks
 //!   1. READY=1 arrives, and only after the local broker accepts TCP connections;
 //!   2. WATCHDOG=1 arrives repeatedly (WATCHDOG_USEC set, WATCHDOG_PID absent = "this process");
 //!   3. SIGHUP with a changed meter list → RELOADING=1 (+ MONOTONIC_USEC) then READY=1, and the
-//!      new meter's readings reach the fake ThingsBoard (the issue's "SIGHUP applies a changed
-//!      meter list");
+//!      new meter's readings reach the ThingsBoard emulator;
 //!   4. SIGTERM → STOPPING=1, exit status 0 within the grace period.
-//!
-//! Assumes tests/common has `fake_thingsboard` (accepts the token, records gateway telemetry by
-//! device) and that the built-in simulator can serve a meter on 127.0.0.1:0 from the test
-//! (`dlms_bridge::sources::dlms::simulator::start_at`). Adjust names to what lands.
 
 mod common;
 
@@ -40,22 +33,47 @@ async fn expect_line(sock: &UnixDatagram, line: &str) -> String {
     .unwrap_or_else(|_| panic!("no {line} within {WAIT:?}"))
 }
 
+/// SIGKILLs the bridge if the test fails before it exits by itself.
+struct KillOnDrop(u32);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     // No libc/nix in the test: kill(1) is enough and keeps the test crate free of unsafe.
     let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("run kill");
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     let dir = tempfile::tempdir().expect("tempdir");
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
 
-    let tb = common::fake_thingsboard::start("TEST_TOKEN").await; // 127.0.0.1:0
-    let meter_a = common::simulator_meter().await; // 127.0.0.1:0
-    let meter_b = common::simulator_meter().await;
-    let broker_port = common::free_port(); // bind :0, read, drop
+    let tb = common::tb_emulator::TbEmulator::start("TEST_TOKEN").await;
+    let sims_tracker = tokio_util::task::TaskTracker::new();
+    let sims_cancel = tokio_util::sync::CancellationToken::new();
+    let sims = dlms_bridge::sources::dlms::simulator::spawn_meters(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        0,
+        2,
+        &Default::default(),
+        &sims_tracker,
+        sims_cancel.clone(),
+    )
+    .await
+    .expect("simulated meters");
+    let (meter_a, meter_b) = (sims[0], sims[1]);
+    let broker_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
 
     let config = dir.path().join("config.toml");
     let write_config = |meters: &[(&str, std::net::SocketAddr)]| {
@@ -88,6 +106,7 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
         .spawn()
         .expect("spawn dlms-bridge");
     let pid = child.id();
+    let _guard = KillOnDrop(pid);
 
     // 1. READY only once the broker listens.
     expect_line(&notify, "READY=1").await;
@@ -98,7 +117,8 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     // 2. Watchdog pings (every ~1 s for a 2 s timeout).
     expect_line(&notify, "WATCHDOG=1").await;
     expect_line(&notify, "WATCHDOG=1").await;
-    tb.wait_for_telemetry("Meter A", WAIT).await;
+    tb.wait_for("Meter A telemetry", WAIT, |r| r.telemetry.contains_key("Meter A"))
+        .await;
 
     // 3. Reload with a changed meter list.
     write_config(&[("Meter A", meter_a), ("Meter B", meter_b)]);
@@ -106,7 +126,8 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     let reloading = expect_line(&notify, "RELOADING=1").await;
     assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")));
     expect_line(&notify, "READY=1").await;
-    tb.wait_for_telemetry("Meter B", WAIT).await;
+    tb.wait_for("Meter B telemetry", WAIT, |r| r.telemetry.contains_key("Meter B"))
+        .await;
 
     // 4. Stop.
     signal(pid, "-TERM");
@@ -117,4 +138,7 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
         .expect("join")
         .expect("wait");
     assert!(status.success(), "exit status {status}");
+    sims_cancel.cancel();
+    sims_tracker.close();
+    sims_tracker.wait().await;
 }
