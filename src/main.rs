@@ -11,9 +11,9 @@ use tracing_subscriber::{reload, EnvFilter};
 
 use dlms_bridge::config::{self, Config};
 use dlms_bridge::shutdown::{self, Signal};
-use dlms_bridge::systemd;
 use dlms_bridge::sources::dlms::cli::ReadArgs;
 use dlms_bridge::sources::dlms::simulator::SimulateArgs;
+use dlms_bridge::systemd;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -46,7 +46,10 @@ impl Drop for KillOnDrop {
 
 fn signal(pid: u32, sig: &str) {
     // No libc/nix in the test: kill(1) is enough and keeps the test crate free of unsafe.
-    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("run kill");
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
@@ -117,8 +120,10 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     // 2. Watchdog pings (every ~1 s for a 2 s timeout).
     expect_line(&notify, "WATCHDOG=1").await;
     expect_line(&notify, "WATCHDOG=1").await;
-    tb.wait_for("Meter A telemetry", WAIT, |r| r.telemetry.contains_key("Meter A"))
-        .await;
+    tb.wait_for("Meter A telemetry", WAIT, |r| {
+        r.telemetry.contains_key("Meter A")
+    })
+    .await;
 
     // 3. Reload with a changed meter list.
     write_config(&[("Meter A", meter_a), ("Meter B", meter_b)]);
@@ -126,8 +131,10 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     let reloading = expect_line(&notify, "RELOADING=1").await;
     assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")));
     expect_line(&notify, "READY=1").await;
-    tb.wait_for("Meter B telemetry", WAIT, |r| r.telemetry.contains_key("Meter B"))
-        .await;
+    tb.wait_for("Meter B telemetry", WAIT, |r| {
+        r.telemetry.contains_key("Meter B")
+    })
+    .await;
 
     // 4. Stop.
     signal(pid, "-TERM");
