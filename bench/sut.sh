@@ -5,7 +5,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-BIN="${DLMS_BRIDGE_BIN:-$ROOT/target/release/dlms-bridge}"
+BIN="${BRIDGE_BIN:-$ROOT/target/release/dlms-bridge}"
 RUN="${BENCH_RUN_DIR:?BENCH_RUN_DIR not set}"
 PIDFILE="$RUN/dlms-bridge.pid"
 CONF="$RUN/dlms-bridge.toml"

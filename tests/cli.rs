@@ -255,3 +255,25 @@ fn import_dry_run_masks_the_token() {
     assert!(!out.contains(&token) && !err.contains(&token), "{out}");
     assert!(out.contains("access_token = \"***\""), "{out}");
 }
+
+#[test]
+fn non_config_variables_with_the_prefix_are_not_config_but_typos_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = write(dir.path(), "ok.toml", "");
+    // --config from the environment, and the CLI's own variables, coexist with configuration.
+    let (code, _, err) = run(
+        &["check-config"],
+        &[
+            ("DLMS_BRIDGE_CONFIG", &ok),
+            ("DLMS_BRIDGE_READ_PASSWORD", "x"),
+            ("DLMS_BRIDGE_THINGSBOARD__PORT", "8883"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(
+        &["--config", &ok, "check-config"],
+        &[("DLMS_BRIDGE_THINGSBORD__HOST", "x")],
+    );
+    assert_eq!(code, 2, "a misspelt section is an error");
+    assert!(err.contains("thingsbord"), "{err}");
+}

@@ -587,8 +587,17 @@ pub fn load(path: Option<&Path>) -> Result<RawConfig, Error> {
             }
         }
     }
-    fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    fig = fig.merge(env_provider());
     Ok(fig.extract()?)
+}
+
+/// `DLMS_BRIDGE_<SECTION>__<KEY>` overrides. Every configuration key lives in a section, so a
+/// variable without `__` is not configuration: `DLMS_BRIDGE_CONFIG` (the `--config` flag) and
+/// the CLI's own variables are left alone, while a misspelt section or key is still an error.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|k| k.as_str().contains("__"))
+        .split("__")
 }
 
 /// Load from a TOML string only (tests, `check-config` of a fixture).
