@@ -42,6 +42,10 @@ const MIGRATIONS: &[&str] = &[
 /// group or an eviction) does not leave a large `-wal` file behind.
 const WAL_SIZE_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
 
+/// Pages released per incremental-vacuum transaction: below the 1000-page auto-checkpoint, so
+/// the WAL is checkpointed and reused between chunks instead of growing.
+const VACUUM_CHUNK_PAGES: u64 = 512;
+
 /// How long a statement waits for a lock held by another connection (an operator inspecting
 /// the file with `sqlite3`) before failing.
 const BUSY_TIMEOUT_MS: i64 = 5_000;
@@ -332,13 +336,25 @@ impl Db {
     }
 
     /// Returns up to `max_pages` free pages to the file system (needs `auto_vacuum=INCREMENTAL`).
+    ///
+    /// Works in transactions of at most [`VACUUM_CHUNK_PAGES`] so the WAL, which holds every
+    /// moved page until the next checkpoint, stays small.
     pub fn incremental_vacuum(&mut self, max_pages: u64) -> rusqlite::Result<()> {
-        // Each step frees one page: step to the end (`execute_batch` steps once only).
-        let mut stmt = self
-            .conn
-            .prepare(&format!("PRAGMA incremental_vacuum({max_pages})"))?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
+        let mut left = max_pages;
+        while left > 0 {
+            let chunk = left.min(VACUUM_CHUNK_PAGES);
+            let (_, free_before) = self.page_counts()?;
+            if free_before == 0 {
+                break;
+            }
+            // Each step frees one page: step to the end (`execute_batch` steps once only).
+            let mut stmt = self
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({chunk})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            left -= chunk;
+        }
         Ok(())
     }
 
