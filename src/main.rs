@@ -210,14 +210,18 @@ async fn serve(
     let mut running = dlms_bridge::app::start(cfg).await?;
     // READY once the broker listens and every task is spawned (Type=notify).
     systemd::notify_ready();
-    // The watchdog is fed only while the store worker answers: a wedged runtime or a dead
-    // queue stops the pings and systemd restarts the service.
+    // The watchdog is fed only while the store worker answers and the uplink task is alive: a
+    // wedged runtime, a dead queue or a dead uplink stops the pings and systemd restarts the
+    // service. ThingsBoard being unreachable is not unhealthy: a restart cannot fix it and the
+    // queue covers it.
     let watchdog_cancel = tokio_util::sync::CancellationToken::new();
     let store = running.store.clone();
+    let uplink = running.uplink_status.clone();
     tokio::spawn(systemd::watchdog(
         move || {
             let store = store.clone();
-            async move { store.stats().await.is_ok() }
+            let uplink_alive = uplink.has_changed().is_ok();
+            async move { uplink_alive && store.stats().await.is_ok() }
         },
         watchdog_cancel.clone(),
     ));
