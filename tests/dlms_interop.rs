@@ -1,8 +1,10 @@
 //! Interop of our DLMS client and meter poller with an independent implementation: the Gurux
-//! meter simulator in `/work/shared/meter-sim` (a Python child process per test on a free
+//! meter simulator in `shared/meter-sim` (a Python child process per test on a free
 //! loopback port). Covers HDLC and wrapper, no auth and LLS, 1/2/4-byte server addresses,
 //! segmentation and block transfer, GET-with-list split over several requests, every fault mode
 //! with the poller recovering, and a faulty meter not disturbing a healthy one.
+
+mod common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,8 +24,6 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const METER_SIM: &str = "/work/shared/meter-sim/gurux_meter.py";
-
 /// Bound on one whole scenario step (python start-up on a busy 2-core box is slow).
 const STEP: Duration = Duration::from_secs(60);
 
@@ -41,7 +41,7 @@ impl Sim {
             l.local_addr().expect("local addr").port()
         };
         let mut child = tokio::process::Command::new("python3")
-            .arg(METER_SIM)
+            .arg(common::meter_sim_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
             .stdin(Stdio::null())

@@ -1,7 +1,9 @@
 //! Link-layer integration tests: our HDLC client against our HDLC server over an in-memory
 //! duplex (segmentation, window-1 poll/RR sequencing checked frame by frame), against scripted
-//! misbehaving meters, and against the independent Gurux meter (`/work/shared/meter-sim`) over
+//! misbehaving meters, and against the independent Gurux meter (`shared/meter-sim`) over
 //! loopback TCP, for HDLC with 1-, 2- and 4-byte server addresses and for the wrapper.
+
+mod common;
 
 use std::io;
 use std::pin::Pin;
@@ -524,8 +526,6 @@ async fn peer_closing_mid_exchange_is_an_error() {
 // The independent Gurux meter.
 // ---------------------------------------------------------------------------------------------
 
-const METER_SIM: &str = "/work/shared/meter-sim/gurux_meter.py";
-
 /// A Gurux meter child process on a free loopback port; killed on drop.
 struct GuruxMeter {
     /// The child; `kill_on_drop` ends it with the test.
@@ -540,7 +540,7 @@ impl GuruxMeter {
             l.local_addr().expect("local addr").port()
         };
         let mut child = tokio::process::Command::new("python3")
-            .arg(METER_SIM)
+            .arg(common::meter_sim_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
             .stdin(Stdio::null())

@@ -12,3 +12,25 @@
 #![allow(dead_code)]
 
 pub mod tb_emulator;
+
+/// The independent Gurux meter of the team's shared folder: `$METER_SIM` if set, else
+/// `shared/meter-sim/gurux_meter.py` beside this checkout (how CI lays it out), else
+/// `/work/shared/...`. Panics naming every place looked at: an interop test never skips.
+pub fn meter_sim_path() -> std::path::PathBuf {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("METER_SIM") {
+        return p.into();
+    }
+    let beside =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/meter-sim/gurux_meter.py");
+    for p in [
+        beside,
+        std::path::PathBuf::from("/work/shared/meter-sim/gurux_meter.py"),
+    ] {
+        if p.is_file() {
+            return p;
+        }
+        tried.push(p.display().to_string());
+    }
+    panic!("the Gurux meter simulator is not at any of {tried:?}; set METER_SIM")
+}
