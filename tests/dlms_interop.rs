@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use dlms_bridge::config::{DlmsAuth, DlmsTransport, MeterConfig, Secret};
@@ -18,7 +17,6 @@ use dlms_bridge::sources::dlms::poller::{self, registers_of};
 use dlms_bridge::sources::dlms::{spawn_meter, spawn_meter_with};
 use dlms_bridge::sources::SourceEvent;
 use serde_json::{Map, Value};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -27,49 +25,7 @@ use tokio_util::task::TaskTracker;
 /// Bound on one whole scenario step (python start-up on a busy 2-core box is slow).
 const STEP: Duration = Duration::from_secs(60);
 
-/// A Gurux meter child process; killed on drop.
-struct Sim {
-    /// The child; `kill_on_drop` ends it with the test.
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl Sim {
-    async fn start(args: &[&str]) -> Sim {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
-            l.local_addr().expect("local addr").port()
-        };
-        let mut child = tokio::process::Command::new("python3")
-            .arg(common::meter_sim_path())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start python3 meter-sim");
-        // The banner comes once every listener is bound: no polling needed.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let banner = timeout(STEP, lines.next_line())
-            .await
-            .expect("meter-sim started in time")
-            .expect("read meter-sim stdout");
-        assert!(
-            banner
-                .as_deref()
-                .is_some_and(|l| l.starts_with("gurux_meter")),
-            "unexpected meter-sim output {banner:?}"
-        );
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Sim {
-            _child: child,
-            port,
-        }
-    }
-}
+use common::meter_sim::GuruxMeter as Sim;
 
 fn meter(name: &str, port: u16, transport: DlmsTransport) -> MeterConfig {
     MeterConfig {

@@ -7,7 +7,6 @@ mod common;
 
 use std::io;
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,8 +16,7 @@ use dlms_bridge::sources::dlms::hdlc::{self, Address, AddressSizes, Control, Fra
 use dlms_bridge::sources::dlms::link::{
     ClientLink, Error, HdlcServer, HdlcServerConfig, LinkAddress, LinkParams,
 };
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::timeout;
 
 /// Upper bound for any single step of a test; generous for a loaded CI box.
@@ -526,67 +524,7 @@ async fn peer_closing_mid_exchange_is_an_error() {
 // The independent Gurux meter.
 // ---------------------------------------------------------------------------------------------
 
-/// A Gurux meter child process on a free loopback port; killed on drop.
-struct GuruxMeter {
-    /// The child; `kill_on_drop` ends it with the test.
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl GuruxMeter {
-    async fn start(args: &[&str]) -> GuruxMeter {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
-            l.local_addr().expect("local addr").port()
-        };
-        let mut child = tokio::process::Command::new("python3")
-            .arg(common::meter_sim_path())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start python3 meter-sim");
-        // The banner is printed once every listener is bound.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let banner = timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("meter-sim started in time")
-            .expect("read meter-sim stdout");
-        assert!(
-            banner
-                .as_deref()
-                .is_some_and(|l| l.starts_with("gurux_meter")),
-            "unexpected meter-sim output {banner:?}"
-        );
-        // keep draining stdout so the child never blocks on a full pipe
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let meter = GuruxMeter {
-            _child: child,
-            port,
-        };
-        // bounded wait until it accepts
-        for attempt in 0..50 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return meter;
-            }
-            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
-        }
-        panic!("meter-sim never accepted on port {port}");
-    }
-
-    async fn connect(&self) -> TcpStream {
-        let s = timeout(STEP, TcpStream::connect(("127.0.0.1", self.port)))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        s.set_nodelay(true).expect("nodelay");
-        s
-    }
-}
+use common::meter_sim::GuruxMeter;
 
 fn assert_aare_accepted(aare: &[u8]) {
     assert_eq!(aare.first(), Some(&0x61), "not an AARE: {aare:02x?}");

@@ -11,6 +11,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod meter_sim;
 pub mod tb_emulator;
 
 /// The independent Gurux meter of the team's shared folder: `$METER_SIM` if set, else

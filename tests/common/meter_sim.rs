@@ -1,0 +1,69 @@
+//! The independent Gurux meter (`shared/meter-sim/gurux_meter.py`) as a child process on a free
+//! loopback port, for the interop tests. Killed when dropped.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::time::timeout;
+
+/// Python start-up on a busy 2-core box is slow; still bounded.
+const START: Duration = Duration::from_secs(60);
+
+/// A Gurux meter child process; `kill_on_drop` ends it with the test.
+pub struct GuruxMeter {
+    _child: tokio::process::Child,
+    pub port: u16,
+}
+
+impl GuruxMeter {
+    /// Start it with extra `gurux_meter.py` arguments; returns once its banner says every
+    /// listener is bound.
+    pub async fn start(args: &[&str]) -> GuruxMeter {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+            l.local_addr().expect("local addr").port()
+        };
+        let mut child = tokio::process::Command::new("python3")
+            .arg(super::meter_sim_path())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start python3 meter-sim");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let banner = timeout(START, lines.next_line())
+            .await
+            .expect("meter-sim started in time")
+            .expect("read meter-sim stdout");
+        assert!(
+            banner
+                .as_deref()
+                .is_some_and(|l| l.starts_with("gurux_meter")),
+            "unexpected meter-sim output {banner:?}"
+        );
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        GuruxMeter {
+            _child: child,
+            port,
+        }
+    }
+
+    /// A TCP connection to it (no Nagle: DLMS is request/response).
+    pub async fn connect(&self) -> tokio::net::TcpStream {
+        let s = timeout(
+            START,
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port)),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+}
