@@ -23,7 +23,7 @@ use crate::config::{Config, MeterConfig};
 use crate::router::mapping::MappingSet;
 use crate::router::{MeterMap, Router, RouterInputs, RELOAD_CAPACITY};
 use crate::shutdown::Tasks;
-use crate::sources::dlms::{self, MeterHandle};
+use crate::sources::dlms;
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
 use crate::store::{self, StoreHandle};
 use crate::uplink::{Uplink, UplinkStatus};
@@ -344,6 +344,3 @@ pub fn meter_names(meters: &MeterMap) -> Vec<String> {
     v.sort();
     v
 }
-
-/// Keep `MeterHandle` in this module's public surface for callers holding the map.
-pub type Meter = MeterHandle;
