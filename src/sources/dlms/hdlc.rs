@@ -603,8 +603,64 @@ fn clamp_window(v: u32) -> u8 {
     u8::try_from(v.clamp(1, 7)).expect("clamped to 1..=7")
 }
 
+/// One information-field segment of a long APDU, as the sender must frame it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment<'a> {
+    pub info: &'a [u8],
+    /// More segments follow (the format field's segmentation bit).
+    pub more: bool,
+    /// Poll/final bit: set on the last segment and on every `window`-th one.
+    pub poll: bool,
+}
+
+/// Split `data` into segments of at most `max` bytes. With a window of N, every Nth segment
+/// carries the poll bit, and the sender must wait for the peer's RR before sending more; with
+/// window 1 that is every segment. The last segment always carries it.
+pub fn segments(data: &[u8], max: usize, window: u8) -> impl Iterator<Item = Segment<'_>> {
+    let max = max.max(1);
+    let window = usize::from(window.max(1));
+    let count = data.len().div_ceil(max);
+    data.chunks(max).enumerate().map(move |(i, info)| {
+        let last = i + 1 == count;
+        Segment {
+            info,
+            more: !last,
+            poll: last || (i + 1) % window == 0,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn segments_poll_every_window_and_on_the_last() {
+        let data: Vec<u8> = (0..10).collect();
+        let polls = |max, window| -> Vec<(usize, bool, bool)> {
+            segments(&data, max, window)
+                .map(|s| (s.info.len(), s.more, s.poll))
+                .collect()
+        };
+        assert_eq!(
+            polls(4, 1),
+            vec![(4, true, true), (4, true, true), (2, false, true)]
+        );
+        assert_eq!(
+            polls(3, 2),
+            vec![
+                (3, true, false),
+                (3, true, true),
+                (3, true, false),
+                (1, false, true)
+            ]
+        );
+        assert_eq!(polls(16, 7), vec![(10, false, true)]);
+        assert_eq!(
+            segments(&data, 0, 0).count(),
+            10,
+            "degenerate limits never loop forever"
+        );
+    }
+
     use super::*;
 
     fn sizes(dest: u8, src: u8) -> AddressSizes {

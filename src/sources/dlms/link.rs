@@ -313,26 +313,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
         let mut data = Vec::with_capacity(apdu.len() + 3);
         data.extend_from_slice(&hdlc::LLC_REQUEST);
         data.extend_from_slice(apdu);
-        let count = data.len().div_ceil(max);
-        let mut unacked = 0u8;
-        for (i, chunk) in data.chunks(max).enumerate() {
-            let last = i + 1 == count;
-            unacked += 1;
-            let poll = last || unacked >= window;
+        for seg in hdlc::segments(&data, max, window) {
             let control = Control::I {
                 ns: self.ns,
                 nr: self.nr,
-                pf: poll,
+                pf: seg.poll,
             };
-            let frame = self.frame(control, !last, chunk.to_vec());
+            let frame = self.frame(control, seg.more, seg.info.to_vec());
             self.io.queue(&frame, self.sizes)?;
             self.ns = next_seq(self.ns);
-            if poll {
+            if seg.poll {
                 self.io.flush().await?;
-            }
-            if poll && !last {
-                self.wait_rr().await?;
-                unacked = 0;
+                if seg.more {
+                    self.wait_rr().await?;
+                }
             }
         }
         Ok(())
@@ -791,26 +785,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcServer<S> {
         let mut data = Vec::with_capacity(apdu.len() + 3);
         data.extend_from_slice(&hdlc::LLC_RESPONSE);
         data.extend_from_slice(apdu);
-        let count = data.len().div_ceil(max);
-        let mut unacked = 0u8;
-        for (i, chunk) in data.chunks(max).enumerate() {
-            let last = i + 1 == count;
-            unacked += 1;
-            let fin = last || unacked >= window;
+        for seg in hdlc::segments(&data, max, window) {
             let control = Control::I {
                 ns: self.ns,
                 nr: self.nr,
-                pf: fin,
+                pf: seg.poll,
             };
-            let frame = self.frame(control, !last, chunk.to_vec());
+            let frame = self.frame(control, seg.more, seg.info.to_vec());
             self.io.queue(&frame, self.sizes)?;
             self.ns = next_seq(self.ns);
-            if fin {
+            if seg.poll {
                 self.io.flush().await?;
-            }
-            if fin && !last {
-                unacked = 0;
-                self.wait_rr().await?;
+                if seg.more {
+                    self.wait_rr().await?;
+                }
             }
         }
         Ok(())
