@@ -29,6 +29,7 @@ fn messages(topic: impl Fn(usize) -> String) -> Vec<LocalPublish> {
                 100_000 + i
             )),
             received_ms: 1_700_000_000_000 + i as i64,
+            ack: None,
         })
         .collect()
 }

@@ -31,6 +31,7 @@ fn publish(topic: &str, payload: &[u8]) -> LocalPublish {
         topic: topic.into(),
         payload: Bytes::copy_from_slice(payload),
         received_ms: 1_700_000_000_000,
+        ack: None,
     }
 }
 

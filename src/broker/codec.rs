@@ -1,21 +1,15 @@
-//! Pure MQTT helpers for the front listener: framing, CONNECT inspection and rewriting, and the
-//! classification of every client → broker packet. Bytes in, values or bytes out; no sockets, no
-//! clock. Packet parsing and serialising is rumqttc's `mqttbytes` (v4) and `v5::mqttbytes::v5`;
-//! the only hand-written MQTT here is the 3.1 → 3.1.1 CONNECT header swap and the MQTT variable
-//! byte integer it needs.
-
-use std::collections::HashMap;
+//! Pure MQTT wire helpers for the broker: framing with the size limit checked before anything is
+//! allocated, CONNECT inspection (3.1, 3.1.1, 5), one normalised view of every client → broker
+//! packet, and the encoders for every broker → client packet. Bytes in, values or bytes out; no
+//! sockets, no clock. Packet parsing and serialising is rumqttc's `mqttbytes::v4` and
+//! `v5::mqttbytes::v5`; hand-written MQTT here is limited to the 3.1 → 3.1.1 CONNECT header swap,
+//! the bare v5 DISCONNECT, and the MQTT variable byte integer they need.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::QoS as QoS4;
 use rumqttc::v5::mqttbytes::v5;
-
-/// Largest topic alias a v5 client may use; rumqttd advertises the same value in its CONNACK and
-/// disconnects clients that exceed it.
-pub const MAX_TOPIC_ALIAS: u16 = 4096;
-
-/// A complete, not yet parsed MQTT packet.
-pub type Frame = Bytes;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 
 /// Why a client's bytes were refused. Each one closes that client only.
 #[derive(Debug, thiserror::Error)]
@@ -30,43 +24,44 @@ pub enum Error {
     NotConnect,
     #[error("unsupported protocol {name:?} level {level}")]
     UnsupportedProtocol { name: String, level: u8 },
-    #[error("a client must not send {0}")]
-    ServerOnlyPacket(&'static str),
-    #[error("publish topic is not valid utf-8 or contains a wildcard")]
-    InvalidTopic,
-    #[error("topic alias {0} is out of range or unknown")]
-    InvalidTopicAlias(u16),
-    #[error("invalid subscription filter {0:?}")]
-    InvalidFilter(String),
 }
 
 /// Which protocol a connection speaks, chosen from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
-    /// MQTT 3.1 ("MQIsdp", level 3): served by the v4 backend after a CONNECT header swap.
+    /// MQTT 3.1 ("MQIsdp", level 3): the 3.1.1 codec after a CONNECT header swap.
     V31,
-    /// MQTT 3.1.1 (level 4): the v4 backend.
+    /// MQTT 3.1.1 (level 4).
     V311,
-    /// MQTT 5 (level 5): the v5 backend.
+    /// MQTT 5 (level 5).
     V5,
 }
 
 impl Version {
-    /// True for the versions served by rumqttd's v4 listener.
+    /// True for the versions spoken with the 3.1.1 codec.
     pub fn is_v4(self) -> bool {
         matches!(self, Version::V31 | Version::V311)
+    }
+
+    /// Name for status pages and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V31 => "MQTT 3.1",
+            Version::V311 => "MQTT 3.1.1",
+            Version::V5 => "MQTT 5.0",
+        }
     }
 }
 
 /// Take the next complete packet from `buf`, if one is there. Errors when the announced size
 /// exceeds `max` (whole packet, header included, as Mosquitto counts it) or the length is bad.
-pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Error> {
+pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Error> {
     match rumqttc::mqttbytes::check(buf.iter(), max) {
         Ok(header) if header.frame_length() > max => Err(Error::TooLarge {
             size: header.frame_length(),
             max,
         }),
-        Ok(header) => Ok(Some(buf.split_to(header.frame_length()).freeze())),
+        Ok(header) => Ok(Some(buf.split_to(header.frame_length()))),
         Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
         Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
             Err(Error::TooLarge { size, max })
@@ -79,13 +74,6 @@ pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Error
 pub fn packet_type(frame: &[u8]) -> u8 {
     frame.first().map_or(0, |b| b >> 4)
 }
-
-/// Packet type number of PINGRESP.
-pub const PINGRESP: u8 = 13;
-/// Packet type number of CONNACK.
-pub const CONNACK: u8 = 2;
-/// A PINGREQ on the wire.
-pub const PINGREQ_BYTES: [u8; 2] = [0xC0, 0x00];
 
 /// The protocol name and level of a CONNECT frame, read without parsing the rest.
 pub fn connect_version(frame: &[u8]) -> Result<Version, Error> {
@@ -155,15 +143,29 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     }
 }
 
-/// A parsed CONNECT, in the codec of the backend that will serve it. One lives briefly per
-/// connection attempt, so the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
+/// A will as the CONNECT carried it.
 #[derive(Debug, Clone)]
-pub enum Connect {
-    /// MQTT 3.1 or 3.1.1, as a 3.1.1 CONNECT.
-    V4(v4::Connect),
-    /// MQTT 5.
-    V5(v5::Connect, Option<v5::LastWill>, Option<v5::Login>),
+pub struct WillSpec {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 will properties (delay interval and the properties forwarded with the message).
+    pub props: Option<v5::LastWillProperties>,
+}
+
+/// A parsed CONNECT, the same for every protocol version.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub version: Version,
+    pub client_id: String,
+    pub clean: bool,
+    pub keep_alive: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub will: Option<WillSpec>,
+    /// MQTT 5 CONNECT properties.
+    pub props: Option<v5::ConnectProperties>,
 }
 
 impl Connect {
@@ -172,124 +174,427 @@ impl Connect {
         match version {
             Version::V31 => {
                 let mut buf = mqisdp_to_mqtt311(frame)?;
-                read_v4_connect(&mut buf)
+                read_v4_connect(version, &mut buf)
             }
-            Version::V311 => read_v4_connect(&mut BytesMut::from(frame)),
-            Version::V5 => {
-                match v5::Packet::read(&mut BytesMut::from(frame), None)
-                    .map_err(Error::MalformedV5)?
-                {
-                    v5::Packet::Connect(c, will, login) => Ok(Connect::V5(c, will, login)),
-                    _ => Err(Error::NotConnect),
+            Version::V311 => read_v4_connect(version, &mut BytesMut::from(frame)),
+            Version::V5 => match v5::Packet::read(&mut BytesMut::from(frame), None)
+                .map_err(Error::MalformedV5)?
+            {
+                v5::Packet::Connect(c, will, login) => {
+                    let will = match will {
+                        Some(w) => Some(WillSpec {
+                            topic: String::from_utf8(w.topic.to_vec()).map_err(|_| {
+                                Error::MalformedV5(rumqttc::v5::mqttbytes::Error::TopicNotUtf8)
+                            })?,
+                            payload: w.message,
+                            qos: w.qos as u8,
+                            retain: w.retain,
+                            props: w.properties,
+                        }),
+                        None => None,
+                    };
+                    let (username, password) = match login {
+                        Some(l) => (Some(l.username), Some(l.password)),
+                        None => (None, None),
+                    };
+                    Ok(Connect {
+                        version,
+                        client_id: c.client_id,
+                        clean: c.clean_start,
+                        keep_alive: c.keep_alive,
+                        username: username.filter(|u| !u.is_empty()),
+                        password,
+                        will,
+                        props: c.properties,
+                    })
                 }
-            }
+                _ => Err(Error::NotConnect),
+            },
         }
-    }
-
-    pub fn client_id(&self) -> &str {
-        match self {
-            Connect::V4(c) => &c.client_id,
-            Connect::V5(c, ..) => &c.client_id,
-        }
-    }
-
-    pub fn set_client_id(&mut self, id: String) {
-        match self {
-            Connect::V4(c) => c.client_id = id,
-            Connect::V5(c, ..) => c.client_id = id,
-        }
-    }
-
-    pub fn clean(&self) -> bool {
-        match self {
-            Connect::V4(c) => c.clean_session,
-            Connect::V5(c, ..) => c.clean_start,
-        }
-    }
-
-    pub fn keep_alive(&self) -> u16 {
-        match self {
-            Connect::V4(c) => c.keep_alive,
-            Connect::V5(c, ..) => c.keep_alive,
-        }
-    }
-
-    pub fn set_keep_alive(&mut self, secs: u16) {
-        match self {
-            Connect::V4(c) => c.keep_alive = secs,
-            Connect::V5(c, ..) => c.keep_alive = secs,
-        }
-    }
-
-    /// Username and password, empty strings when absent.
-    pub fn credentials(&self) -> (&str, &str) {
-        match self {
-            Connect::V4(c) => c
-                .login
-                .as_ref()
-                .map_or(("", ""), |l| (&l.username, &l.password)),
-            Connect::V5(_, _, login) => login
-                .as_ref()
-                .map_or(("", ""), |l| (&l.username, &l.password)),
-        }
-    }
-
-    /// Drop the will's v5 properties: rumqttd 0.20 would publish them to v3.1.1 subscribers,
-    /// which crashes their connections (see [`Session::inbound`]).
-    pub fn strip_will_properties(&mut self) {
-        if let Connect::V5(_, Some(will), _) = self {
-            will.properties = None;
-        }
-    }
-
-    /// Hide the client's Topic Alias Maximum from rumqttd: rumqttd 0.20 keys its outgoing aliases
-    /// by subscription filter, not topic, so with a wildcard subscription a second topic would
-    /// be delivered under the first topic's alias, i.e. with the wrong topic.
-    pub fn disable_broker_topic_aliases(&mut self) {
-        if let Connect::V5(c, ..) = self {
-            if let Some(props) = c.properties.as_mut() {
-                props.topic_alias_max = None;
-            }
-        }
-    }
-
-    /// Drop the password so the backend (which does no auth) never holds it.
-    pub fn strip_password(&mut self) {
-        match self {
-            Connect::V4(c) => {
-                c.login = c
-                    .login
-                    .take()
-                    .and_then(|l| (!l.username.is_empty()).then(|| v4::Login::new(l.username, "")))
-            }
-            Connect::V5(_, _, login) => {
-                *login = login
-                    .take()
-                    .and_then(|l| (!l.username.is_empty()).then(|| v5::Login::new(l.username, "")))
-            }
-        }
-    }
-
-    /// Serialise for the backend.
-    pub fn to_bytes(&self) -> Result<Bytes, Error> {
-        let mut out = BytesMut::new();
-        match self {
-            Connect::V4(c) => {
-                c.write(&mut out).map_err(Error::MalformedV4)?;
-            }
-            Connect::V5(c, will, login) => {
-                c.write(will, login, &mut out).map_err(Error::MalformedV5)?;
-            }
-        }
-        Ok(out.freeze())
     }
 }
 
-fn read_v4_connect(buf: &mut BytesMut) -> Result<Connect, Error> {
+fn read_v4_connect(version: Version, buf: &mut BytesMut) -> Result<Connect, Error> {
     match v4::Packet::read(buf, usize::MAX).map_err(Error::MalformedV4)? {
-        v4::Packet::Connect(c) => Ok(Connect::V4(c)),
+        v4::Packet::Connect(c) => {
+            let (username, password) = match c.login {
+                Some(l) => (Some(l.username), Some(l.password)),
+                None => (None, None),
+            };
+            Ok(Connect {
+                version,
+                client_id: c.client_id,
+                clean: c.clean_session,
+                keep_alive: c.keep_alive,
+                username: username.filter(|u| !u.is_empty()),
+                password,
+                will: c.last_will.map(|w| WillSpec {
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    props: None,
+                }),
+                props: None,
+            })
+        }
         _ => Err(Error::NotConnect),
     }
+}
+
+/// One requested subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterReq {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+}
+
+/// A client → broker packet, the same for every protocol version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet {
+    Publish {
+        /// As sent: may be empty when a v5 topic alias stands for it.
+        topic: Bytes,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+        dup: bool,
+        pkid: u16,
+        props: Option<v5::PublishProperties>,
+    },
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<FilterReq>,
+        /// MQTT 5 subscription identifier.
+        sub_id: Option<usize>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect {
+        /// MQTT 5 reason code (0 for 3.1.1).
+        reason: u8,
+        /// MQTT 5 session expiry interval update.
+        expiry: Option<u32>,
+    },
+    /// MQTT 5 AUTH (extended authentication is not offered).
+    Auth,
+    /// A packet only a server may send, or a second CONNECT.
+    ServerOnly(&'static str),
+}
+
+/// Parse one client frame.
+pub fn parse(version: Version, mut frame: BytesMut) -> Result<Packet, Error> {
+    if version.is_v4() {
+        use v4::Packet as P;
+        return Ok(
+            match v4::Packet::read(&mut frame, usize::MAX).map_err(Error::MalformedV4)? {
+                P::Publish(p) => Packet::Publish {
+                    topic: Bytes::from(p.topic.into_bytes()),
+                    payload: p.payload,
+                    qos: p.qos as u8,
+                    retain: p.retain,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    props: None,
+                },
+                P::PubAck(a) => Packet::PubAck(a.pkid),
+                P::PubRec(a) => Packet::PubRec(a.pkid),
+                P::PubRel(a) => Packet::PubRel(a.pkid),
+                P::PubComp(a) => Packet::PubComp(a.pkid),
+                P::Subscribe(s) => Packet::Subscribe {
+                    pkid: s.pkid,
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| FilterReq {
+                            filter: f.path,
+                            qos: f.qos as u8,
+                            no_local: false,
+                            retain_as_published: false,
+                            retain_handling: 0,
+                        })
+                        .collect(),
+                    sub_id: None,
+                },
+                P::Unsubscribe(u) => Packet::Unsubscribe {
+                    pkid: u.pkid,
+                    filters: u.topics,
+                },
+                P::PingReq => Packet::PingReq,
+                P::Disconnect => Packet::Disconnect {
+                    reason: 0,
+                    expiry: None,
+                },
+                P::Connect(_) => Packet::ServerOnly("a second connect"),
+                P::ConnAck(_) => Packet::ServerOnly("connack"),
+                P::SubAck(_) => Packet::ServerOnly("suback"),
+                P::UnsubAck(_) => Packet::ServerOnly("unsuback"),
+                P::PingResp => Packet::ServerOnly("pingresp"),
+            },
+        );
+    }
+    // rumqttc's v5 reader refuses the two-byte DISCONNECT (reason 0x00 implied, MQTT 5 §3.14.2.1).
+    if frame[..] == [0xE0, 0x00] {
+        return Ok(Packet::Disconnect {
+            reason: 0,
+            expiry: None,
+        });
+    }
+    use v5::Packet as P;
+    Ok(
+        match v5::Packet::read(&mut frame, None).map_err(Error::MalformedV5)? {
+            P::Publish(p) => Packet::Publish {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos as u8,
+                retain: p.retain,
+                dup: p.dup,
+                pkid: p.pkid,
+                props: p.properties,
+            },
+            P::PubAck(a) => Packet::PubAck(a.pkid),
+            P::PubRec(a) => Packet::PubRec(a.pkid),
+            P::PubRel(a) => Packet::PubRel(a.pkid),
+            P::PubComp(a) => Packet::PubComp(a.pkid),
+            P::Subscribe(s) => Packet::Subscribe {
+                pkid: s.pkid,
+                sub_id: s.properties.and_then(|p| p.id),
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| FilterReq {
+                        filter: f.path,
+                        qos: f.qos as u8,
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        retain_handling: match f.retain_forward_rule {
+                            v5::RetainForwardRule::OnEverySubscribe => 0,
+                            v5::RetainForwardRule::OnNewSubscribe => 1,
+                            v5::RetainForwardRule::Never => 2,
+                        },
+                    })
+                    .collect(),
+            },
+            P::Unsubscribe(u) => Packet::Unsubscribe {
+                pkid: u.pkid,
+                filters: u.filters,
+            },
+            P::PingReq(_) => Packet::PingReq,
+            P::Disconnect(d) => Packet::Disconnect {
+                reason: d.reason_code as u8,
+                expiry: d.properties.and_then(|p| p.session_expiry_interval),
+            },
+            P::Auth(_) => Packet::Auth,
+            P::Connect(..) => Packet::ServerOnly("a second connect"),
+            P::ConnAck(_) => Packet::ServerOnly("connack"),
+            P::SubAck(_) => Packet::ServerOnly("suback"),
+            P::UnsubAck(_) => Packet::ServerOnly("unsuback"),
+            P::PingResp(_) => Packet::ServerOnly("pingresp"),
+        },
+    )
+}
+
+fn qos4(q: u8) -> QoS4 {
+    match q {
+        0 => QoS4::AtMostOnce,
+        1 => QoS4::AtLeastOnce,
+        _ => QoS4::ExactlyOnce,
+    }
+}
+
+fn qos5(q: u8) -> QoS5 {
+    match q {
+        0 => QoS5::AtMostOnce,
+        1 => QoS5::AtLeastOnce,
+        _ => QoS5::ExactlyOnce,
+    }
+}
+
+/// An outbound PUBLISH. v3.1/3.1.1 clients get no properties. Writing into a growable buffer
+/// cannot fail for values we built, so the few `Result`s of rumqttc's writers are dropped.
+#[allow(clippy::too_many_arguments)]
+pub fn write_publish(
+    out: &mut BytesMut,
+    version: Version,
+    topic: &str,
+    payload: &Bytes,
+    qos: u8,
+    retain: bool,
+    dup: bool,
+    pkid: u16,
+    props: Option<v5::PublishProperties>,
+) {
+    if version.is_v4() {
+        let p = v4::Publish {
+            dup,
+            qos: qos4(qos),
+            retain,
+            topic: topic.to_owned(),
+            pkid,
+            payload: payload.clone(),
+        };
+        let _ = p.write(out);
+    } else {
+        let p = v5::Publish {
+            dup,
+            qos: qos5(qos),
+            retain,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            pkid,
+            payload: payload.clone(),
+            properties: props,
+        };
+        let _ = p.write(out);
+    }
+}
+
+/// The four QoS acknowledgements (all success) and PINGRESP share one shape: type, 2, id.
+pub fn write_ack(out: &mut BytesMut, kind: Ack, pkid: u16) {
+    let byte1 = match kind {
+        Ack::Puback => 0x40,
+        Ack::Pubrec => 0x50,
+        Ack::Pubrel => 0x62,
+        Ack::Pubcomp => 0x70,
+    };
+    out.put_u8(byte1);
+    out.put_u8(2);
+    out.put_u16(pkid);
+}
+
+/// Which acknowledgement [`write_ack`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// QoS 1 acknowledgement.
+    Puback,
+    /// QoS 2, step 1.
+    Pubrec,
+    /// QoS 2, step 2.
+    Pubrel,
+    /// QoS 2, step 3.
+    Pubcomp,
+}
+
+/// PINGRESP.
+pub fn write_pingresp(out: &mut BytesMut) {
+    out.put_slice(&[0xD0, 0x00]);
+}
+
+/// SUBACK: `codes` are granted QoS (0..=2) or MQTT 5 failure reason codes (≥ 0x80; 3.1.1 clients
+/// get 0x80 for every failure).
+pub fn write_suback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8]) {
+    if version.is_v4() {
+        let codes = codes
+            .iter()
+            .map(|&c| match c {
+                0..=2 => v4::SubscribeReasonCode::Success(qos4(c)),
+                _ => v4::SubscribeReasonCode::Failure,
+            })
+            .collect();
+        let _ = v4::SubAck::new(pkid, codes).write(out);
+    } else {
+        use v5::SubscribeReasonCode as R;
+        let codes = codes
+            .iter()
+            .map(|&c| match c {
+                0..=2 => R::Success(qos5(c)),
+                0x8F => R::TopicFilterInvalid,
+                0x9E => R::SharedSubscriptionsNotSupported,
+                0xA1 => R::SubscriptionIdNotSupported,
+                0x83 => R::ImplementationSpecific,
+                0x97 => R::QuotaExceeded,
+                _ => R::Unspecified,
+            })
+            .collect();
+        let ack = v5::SubAck {
+            pkid,
+            return_codes: codes,
+            properties: None,
+        };
+        let _ = ack.write(out);
+    }
+}
+
+/// UNSUBACK: per filter, whether a subscription existed (MQTT 5 reason 0x00 or 0x11).
+pub fn write_unsuback(out: &mut BytesMut, version: Version, pkid: u16, existed: &[bool]) {
+    if version.is_v4() {
+        let _ = v4::UnsubAck::new(pkid).write(out);
+    } else {
+        let ack = v5::UnsubAck {
+            pkid,
+            reasons: existed
+                .iter()
+                .map(|&e| {
+                    if e {
+                        v5::UnsubAckReason::Success
+                    } else {
+                        v5::UnsubAckReason::NoSubscriptionExisted
+                    }
+                })
+                .collect(),
+            properties: None,
+        };
+        let _ = ack.write(out);
+    }
+}
+
+/// What a successful CONNACK tells a v5 client about this broker.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Inbound QoS 1/2 messages a client may have unacknowledged.
+    pub receive_maximum: u16,
+    /// Largest packet the broker accepts.
+    pub max_packet_size: u32,
+    /// Highest topic alias a client may use.
+    pub topic_alias_maximum: u16,
+}
+
+/// A successful CONNACK.
+pub fn write_connack(
+    out: &mut BytesMut,
+    version: Version,
+    session_present: bool,
+    assigned_id: Option<&str>,
+    limits: &ServerLimits,
+) {
+    if version.is_v4() {
+        let _ = v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present).write(out);
+        return;
+    }
+    let props = v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: Some(limits.receive_maximum),
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: Some(limits.max_packet_size),
+        assigned_client_identifier: assigned_id.map(str::to_owned),
+        topic_alias_max: Some(limits.topic_alias_maximum),
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    };
+    let ack = v5::ConnAck {
+        session_present,
+        code: v5::ConnectReturnCode::Success,
+        properties: Some(props),
+    };
+    let _ = ack.write(out);
 }
 
 /// A refusal CONNACK in the client's protocol.
@@ -301,8 +606,9 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
             let code = match reason {
                 Refusal::ProtocolVersion => v4::ConnectReturnCode::RefusedProtocolVersion,
                 Refusal::ClientId => v4::ConnectReturnCode::BadClientId,
-                Refusal::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
-                Refusal::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                Refusal::NotAuthorized | Refusal::BadAuthMethod => {
+                    v4::ConnectReturnCode::NotAuthorized
+                }
             };
             let _ = v4::ConnAck::new(code, false).write(&mut out);
         }
@@ -311,7 +617,7 @@ pub fn connack_refused(version: Version, reason: Refusal) -> Bytes {
                 Refusal::ProtocolVersion => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                 Refusal::ClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 Refusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
-                Refusal::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                Refusal::BadAuthMethod => v5::ConnectReturnCode::BadAuthenticationMethod,
             };
             let ack = v5::ConnAck {
                 session_present: false,
@@ -333,208 +639,21 @@ pub enum Refusal {
     ClientId,
     /// Wrong or missing username/password.
     NotAuthorized,
-    /// rumqttd cannot be reached.
-    ServerUnavailable,
+    /// MQTT 5 extended authentication was requested (not offered).
+    BadAuthMethod,
 }
 
-/// A v5 DISCONNECT with the given reason and an empty property list, sent before the front
+/// A v5 CONNACK refusing with `code` and no properties.
+pub fn connack_v5_code(code: u8) -> Bytes {
+    Bytes::from(vec![0x20, 0x03, 0x00, code, 0x00])
+}
+
+/// A v5 DISCONNECT with the given reason and an empty property list, sent before the broker
 /// closes a v5 client. Built by hand: rumqttc 0.25's `Disconnect::write` appends a property
 /// length its remaining length does not count, and its reader rejects the shorter valid form
 /// without a property length, so this is the form every client parses.
-pub fn v5_disconnect(reason: v5::DisconnectReasonCode) -> Bytes {
-    Bytes::from(vec![0xE0, 0x02, reason as u8, 0x00])
-}
-
-/// Rewrite rumqttd's v5 CONNACK: add the client id the front assigned (rumqttd never saw an empty
-/// one) and advertise the front's packet size limit. Returns the frame unchanged if it does not
-/// parse as a v5 CONNACK.
-pub fn rewrite_v5_connack(
-    frame: Frame,
-    assigned_id: Option<&str>,
-    max_packet_size: usize,
-) -> Frame {
-    let Ok(v5::Packet::ConnAck(mut ack)) = v5::Packet::read(&mut BytesMut::from(&frame[..]), None)
-    else {
-        return frame;
-    };
-    let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
-        session_expiry_interval: None,
-        receive_max: None,
-        max_qos: None,
-        retain_available: None,
-        max_packet_size: None,
-        assigned_client_identifier: None,
-        topic_alias_max: None,
-        reason_string: None,
-        user_properties: Vec::new(),
-        wildcard_subscription_available: None,
-        subscription_identifiers_available: None,
-        shared_subscription_available: None,
-        server_keep_alive: None,
-        response_information: None,
-        server_reference: None,
-        authentication_method: None,
-        authentication_data: None,
-    });
-    if let Some(id) = assigned_id {
-        props.assigned_client_identifier = Some(id.to_owned());
-    }
-    props.max_packet_size = Some(u32::try_from(max_packet_size).unwrap_or(u32::MAX));
-    let mut out = BytesMut::new();
-    match ack.write(&mut out) {
-        Ok(_) => out.freeze(),
-        Err(_) => frame,
-    }
-}
-
-/// What the front needs to know about one client → broker packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Inbound {
-    /// A PUBLISH, topic already resolved through the connection's aliases.
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        pkid: u16,
-        /// What to forward instead of the client's frame (v5: alias resolved, properties
-        /// dropped, see [`Session::inbound`]).
-        rewritten: Option<Bytes>,
-    },
-    /// PUBREL: ends a QoS 2 exchange.
-    PubRel(u16),
-    /// DISCONNECT: the client leaves cleanly (no will).
-    Disconnect,
-    /// Any other packet a client may send; forwarded as is.
-    Other,
-}
-
-/// Per-connection protocol state the front keeps: v5 topic aliases.
-#[derive(Debug, Default)]
-pub struct Session {
-    aliases: HashMap<u16, String>,
-}
-
-impl Session {
-    /// Parse and check one client → broker frame.
-    pub fn inbound(&mut self, version: Version, frame: &[u8]) -> Result<Inbound, Error> {
-        if version.is_v4() {
-            inbound_v4(frame)
-        } else {
-            self.inbound_v5(frame)
-        }
-    }
-
-    fn inbound_v5(&mut self, frame: &[u8]) -> Result<Inbound, Error> {
-        use v5::Packet as P;
-        let packet =
-            v5::Packet::read(&mut BytesMut::from(frame), None).map_err(Error::MalformedV5)?;
-        Ok(match packet {
-            P::Publish(p) => {
-                let topic = String::from_utf8(p.topic.to_vec()).map_err(|_| Error::InvalidTopic)?;
-                let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
-                let topic = match alias {
-                    None if topic.is_empty() => return Err(Error::InvalidTopic),
-                    None => topic,
-                    Some(a) if a == 0 || a > MAX_TOPIC_ALIAS => {
-                        return Err(Error::InvalidTopicAlias(a))
-                    }
-                    Some(a) if topic.is_empty() => self
-                        .aliases
-                        .get(&a)
-                        .cloned()
-                        .ok_or(Error::InvalidTopicAlias(a))?,
-                    Some(a) => {
-                        self.aliases.insert(a, topic.clone());
-                        topic
-                    }
-                };
-                if !rumqttc::mqttbytes::valid_topic(&topic) {
-                    return Err(Error::InvalidTopic);
-                }
-                // rumqttd 0.20 panics writing a PUBLISH that carries v5 properties to a v3.1.1
-                // subscriber (killing that subscriber's connection), so the front forwards v5
-                // publishes without properties, with the alias already resolved.
-                let plain = v5::Publish {
-                    dup: p.dup,
-                    qos: p.qos,
-                    retain: p.retain,
-                    topic: Bytes::from(topic.clone()),
-                    pkid: p.pkid,
-                    payload: p.payload.clone(),
-                    properties: None,
-                };
-                let mut out = BytesMut::with_capacity(frame.len() + topic.len());
-                plain.write(&mut out).map_err(Error::MalformedV5)?;
-                Inbound::Publish {
-                    topic,
-                    payload: p.payload,
-                    qos: p.qos as u8,
-                    pkid: p.pkid,
-                    rewritten: Some(out.freeze()),
-                }
-            }
-            P::PubRel(r) => Inbound::PubRel(r.pkid),
-            P::Disconnect(_) => Inbound::Disconnect,
-            P::Subscribe(s) => {
-                check_filters(s.filters.iter().map(|f| f.path.as_str()))?;
-                Inbound::Other
-            }
-            P::PubAck(_) | P::PubRec(_) | P::PubComp(_) | P::Unsubscribe(_) | P::PingReq(_) => {
-                Inbound::Other
-            }
-            P::Connect(..) => return Err(Error::ServerOnlyPacket("a second connect")),
-            P::ConnAck(_) => return Err(Error::ServerOnlyPacket("connack")),
-            P::SubAck(_) => return Err(Error::ServerOnlyPacket("suback")),
-            P::UnsubAck(_) => return Err(Error::ServerOnlyPacket("unsuback")),
-            P::PingResp(_) => return Err(Error::ServerOnlyPacket("pingresp")),
-            P::Auth(_) => {
-                return Err(Error::ServerOnlyPacket(
-                    "auth (extended auth is not supported)",
-                ))
-            }
-        })
-    }
-}
-
-fn inbound_v4(frame: &[u8]) -> Result<Inbound, Error> {
-    use v4::Packet as P;
-    let packet =
-        v4::Packet::read(&mut BytesMut::from(frame), usize::MAX).map_err(Error::MalformedV4)?;
-    Ok(match packet {
-        P::Publish(p) => {
-            if p.topic.is_empty() || !rumqttc::mqttbytes::valid_topic(&p.topic) {
-                return Err(Error::InvalidTopic);
-            }
-            Inbound::Publish {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos as u8,
-                pkid: p.pkid,
-                rewritten: None,
-            }
-        }
-        P::PubRel(r) => Inbound::PubRel(r.pkid),
-        P::Disconnect => Inbound::Disconnect,
-        P::Subscribe(s) => {
-            check_filters(s.filters.iter().map(|f| f.path.as_str()))?;
-            Inbound::Other
-        }
-        P::PubAck(_) | P::PubRec(_) | P::PubComp(_) | P::Unsubscribe(_) | P::PingReq => {
-            Inbound::Other
-        }
-        P::Connect(_) => return Err(Error::ServerOnlyPacket("a second connect")),
-        P::ConnAck(_) => return Err(Error::ServerOnlyPacket("connack")),
-        P::SubAck(_) => return Err(Error::ServerOnlyPacket("suback")),
-        P::UnsubAck(_) => return Err(Error::ServerOnlyPacket("unsuback")),
-        P::PingResp => return Err(Error::ServerOnlyPacket("pingresp")),
-    })
-}
-
-fn check_filters<'a>(mut filters: impl Iterator<Item = &'a str>) -> Result<(), Error> {
-    match filters.find(|f| !rumqttc::mqttbytes::valid_filter(f)) {
-        Some(bad) => Err(Error::InvalidFilter(bad.to_owned())),
-        None => Ok(()),
-    }
+pub fn v5_disconnect(reason: u8) -> Bytes {
+    Bytes::from(vec![0xE0, 0x02, reason, 0x00])
 }
 
 #[cfg(test)]
@@ -547,17 +666,17 @@ mod tests {
         b
     }
 
-    fn v5_bytes(p: v5::Packet) -> Vec<u8> {
+    fn v5_bytes(p: v5::Packet) -> BytesMut {
         let mut b = BytesMut::new();
         p.write(&mut b, None).expect("test packet serialises");
-        b.to_vec()
+        b
     }
 
     #[test]
     fn frames_split_and_size_limit_counts_whole_packet() {
         let mut buf = v4_bytes(v4::Packet::Publish(v4::Publish::new(
             "a/b",
-            rumqttc::mqttbytes::QoS::AtMostOnce,
+            QoS4::AtMostOnce,
             vec![1u8; 10],
         )));
         let whole = buf.len();
@@ -575,17 +694,25 @@ mod tests {
     }
 
     #[test]
-    fn mqtt31_connect_maps_to_311() {
+    fn huge_remaining_length_is_refused_from_the_header_alone() {
+        // PUBLISH announcing 256 MiB - 1 (the largest MQTT length): refused with 5 bytes read.
+        let mut buf = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F][..]);
+        assert!(matches!(
+            next_frame(&mut buf, 1024 * 1024),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn mqtt31_connect_is_read_with_the_311_codec() {
         // CONNECT "MQIsdp" level 3, clean session, keep-alive 30, client id "c1".
         let frame = [
             0x10, 16, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 30, 0, 2, b'c', b'1',
         ];
         assert_eq!(connect_version(&frame).unwrap(), Version::V31);
-        let Connect::V4(c) = Connect::parse(Version::V31, &frame).unwrap() else {
-            panic!("v4 expected")
-        };
+        let c = Connect::parse(Version::V31, &frame).unwrap();
         assert_eq!(
-            (c.client_id.as_str(), c.keep_alive, c.clean_session),
+            (c.client_id.as_str(), c.keep_alive, c.clean),
             ("c1", 30, true)
         );
     }
@@ -600,90 +727,124 @@ mod tests {
     }
 
     #[test]
-    fn server_only_packets_are_refused() {
+    fn server_only_packets_are_recognised() {
         let ack = v4_bytes(v4::Packet::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::Success,
             false,
         )));
-        assert!(matches!(
-            Session::default().inbound(Version::V311, &ack),
-            Err(Error::ServerOnlyPacket("connack"))
-        ));
+        assert_eq!(
+            parse(Version::V311, ack).unwrap(),
+            Packet::ServerOnly("connack")
+        );
         let ack5 = v5_bytes(v5::Packet::ConnAck(v5::ConnAck {
             session_present: false,
             code: v5::ConnectReturnCode::Success,
             properties: None,
         }));
-        assert!(matches!(
-            Session::default().inbound(Version::V5, &ack5),
-            Err(Error::ServerOnlyPacket("connack"))
-        ));
-        assert!(Session::default()
-            .inbound(Version::V311, &[0xD0, 0x00])
-            .is_err());
+        assert_eq!(
+            parse(Version::V5, ack5).unwrap(),
+            Packet::ServerOnly("connack")
+        );
+        assert_eq!(
+            parse(Version::V311, BytesMut::from(&[0xD0, 0x00][..])).unwrap(),
+            Packet::ServerOnly("pingresp")
+        );
     }
 
     #[test]
-    fn v5_topic_alias_is_resolved_per_session() {
-        let mut p = v5::Publish::new("t/1", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, "x", None);
-        p.pkid = 1;
-        p.properties = Some(v5::PublishProperties {
-            topic_alias: Some(3),
-            ..Default::default()
-        });
-        let first = v5_bytes(v5::Packet::Publish(p.clone()));
-        p.topic = Bytes::new();
-        let second = v5_bytes(v5::Packet::Publish(p));
-        let mut s = Session::default();
-        for frame in [&first, &second] {
-            match s.inbound(Version::V5, frame).unwrap() {
-                Inbound::Publish { topic, .. } => assert_eq!(topic, "t/1"),
-                other => panic!("publish expected, got {other:?}"),
+    fn short_v5_disconnect_and_reason_codes_parse() {
+        assert_eq!(
+            parse(Version::V5, BytesMut::from(&[0xE0, 0x00][..])).unwrap(),
+            Packet::Disconnect {
+                reason: 0,
+                expiry: None
             }
-        }
-        assert!(matches!(
-            Session::default().inbound(Version::V5, &second),
-            Err(Error::InvalidTopicAlias(3))
-        ));
+        );
+        assert_eq!(
+            parse(Version::V5, BytesMut::from(&v5_disconnect(0x04)[..])).unwrap(),
+            Packet::Disconnect {
+                reason: 4,
+                expiry: None
+            }
+        );
     }
 
     #[test]
-    fn wildcard_publish_topic_is_refused() {
-        let b = v4_bytes(v4::Packet::Publish(v4::Publish::new(
-            "a/+",
-            rumqttc::mqttbytes::QoS::AtMostOnce,
-            "x",
-        )));
-        assert!(matches!(
-            Session::default().inbound(Version::V311, &b),
-            Err(Error::InvalidTopic)
-        ));
+    fn v5_subscription_options_are_kept() {
+        let mut f = v5::Filter::new("a/+", QoS5::AtLeastOnce);
+        f.nolocal = true;
+        f.preserve_retain = true;
+        f.retain_forward_rule = v5::RetainForwardRule::Never;
+        let mut s = v5::Subscribe::new(
+            f,
+            Some(v5::SubscribeProperties {
+                id: Some(7),
+                user_properties: Vec::new(),
+            }),
+        );
+        s.pkid = 3;
+        let frame = v5_bytes(v5::Packet::Subscribe(s));
+        assert_eq!(
+            parse(Version::V5, frame).unwrap(),
+            Packet::Subscribe {
+                pkid: 3,
+                sub_id: Some(7),
+                filters: vec![FilterReq {
+                    filter: "a/+".into(),
+                    qos: 1,
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: 2,
+                }],
+            }
+        );
     }
 
     #[test]
-    fn connect_rewrite_keeps_will_and_drops_password() {
-        let mut c = v4::Connect::new("");
-        c.keep_alive = 0;
-        c.set_login("u", "secret");
-        c.last_will = Some(v4::LastWill::new(
-            "w",
-            "bye",
-            rumqttc::mqttbytes::QoS::AtLeastOnce,
-            true,
-        ));
-        let frame = v4_bytes(v4::Packet::Connect(c));
-        let mut parsed = Connect::parse(Version::V311, &frame).unwrap();
-        assert_eq!(parsed.credentials(), ("u", "secret"));
-        parsed.set_client_id("auto-1".into());
-        parsed.set_keep_alive(60);
-        parsed.strip_password();
-        let out = parsed.to_bytes().unwrap();
-        let Connect::V4(back) = Connect::parse(Version::V311, &out).unwrap() else {
-            panic!("v4 expected")
+    fn encoders_round_trip_through_rumqttc() {
+        let limits = ServerLimits {
+            receive_maximum: 20,
+            max_packet_size: 1 << 20,
+            topic_alias_maximum: 10,
         };
-        assert_eq!(back.client_id, "auto-1");
-        assert_eq!(back.keep_alive, 60);
-        assert_eq!(back.login, Some(v4::Login::new("u", "")));
-        assert_eq!(back.last_will.map(|w| w.topic), Some("w".to_owned()));
+        let mut out = BytesMut::new();
+        write_connack(&mut out, Version::V5, true, Some("auto-x"), &limits);
+        match v5::Packet::read(&mut out, None).unwrap() {
+            v5::Packet::ConnAck(a) => {
+                assert!(a.session_present);
+                let p = a.properties.expect("properties");
+                assert_eq!(p.assigned_client_identifier.as_deref(), Some("auto-x"));
+                assert_eq!(p.receive_max, Some(20));
+                assert_eq!(p.topic_alias_max, Some(10));
+            }
+            other => panic!("connack expected, got {other:?}"),
+        }
+        write_unsuback(&mut out, Version::V5, 9, &[true, false]);
+        match v5::Packet::read(&mut out, None).unwrap() {
+            v5::Packet::UnsubAck(a) => assert_eq!(
+                a.reasons,
+                [
+                    v5::UnsubAckReason::Success,
+                    v5::UnsubAckReason::NoSubscriptionExisted
+                ]
+            ),
+            other => panic!("unsuback expected, got {other:?}"),
+        }
+        write_suback(&mut out, Version::V311, 4, &[1, 0x8F]);
+        match v4::Packet::read(&mut out, usize::MAX).unwrap() {
+            v4::Packet::SubAck(a) => assert_eq!(
+                a.return_codes,
+                [
+                    v4::SubscribeReasonCode::Success(QoS4::AtLeastOnce),
+                    v4::SubscribeReasonCode::Failure
+                ]
+            ),
+            other => panic!("suback expected, got {other:?}"),
+        }
+        for (kind, want) in [(Ack::Puback, 4u8), (Ack::Pubrel, 6), (Ack::Pubcomp, 7)] {
+            write_ack(&mut out, kind, 300);
+            assert_eq!(out[0] >> 4, want);
+            let _ = v4::Packet::read(&mut out, usize::MAX).expect("valid ack");
+        }
     }
 }

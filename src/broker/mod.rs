@@ -1,97 +1,85 @@
 //! The embedded local MQTT broker that replaces Mosquitto on the edge box.
 //!
-//! Its one job: accept local MQTT 3.1/3.1.1/5 clients on the public port, behave towards them as
-//! Mosquitto does, report every PUBLISH they send to the router as a [`SourceEvent::Local`], and
-//! give the bridge a [`BrokerHandle`] to publish to and subscribe from local clients.
+//! Its one job: accept local MQTT 3.1/3.1.1/5 clients on the one public port, behave towards
+//! them as Mosquitto 2.x does, report every PUBLISH they send to the router as a
+//! [`SourceEvent::Local`] (acknowledging QoS 1/2 only once the router made it durable), and give
+//! the bridge a [`BrokerHandle`] to publish to, subscribe from, and inspect local clients.
 //!
 //! ```text
-//!  local clients ──TCP──▶ front (our listener, `front.rs`) ──TCP loopback──▶ rumqttd v4 / v5 listener
-//!                           │ every PUBLISH, before forwarding                      ▲
-//!                           ▼                                                       │ local link
-//!                 events_tx: mpsc<SourceEvent> ─▶ router        BrokerHandle ─▶ link task (this file)
+//!  local clients ──TCP──▶ listener ──spawn──▶ one task per connection (conn.rs)
+//!                                              │ route ▼            │ every PUBLISH
+//!                    Mutex<State> (state.rs): sessions, subscription tree, retained
+//!                                              ▲                    ▼
+//!  BrokerHandle (publish, publish_to, subscribe) ─┘     events_tx: mpsc<SourceEvent> ─▶ router
+//!  housekeeping task: $SYS, will delays, session expiry, drop WARN, persistence autosave
 //! ```
 //!
-//! rumqttd 0.20 does the routing, sessions, retained messages and wills; the front owns the
-//! public socket because rumqttd deviates from Mosquitto (keep-alive 0, empty client ids, one
-//! bad client breaking the v5 listener, no per-client identity on its local link). rumqttd's
-//! listeners sit on private loopback ports. `Broker::start()` blocks forever and cannot be
-//! stopped, so rumqttd runs on a dedicated thread that outlives cancellation (see
-//! `docs/BROKER.md`).
-//!
-//! It must not map, convert or store messages (the router does), and it must never feed what the
-//! bridge publishes through [`BrokerHandle::publish`] back into `events_tx`.
+//! The wire codec is rumqttc's `mqttbytes` (v4 and v5); sessions, routing and flow control are
+//! ours (see `docs/BROKER.md` for why). It must not map, convert or store messages (the router
+//! does), and it never feeds what the bridge publishes through [`BrokerHandle`] into `events_tx`.
 
 mod codec;
-mod front;
+mod conn;
+mod persist;
+mod state;
+pub mod topic;
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, Secret};
+use crate::model::TimestampMs;
 use crate::sources::SourceEvent;
+use state::{Limits, Message, Queued, State};
 
-/// Capacity of the handle → link task command channel; a full channel makes `publish` wait.
-const MAX_LINK_COMMANDS: usize = 256;
-/// Capacity of each channel returned by [`BrokerHandle::subscribe`]. When a subscriber falls this
-/// far behind, further messages for it are dropped and counted (the link task must keep up with
-/// rumqttd, and blocking it would also block `publish`).
+/// Capacity of each channel returned by [`BrokerHandle::subscribe`]. When a bridge subscriber
+/// falls this far behind, further messages for it are dropped and counted (routing never waits
+/// for the bridge).
 pub const SUBSCRIPTION_CAPACITY: usize = 1024;
-/// How long `start` waits for rumqttd's private listeners to accept connections.
-const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Interval between readiness probes of the rumqttd listeners during start.
-const BACKEND_PROBE_INTERVAL: Duration = Duration::from_millis(20);
-/// Client id of the bridge's own rumqttd local link.
-const LINK_CLIENT_ID: &str = "dlms-bridge-local-link";
-/// Size of one in-memory commitlog segment in rumqttd, per subscribed filter. rumqttd keeps
-/// messages until segments rotate, so memory is about filters × size × (count + 1); a subscriber
-/// further behind than that skips messages (1 MiB lost half of a 20 000-message burst).
-const SEGMENT_SIZE_BYTES: usize = 4 * 1024 * 1024;
-/// Segments kept per topic besides the active one.
-const SEGMENT_COUNT: usize = 2;
-/// Outgoing packets rumqttd buffers per connection.
-const MAX_OUTGOING_PACKETS: u64 = 200;
-/// In-flight QoS 1/2 messages rumqttd allows per connection.
-const MAX_INFLIGHT: usize = 100;
-/// How long rumqttd waits for the CONNECT the front sends right after connecting.
-const BACKEND_CONNECT_TIMEOUT_MS: u16 = 5_000;
-/// Router connection slots kept beyond `max_connections` for the local link and short-lived
-/// overlaps while a client reconnects.
-const RESERVED_ROUTER_CONNECTIONS: usize = 16;
-/// Slack added to rumqttd's packet limit: the front's CONNECT rewrite can grow a packet.
-const BACKEND_PACKET_SLACK_BYTES: usize = 1024;
-
-/// Keep-alive the front writes into the backend CONNECT of a client that asked for 0.
-pub const DEFAULT_ZERO_KEEP_ALIVE_SECS: u16 = 60;
-/// How long the front waits for a client's CONNECT.
+/// How long a new connection may take to send CONNECT (as Mosquitto's default).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Inbound QoS 1/2 messages a v5 client may have unacknowledged (our Receive Maximum).
+pub const RECEIVE_MAXIMUM: u16 = 100;
+/// Highest inbound topic alias a v5 client may use (Mosquitto's default is 10).
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 10;
+/// How often will delays and session expiry are checked.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// At most one WARN per this period about dropped messages.
+const DROP_WARN_EVERY: Duration = Duration::from_secs(60);
+/// At shutdown, longest wait for connection tasks to close before the final save.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// Reason code the state sends a connection whose session another connection took over.
+pub(crate) const REASON_SESSION_TAKEN_OVER: u8 = 0x8E;
 
-/// Internal knobs of the front listener. The defaults are what production uses; tests shorten
-/// them so they need not wait a minute for a keep-alive to expire.
+/// Internal knobs. The defaults are what production uses; tests shorten them.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// Keep-alive (seconds) sent to rumqttd for a client whose CONNECT says 0; the front then
-    /// sends PINGREQs to rumqttd every half of it and swallows the PINGRESPs.
-    pub zero_keep_alive_secs: u16,
     /// How long a new connection may take to send CONNECT.
     pub connect_timeout: Duration,
+    /// Test hook: a connection task panics when its client publishes to this topic (proves
+    /// that a panic closes that connection only). Always `None` in production.
+    #[doc(hidden)]
+    pub panic_on_topic: Option<String>,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            zero_keep_alive_secs: DEFAULT_ZERO_KEEP_ALIVE_SECS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            panic_on_topic: None,
         }
     }
 }
@@ -105,55 +93,87 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reserve a loopback port for rumqttd")]
-    ReservePort(#[source] std::io::Error),
-    #[error("cannot start the rumqttd thread")]
-    Thread(#[source] std::io::Error),
-    #[error("cannot open the rumqttd local link")]
-    OpenLink(#[source] Box<LinkError>),
-    #[error("rumqttd did not accept connections on {addr} within {timeout:?}")]
-    BackendNotReady { addr: SocketAddr, timeout: Duration },
-    #[error("broker start was interrupted")]
-    StartAborted,
-    #[error("broker link task has stopped; publish to {topic:?} not sent")]
-    LinkClosed { topic: String, payload: Bytes },
-    #[error("rumqttd refused the local link request for {topic:?}")]
-    Link {
-        topic: String,
-        payload: Bytes,
+    #[error("cannot load the broker persistence file {path}")]
+    Load {
+        path: PathBuf,
         #[source]
-        source: Box<LinkError>,
+        source: persist::Error,
     },
     #[error("invalid topic {0:?}")]
     InvalidTopic(String),
     #[error("invalid topic filter {0:?}")]
     InvalidFilter(String),
+    #[error("no session for client {client_id:?}; publish to {topic:?} not sent")]
+    NoSession {
+        client_id: String,
+        topic: String,
+        payload: Bytes,
+    },
+}
+
+/// One connected local client, for statistics and status pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub peer: SocketAddr,
+    /// "MQTT 3.1", "MQTT 3.1.1" or "MQTT 5.0".
+    pub protocol: &'static str,
+    /// When this connection was accepted (Unix ms).
+    pub connected_since: TimestampMs,
+    /// PUBLISH packets received from this connection.
+    pub messages_in: u64,
+    /// PUBLISH packets sent to this connection.
+    pub messages_out: u64,
+}
+
+/// What every connection task and handle shares.
+pub(crate) struct Shared {
+    /// Sessions, subscriptions, retained messages. Never held across an `.await`.
+    state: Mutex<State>,
+    /// To the router; awaited per PUBLISH, which is the backpressure on the client's socket.
+    events_tx: mpsc::Sender<SourceEvent>,
+    /// Required username, if configured.
+    username: Option<String>,
+    /// Required password, if configured. Never logged.
+    password: Option<Secret>,
+    /// Largest packet accepted from a client, bytes, fixed header included.
+    max_packet_size: usize,
+    /// Outbound QoS 1/2 in flight per client.
+    max_inflight: usize,
+    /// Advertised to v5 clients in CONNACK.
+    server_limits: codec::ServerLimits,
+    tuning: Tuning,
+    /// Connection ids, so a taken-over connection cannot touch its successor's session.
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn authorised(&self, user: Option<&str>, pass: Option<&str>) -> bool {
+        let user_ok = self.username.as_deref().is_none_or(|want| {
+            conn::constant_time_eq(want.as_bytes(), user.unwrap_or("").as_bytes())
+        });
+        let pass_ok = self.password.as_ref().is_none_or(|want| {
+            conn::constant_time_eq(want.expose().as_bytes(), pass.unwrap_or("").as_bytes())
+        });
+        user_ok && pass_ok
+    }
 }
 
 /// Clonable front of the running broker for the rest of the bridge.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BrokerHandle {
     /// The bound public address (useful when `listen` had port 0).
     local_addr: SocketAddr,
-    /// To the link task, the only owner of the rumqttd local link.
-    cmd_tx: mpsc::Sender<LinkCommand>,
+    shared: Arc<Shared>,
 }
 
-/// Requests from handles to the link task.
-#[derive(Debug)]
-enum LinkCommand {
-    /// Publish to local subscribers.
-    Publish {
-        topic: String,
-        payload: Bytes,
-        retain: bool,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    /// Register one more bridge subscriber.
-    Subscribe {
-        filter: String,
-        tx: mpsc::Sender<(String, Bytes)>,
-    },
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Start the broker on `listen` with production tuning. See [`start_with`].
@@ -167,8 +187,9 @@ pub async fn start(
     start_with(cfg, listen, events_tx, tracker, cancel, Tuning::default()).await
 }
 
-/// Start rumqttd on its own thread, the link task and the front listener on `tracker`. Returns
-/// once the public port and both rumqttd listeners accept connections.
+/// Bind the listener (SO_REUSEADDR, so a restart rebinds at once), load persisted state when
+/// enabled, and spawn the accept loop and the housekeeping task on `tracker`. Returns once the
+/// port accepts connections.
 pub async fn start_with(
     cfg: &BrokerConfig,
     listen: SocketAddr,
@@ -177,75 +198,236 @@ pub async fn start_with(
     cancel: CancellationToken,
     tuning: Tuning,
 ) -> Result<BrokerHandle, Error> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+    let bind_err = |source| Error::Bind {
         addr: listen,
         source,
-    })?;
+    };
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(listen).map_err(bind_err)?;
+    let listener = socket.listen(1024).map_err(bind_err)?;
+    let local_addr = listener.local_addr().map_err(bind_err)?;
 
-    let v4_addr = reserve_loopback_port()?;
-    let v5_addr = reserve_loopback_port()?;
-    let rumqttd_config = backend_config(cfg, v4_addr, v5_addr);
-    // Broker::new spawns rumqttd's router thread and `link` blocks on the router's reply.
-    let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
-        let mut broker = rumqttd::Broker::new(rumqttd_config);
-        let link = broker
-            .link(LINK_CLIENT_ID)
-            .map_err(|e| Error::OpenLink(Box::new(e)))?;
-        std::thread::Builder::new()
-            .name("rumqttd".into())
-            .spawn(move || {
-                // Blocks for the life of the process; it only returns if its listeners die.
-                if let Err(e) = broker.start() {
-                    error!(error = %e, "Embedded rumqttd stopped; local clients are cut off.");
-                }
-            })
-            .map_err(Error::Thread)?;
-        Ok::<_, Error>(link)
-    })
-    .await
-    .map_err(|_| Error::StartAborted)??;
-
-    for addr in [v4_addr, v5_addr] {
-        wait_until_accepting(addr).await?;
+    let mut state = State::new(Limits {
+        max_queued: cfg.max_queued_messages,
+    });
+    let persist_path = cfg.persistence.then(|| cfg.persistence_file.clone());
+    if let Some(path) = &persist_path {
+        let p = path.clone();
+        let snapshot = tokio::task::spawn_blocking(move || persist::load(&p))
+            .await
+            .map_err(|e| Error::Load {
+                path: path.clone(),
+                source: persist::Error::Worker(e.to_string()),
+            })?
+            .map_err(|source| Error::Load {
+                path: path.clone(),
+                source,
+            })?;
+        let (sessions, retained) = persist::restore(&mut state, snapshot, Instant::now());
+        info!(path = %path.display(), sessions, retained, "Broker state restored.");
     }
 
-    let (cmd_tx, cmd_rx) = mpsc::channel(MAX_LINK_COMMANDS);
-    let link = LinkTask {
-        link_tx,
-        link_rx,
-        cmd_rx,
-        subscribers: Vec::new(),
-        dropped: 0,
-        cancel: cancel.clone(),
-    };
-    tracker.spawn(link.run());
-
-    let shared = Arc::new(front::Shared {
-        backend_v4: v4_addr,
-        backend_v5: v5_addr,
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
         events_tx,
         username: cfg.username.clone(),
         password: cfg.password.clone(),
         max_packet_size: cfg.max_packet_size,
+        max_inflight: usize::from(cfg.max_inflight_messages),
+        server_limits: codec::ServerLimits {
+            receive_maximum: RECEIVE_MAXIMUM,
+            max_packet_size: u32::try_from(cfg.max_packet_size).unwrap_or(u32::MAX),
+            topic_alias_maximum: TOPIC_ALIAS_MAXIMUM,
+        },
         tuning,
+        next_conn: AtomicU64::new(1),
     });
-    let front = front::Front {
+    let conns = TaskTracker::new();
+    tracker.spawn(accept_loop(
         listener,
-        shared,
-        limit: Arc::new(Semaphore::new(cfg.max_connections)),
-        tracker: tracker.clone(),
+        shared.clone(),
+        Arc::new(Semaphore::new(cfg.max_connections)),
+        conns.clone(),
+        cancel.clone(),
+    ));
+    tracker.spawn(housekeeping(
+        shared.clone(),
+        conns,
+        persist_path,
+        cfg.autosave_interval,
+        cfg.sys_interval,
         cancel,
-    };
-    tracker.spawn(front.run());
-    info!(listen = %local_addr, rumqttd_v4 = %v4_addr, rumqttd_v5 = %v5_addr, "Local MQTT broker listening.");
+    ));
+    info!(listen = %local_addr, "Local MQTT broker listening.");
+    Ok(BrokerHandle { local_addr, shared })
+}
 
-    Ok(BrokerHandle { local_addr, cmd_tx })
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    conns: TaskTracker,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "Accept failed on the broker port.");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                }
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // As Mosquitto does at its connection limit: close without a CONNACK.
+            warn!(%peer, "Connection limit reached; closing new client connection.");
+            continue;
+        };
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        // A panic in the task unwinds it alone (tokio catches it); the registration guard in
+        // `conn` detaches the session on the way out.
+        conns.spawn(async move {
+            let _permit = permit;
+            conn::serve(socket, peer, shared, cancel).await;
+        });
+    }
+    debug!("Broker stopped accepting.");
+}
+
+/// Periodic work: will delays and session expiry (every second), `$SYS` topics, the drop WARN,
+/// persistence autosave; at shutdown waits briefly for connections to close, then saves.
+async fn housekeeping(
+    shared: Arc<Shared>,
+    conns: TaskTracker,
+    persist_path: Option<PathBuf>,
+    autosave: Duration,
+    sys_interval: Duration,
+    cancel: CancellationToken,
+) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next_sys = Instant::now();
+    let mut next_save = Instant::now() + autosave;
+    let mut next_warn = Instant::now() + DROP_WARN_EVERY;
+    let mut warned = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        shared.state.lock().housekeep(now);
+        if !sys_interval.is_zero() && now >= next_sys {
+            next_sys = now + sys_interval;
+            publish_sys(&shared, started, now);
+        }
+        if now >= next_warn {
+            next_warn = now + DROP_WARN_EVERY;
+            let (q, b) = {
+                let st = shared.state.lock();
+                (st.counters.dropped_queue_full, st.counters.dropped_bridge)
+            };
+            if (q, b) != warned {
+                warn!(
+                    queue_full = q - warned.0,
+                    bridge_full = b - warned.1,
+                    queue_full_total = q,
+                    "Messages dropped for clients whose queues were full (max_queued_messages) in the last minute."
+                );
+                warned = (q, b);
+            }
+        }
+        if let Some(path) = &persist_path {
+            if now >= next_save {
+                next_save = now + autosave;
+                save(&shared, path).await;
+            }
+        }
+    }
+    conns.close();
+    if tokio::time::timeout(SHUTDOWN_DRAIN, conns.wait())
+        .await
+        .is_err()
+    {
+        debug!("Some broker connections were still closing at shutdown.");
+    }
+    if let Some(path) = &persist_path {
+        save(&shared, path).await;
+    }
+    debug!("Broker housekeeping stopped.");
+}
+
+async fn save(shared: &Arc<Shared>, path: &std::path::Path) {
+    let snapshot = persist::snapshot(&shared.state.lock(), Instant::now());
+    let p = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || persist::save(&p, &snapshot)).await {
+        Ok(Ok(())) => debug!(path = %path.display(), "Broker state saved."),
+        Ok(Err(e)) => {
+            error!(path = %path.display(), error = %e, "Saving the broker state failed; retained messages and sessions may not survive a restart.")
+        }
+        Err(e) => error!(error = %e, "Broker state save task failed."),
+    }
+}
+
+/// Mosquitto-style `$SYS/broker/...` topics, retained.
+fn publish_sys(shared: &Shared, started: Instant, now: Instant) {
+    let mut st = shared.state.lock();
+    let values = [
+        (
+            "$SYS/broker/version",
+            format!("dlms-bridge {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", now.duration_since(started).as_secs()),
+        ),
+        ("$SYS/broker/clients/connected", st.connected.to_string()),
+        ("$SYS/broker/clients/total", st.sessions.len().to_string()),
+        (
+            "$SYS/broker/messages/received",
+            st.counters.received.to_string(),
+        ),
+        ("$SYS/broker/messages/sent", st.counters.sent.to_string()),
+        (
+            "$SYS/broker/messages/dropped",
+            (st.counters.dropped_queue_full + st.counters.dropped_bridge).to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            st.retained.len().to_string(),
+        ),
+        ("$SYS/broker/subscriptions/count", st.tree.len().to_string()),
+        (
+            "$SYS/broker/store/messages/count",
+            st.queued_total().to_string(),
+        ),
+    ];
+    for (topic, value) in values {
+        let msg = Message {
+            topic: topic.to_owned(),
+            payload: Bytes::from(value),
+            qos: 0,
+            retain: true,
+            props: None,
+            expires: None,
+            origin: None,
+        };
+        st.publish(Arc::new(msg), now);
+    }
 }
 
 impl BrokerHandle {
@@ -254,225 +436,115 @@ impl BrokerHandle {
         self.local_addr
     }
 
-    /// Publish to local clients (QoS 0 from the broker's side; `retain` stores it for later
-    /// subscribers). Never reported on `events_tx`. On failure the payload is handed back in the
-    /// error.
+    /// Publish to local subscribers (QoS 0 from the broker's side; `retain` stores it for later
+    /// subscribers, an empty retained payload clears it). Never reported on `events_tx`.
     pub async fn publish(&self, topic: &str, payload: Bytes, retain: bool) -> Result<(), Error> {
-        if topic.is_empty() || !rumqttc::mqttbytes::valid_topic(topic) {
+        if !topic::valid_topic(topic) {
             return Err(Error::InvalidTopic(topic.to_owned()));
         }
-        let (reply, reply_rx) = oneshot::channel();
-        let cmd = LinkCommand::Publish {
+        let msg = Message {
             topic: topic.to_owned(),
             payload,
+            qos: 0,
             retain,
-            reply,
+            props: None,
+            expires: None,
+            origin: None,
         };
-        if let Err(mpsc::error::SendError(cmd)) = self.cmd_tx.send(cmd).await {
-            return Err(match cmd {
-                LinkCommand::Publish { topic, payload, .. } => Error::LinkClosed { topic, payload },
-                LinkCommand::Subscribe { filter, .. } => Error::LinkClosed {
-                    topic: filter,
-                    payload: Bytes::new(),
-                },
-            });
-        }
-        reply_rx.await.unwrap_or_else(|_| {
-            Err(Error::LinkClosed {
-                topic: topic.to_owned(),
-                payload: Bytes::new(),
-            })
-        })
+        self.shared
+            .state
+            .lock()
+            .publish(Arc::new(msg), Instant::now());
+        Ok(())
     }
 
-    /// Receive every local message whose topic matches `filter` as `(topic, payload)`, QoS 0.
-    /// Dropping the receiver ends the subscription.
+    /// Deliver to one client session only (e.g. a device-API client's RPC), whatever else is
+    /// subscribed. Sent at QoS 1 when the session has a matching QoS ≥ 1 subscription (so it is
+    /// queued while the client is offline with a persistent session), otherwise QoS 0.
+    /// `Error::NoSession` when no session has that client id.
+    pub async fn publish_to(
+        &self,
+        client_id: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<(), Error> {
+        if !topic::valid_topic(topic) {
+            return Err(Error::InvalidTopic(topic.to_owned()));
+        }
+        let mut st = self.shared.state.lock();
+        let sub_qos = st.sessions.get(client_id).map(|s| {
+            s.subs
+                .iter()
+                .filter_map(|(raw, o)| {
+                    let spec = topic::parse_filter(raw)?;
+                    topic::matches(spec.filter, topic).then_some(o.qos)
+                })
+                .max()
+                .unwrap_or(0)
+        });
+        let Some(sub_qos) = sub_qos else {
+            return Err(Error::NoSession {
+                client_id: client_id.to_owned(),
+                topic: topic.to_owned(),
+                payload,
+            });
+        };
+        let qos = sub_qos.min(1);
+        let msg = Arc::new(Message {
+            topic: topic.to_owned(),
+            payload,
+            qos,
+            retain: false,
+            props: None,
+            expires: None,
+            origin: None,
+        });
+        st.enqueue(
+            client_id,
+            Queued {
+                msg,
+                qos,
+                retain: false,
+                sub_ids: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Receive every local message whose topic matches `filter` as `(topic, payload)`, starting
+    /// with the retained messages that match. Dropping the receiver ends the subscription.
     pub async fn subscribe(&self, filter: &str) -> Result<mpsc::Receiver<(String, Bytes)>, Error> {
-        if !rumqttc::mqttbytes::valid_filter(filter) {
+        if !topic::valid_filter(filter) {
             return Err(Error::InvalidFilter(filter.to_owned()));
         }
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        self.cmd_tx
-            .send(LinkCommand::Subscribe {
-                filter: filter.to_owned(),
-                tx,
-            })
-            .await
-            .map_err(|_| Error::LinkClosed {
-                topic: filter.to_owned(),
-                payload: Bytes::new(),
-            })?;
+        let mut st = self.shared.state.lock();
+        let mut retained: Vec<(String, Bytes)> = st
+            .retained
+            .values()
+            .filter(|m| topic::matches(filter, &m.topic))
+            .map(|m| (m.topic.clone(), m.payload.clone()))
+            .collect();
+        retained.sort_by(|a, b| a.0.cmp(&b.0));
+        for r in retained {
+            if tx.try_send(r).is_err() {
+                st.counters.dropped_bridge += 1;
+            }
+        }
+        st.bridge_subs.push(state::BridgeSub {
+            filter: filter.to_owned(),
+            tx,
+        });
         Ok(rx)
     }
-}
 
-/// rumqttd configuration: one v4 and one v5 listener on private loopback ports, no auth (the
-/// front checks credentials), dynamic filters on (a publish to a topic with no subscriber must
-/// never be an error).
-fn backend_config(cfg: &BrokerConfig, v4: SocketAddr, v5: SocketAddr) -> rumqttd::Config {
-    let connections = ConnectionSettings {
-        connection_timeout_ms: BACKEND_CONNECT_TIMEOUT_MS,
-        max_payload_size: cfg
-            .max_packet_size
-            .saturating_add(BACKEND_PACKET_SLACK_BYTES),
-        max_inflight_count: MAX_INFLIGHT,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = |name: &str, listen| ServerSettings {
-        name: name.to_owned(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: connections.clone(),
-    };
-    rumqttd::Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: cfg
-                .max_connections
-                .saturating_add(RESERVED_ROUTER_CONNECTIONS),
-            max_outgoing_packet_count: MAX_OUTGOING_PACKETS,
-            max_segment_size: SEGMENT_SIZE_BYTES.max(cfg.max_packet_size),
-            max_segment_count: SEGMENT_COUNT,
-            ..Default::default()
-        },
-        v4: Some(HashMap::from([("v4".to_owned(), server("v4", v4))])),
-        v5: Some(HashMap::from([("v5".to_owned(), server("v5", v5))])),
-        ..Default::default()
-    }
-}
-
-/// Pick a free loopback port for a rumqttd listener. rumqttd binds the port itself and cannot
-/// report an ephemeral one, so the port is released before rumqttd binds it; the readiness probe
-/// catches the rare case where someone else took it meanwhile.
-fn reserve_loopback_port() -> Result<SocketAddr, Error> {
-    let probe =
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(Error::ReservePort)?;
-    probe.local_addr().map_err(Error::ReservePort)
-}
-
-/// Wait until rumqttd accepts TCP on `addr`.
-async fn wait_until_accepting(addr: SocketAddr) -> Result<(), Error> {
-    let probe = async {
-        loop {
-            if TcpStream::connect(addr).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(BACKEND_PROBE_INTERVAL).await;
-        }
-    };
-    tokio::time::timeout(BACKEND_READY_TIMEOUT, probe)
-        .await
-        .map_err(|_| Error::BackendNotReady {
-            addr,
-            timeout: BACKEND_READY_TIMEOUT,
-        })
-}
-
-/// The only owner of the rumqttd local link: publishes for handles and fans messages out to
-/// bridge subscribers.
-struct LinkTask {
-    link_tx: LinkTx,
-    link_rx: LinkRx,
-    /// From every [`BrokerHandle`].
-    cmd_rx: mpsc::Receiver<LinkCommand>,
-    /// Bridge subscribers: (filter, their channel).
-    subscribers: Vec<(String, mpsc::Sender<(String, Bytes)>)>,
-    /// Messages dropped because a subscriber's channel was full.
-    dropped: u64,
-    /// Stops the task at shutdown.
-    cancel: CancellationToken,
-}
-
-impl LinkTask {
-    async fn run(mut self) {
-        // One wildcard subscription on the link, fanned out here: every local message reaches
-        // this task exactly once however the bridge's filters overlap (rumqttd delivers one copy
-        // per matching filter of a connection).
-        if let Err(e) = self.link_tx.subscribe("#") {
-            error!(error = %e, "Cannot subscribe the broker link; bridge subscriptions will stay silent.");
-        }
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                cmd = self.cmd_rx.recv() => match cmd {
-                    Some(cmd) => self.command(cmd).await,
-                    None => break,
-                },
-                note = self.link_rx.next() => match note {
-                    Ok(Some(note)) => self.notification(note).await,
-                    Ok(None) => {}
-                    Err(e) => {
-                        error!(error = %e, "Broker link to rumqttd failed; bridge publish/subscribe stopped.");
-                        break;
-                    }
-                },
-            }
-        }
-        debug!(dropped = self.dropped, "Broker link task stopped.");
+    /// Connected local clients.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        self.shared.state.lock().clients()
     }
 
-    async fn command(&mut self, cmd: LinkCommand) {
-        match cmd {
-            LinkCommand::Publish {
-                topic,
-                payload,
-                retain,
-                reply,
-            } => {
-                let publish = rumqttd::protocol::Publish::new(
-                    Bytes::copy_from_slice(topic.as_bytes()),
-                    payload.clone(),
-                    retain,
-                );
-                // A local link is QoS 0; `send` appends to rumqttd's buffer and notifies its
-                // router, it does not wait for subscribers.
-                let packet = rumqttd::protocol::Packet::Publish(publish, None);
-                let result = self
-                    .link_tx
-                    .send(packet)
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| Error::Link {
-                        topic,
-                        payload,
-                        source: Box::new(source),
-                    });
-                let _ = reply.send(result);
-            }
-            LinkCommand::Subscribe { filter, tx } => self.subscribers.push((filter, tx)),
-        }
-    }
-
-    async fn notification(&mut self, note: Notification) {
-        match note {
-            Notification::Forward(forward) => {
-                let Ok(topic) = std::str::from_utf8(&forward.publish.topic) else {
-                    return;
-                };
-                let payload = forward.publish.payload;
-                self.subscribers.retain(|(_, tx)| !tx.is_closed());
-                for (filter, tx) in &self.subscribers {
-                    if !rumqttc::mqttbytes::matches(topic, filter) {
-                        continue;
-                    }
-                    if tx.try_send((topic.to_owned(), payload.clone())).is_err() {
-                        self.dropped += 1;
-                        warn!(%filter, topic, dropped = self.dropped, "Bridge subscriber is full; message dropped.");
-                    }
-                }
-            }
-            Notification::Unschedule => {
-                if let Err(e) = self.link_rx.wake().await {
-                    warn!(error = %e, "Cannot reschedule the broker link.");
-                }
-            }
-            Notification::Disconnect(..) => {
-                error!("rumqttd disconnected the broker link; bridge publish/subscribe stopped.");
-            }
-            _ => {}
-        }
+    /// Number of connected local clients.
+    pub fn client_count(&self) -> usize {
+        self.shared.state.lock().connected
     }
 }

@@ -155,6 +155,25 @@ pub struct BrokerConfig {
     pub max_packet_size: usize,
     /// Most simultaneous local client connections.
     pub max_connections: usize,
+    /// Per-client bound on queued messages (offline QoS 1/2, and online backlog); beyond it
+    /// messages for that client are dropped and counted (Mosquitto's `max_queued_messages`).
+    pub max_queued_messages: usize,
+    /// Outbound QoS 1/2 messages in flight to one client (Mosquitto's `max_inflight_messages`);
+    /// an MQTT 5 client's smaller Receive Maximum wins.
+    pub max_inflight_messages: u16,
+    /// Keep retained messages and persistent sessions across restarts (in `broker.db` beside
+    /// the queue database), as Mosquitto's `persistence true`.
+    pub persistence: bool,
+    /// How often persisted state is written while running (also written at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub autosave_interval: Duration,
+    /// How often `$SYS/broker/...` topics are published; `0s` turns them off.
+    #[serde(with = "humantime_serde")]
+    pub sys_interval: Duration,
+    /// Where persisted broker state lives: `<store.path directory>/broker.db`, resolved during
+    /// validation (not a configuration key).
+    #[serde(skip)]
+    pub persistence_file: PathBuf,
 }
 
 impl Default for BrokerConfig {
@@ -166,6 +185,12 @@ impl Default for BrokerConfig {
             password: None,
             max_packet_size: 1024 * 1024,
             max_connections: 10_000,
+            max_queued_messages: 1000,
+            max_inflight_messages: 20,
+            persistence: false,
+            autosave_interval: Duration::from_secs(1800),
+            sys_interval: Duration::from_secs(10),
+            persistence_file: PathBuf::from("/var/lib/dlms-bridge/broker.db"),
         }
     }
 }

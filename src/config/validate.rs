@@ -56,6 +56,42 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
             "must be at least 1024 bytes",
         ));
     }
+    if raw.broker.max_packet_size > 256 * 1024 * 1024 {
+        errs.push(ConfigError::new(
+            "broker.max_packet_size",
+            "must be at most 268435456 bytes (the MQTT limit)",
+        ));
+    }
+    if raw.broker.max_connections == 0 {
+        errs.push(ConfigError::new(
+            "broker.max_connections",
+            "must be at least 1",
+        ));
+    }
+    if raw.broker.max_queued_messages == 0 {
+        errs.push(ConfigError::new(
+            "broker.max_queued_messages",
+            "must be at least 1",
+        ));
+    }
+    if raw.broker.max_inflight_messages == 0 {
+        errs.push(ConfigError::new(
+            "broker.max_inflight_messages",
+            "must be between 1 and 65535",
+        ));
+    }
+    if raw.broker.persistence && raw.broker.autosave_interval < Duration::from_secs(1) {
+        errs.push(ConfigError::new(
+            "broker.autosave_interval",
+            "must be at least 1s",
+        ));
+    }
+    if !raw.broker.sys_interval.is_zero() && raw.broker.sys_interval < Duration::from_secs(1) {
+        errs.push(ConfigError::new(
+            "broker.sys_interval",
+            "must be 0s (off) or at least 1s",
+        ));
+    }
 
     let tb = &raw.thingsboard;
     if tb.host.trim().is_empty() {
@@ -203,9 +239,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     if !errs.is_empty() {
         return Err(errs);
     }
+    let mut broker = raw.broker;
+    broker.persistence_file = raw
+        .store
+        .path
+        .parent()
+        .map(|d| d.join("broker.db"))
+        .unwrap_or_else(|| "broker.db".into());
     Ok(Config {
         log_level: raw.log.level,
-        broker: raw.broker,
+        broker,
         broker_listen,
         thingsboard: raw.thingsboard,
         store: raw.store,

@@ -236,6 +236,7 @@ mod tests {
             topic: topic.into(),
             payload: payload.as_bytes().to_vec().into(),
             received_ms: 1_000,
+            ack: None,
         }
     }
 

@@ -2096,6 +2096,7 @@ mod tests {
             topic: topic.into(),
             payload: Bytes::from(payload.to_string()),
             received_ms: 1_000,
+            ack: None,
         }
     }
 

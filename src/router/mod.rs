@@ -23,7 +23,7 @@ use crate::config::LocalConfig;
 use crate::model::{now_ms, Downlink, Record, RecordKind, RpcRequest};
 use crate::router::mapping::MappingSet;
 use crate::sources::dlms::MeterHandle;
-use crate::sources::{LocalPublish, SourceEvent};
+use crate::sources::{Durable, LocalPublish, SourceEvent};
 use crate::store::StoreHandle;
 
 /// Most events folded into one store enqueue (one transaction).
@@ -124,8 +124,13 @@ impl Router {
                     if n == 0 {
                         break;
                     }
-                    let records = self.map_events(batch.drain(..));
-                    self.enqueue(records).await;
+                    let (records, acks) = self.map_events(batch.drain(..));
+                    // Local QoS 1/2 publishers are acknowledged once this batch is durable
+                    // (acks fire when dropped), or never when the store refused it.
+                    if !self.enqueue(records).await {
+                        acks.iter().for_each(Durable::fail);
+                    }
+                    drop(acks);
                 }
                 dl = self.downlink_rx.recv(), if downlink_open => match dl {
                     Some(dl) => self.downlink(dl).await,
@@ -161,18 +166,25 @@ impl Router {
         );
     }
 
-    fn map_events(&mut self, events: impl Iterator<Item = SourceEvent>) -> Vec<Record> {
+    /// Map a batch; also returns the completion handles of its local QoS 1/2 messages, to be
+    /// released once the records are committed.
+    fn map_events(
+        &mut self,
+        events: impl Iterator<Item = SourceEvent>,
+    ) -> (Vec<Record>, Vec<Durable>) {
         let mut out = Vec::new();
+        let mut acks = Vec::new();
         for ev in events {
             match ev {
                 SourceEvent::Records(rs) => out.extend(rs),
-                SourceEvent::Local(msg) => {
+                SourceEvent::Local(mut msg) => {
                     self.stats.local_messages.fetch_add(1, Ordering::Relaxed);
+                    acks.extend(msg.ack.take());
                     self.map_local(&msg, &mut out);
                 }
             }
         }
-        out
+        (out, acks)
     }
 
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
@@ -209,9 +221,10 @@ impl Router {
         }
     }
 
-    async fn enqueue(&self, records: Vec<Record>) {
+    /// Make `records` durable. False when the store refused them (they are lost).
+    async fn enqueue(&self, records: Vec<Record>) -> bool {
         if records.is_empty() {
-            return;
+            return true;
         }
         let n = records.len() as u64;
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -222,10 +235,12 @@ impl Router {
         match self.store.enqueue(records).await {
             Ok(()) => {
                 self.stats.records_queued.fetch_add(n, Ordering::Relaxed);
+                true
             }
             Err(e) => {
                 self.stats.store_rejected.fetch_add(n, Ordering::Relaxed);
                 error!(error = %e, records = n, "Queue refused records; they are lost.");
+                false
             }
         }
     }

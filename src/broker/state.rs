@@ -1,0 +1,677 @@
+//! The broker's shared state: sessions by client id, the subscription tree, retained messages,
+//! the bridge's own subscribers, and the routing of one message to all of them. It lives behind
+//! one `parking_lot::Mutex` (no poisoning: a panicking connection task cannot wedge the others)
+//! that is never held across an `.await`; nothing here does I/O.
+//!
+//! Delivery is pull-based: routing appends to each matching session's bounded queue and wakes
+//! that session's connection task, which takes what its in-flight window allows. A session that
+//! has no connection simply keeps its queue (QoS 1/2 only, as Mosquitto does).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::Version;
+use super::topic::{self, FilterSpec, Tree};
+use super::ClientInfo;
+
+/// Session expiry meaning "never" (MQTT 3.1.1 `clean_session = 0`, MQTT 5 `0xFFFFFFFF`).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// One message as published, shared by every queue it is delivered to.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 properties forwarded to subscribers (topic alias and subscription ids removed).
+    pub props: Option<PublishProperties>,
+    /// When the message expiry interval runs out.
+    pub expires: Option<Instant>,
+    /// Client id of the publisher (`None` for the bridge), for No Local.
+    pub origin: Option<Arc<str>>,
+}
+
+impl Message {
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+/// A message waiting in, or in flight from, one session.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub msg: Arc<Message>,
+    /// Delivered QoS: min(published, subscribed).
+    pub qos: u8,
+    /// Retain flag to send.
+    pub retain: bool,
+    /// MQTT 5 subscription identifiers of the matching subscriptions.
+    pub sub_ids: Vec<usize>,
+}
+
+/// One outbound QoS 1/2 message awaiting its acknowledgement.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub q: Queued,
+    /// PUBREC received, PUBREL sent: only PUBCOMP is awaited.
+    pub released: bool,
+}
+
+/// What the connection task must write: a PUBLISH or (on resume) a PUBREL.
+#[derive(Debug)]
+pub enum Out {
+    Publish { pkid: u16, q: Queued, dup: bool },
+    PubRel(u16),
+}
+
+/// Options of one subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOpts {
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0 send retained on subscribe, 1 only for a new subscription, 2 never.
+    pub retain_handling: u8,
+    pub sub_id: Option<usize>,
+}
+
+/// A will message and when it may be published.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub msg: Arc<Message>,
+    /// MQTT 5 will delay interval, seconds.
+    pub delay: u32,
+}
+
+/// Signals from the state to one connection task.
+#[derive(Debug)]
+pub struct ConnSignal {
+    /// Messages were queued for the session.
+    pub notify: Notify,
+    /// Close the connection (takeover, shutdown); `reason` says why.
+    pub kick: CancellationToken,
+    /// MQTT 5 reason code to send when kicked (0 = shutdown, send 0x8B).
+    pub reason: AtomicU8,
+    /// Messages received from / sent to this connection.
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+}
+
+/// The connection that currently owns a session.
+#[derive(Debug)]
+pub struct ConnSlot {
+    pub id: u64,
+    pub signal: Arc<ConnSignal>,
+    /// Outbound QoS 1/2 window: min(client's Receive Maximum, `max_inflight_messages`).
+    pub window: usize,
+    pub will: Option<Will>,
+    pub username: Option<String>,
+    pub peer: SocketAddr,
+    pub connected_since: crate::model::TimestampMs,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: Arc<str>,
+    pub version: Version,
+    /// Raw filter (with any `$share/` prefix) → options.
+    pub subs: HashMap<String, SubOpts>,
+    pub queue: VecDeque<Queued>,
+    pub inflight: BTreeMap<u16, Inflight>,
+    next_pkid: u16,
+    /// Inbound QoS 2 packet ids received and not yet released (kept across reconnects).
+    pub qos2_in: HashSet<u16>,
+    /// Seconds the session outlives its connection.
+    pub expiry: u32,
+    pub conn: Option<ConnSlot>,
+    pub disconnected_at: Option<Instant>,
+    /// Will waiting for its delay (or the session's end).
+    pub pending_will: Option<(Will, Instant)>,
+}
+
+impl Session {
+    fn new(client_id: Arc<str>, version: Version, expiry: u32) -> Session {
+        Session {
+            client_id,
+            version,
+            subs: HashMap::new(),
+            queue: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            next_pkid: 0,
+            qos2_in: HashSet::new(),
+            expiry,
+            conn: None,
+            disconnected_at: None,
+            pending_will: None,
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return Some(self.next_pkid);
+            }
+        }
+        None
+    }
+}
+
+/// A bridge subscriber (from [`super::BrokerHandle::subscribe`]).
+#[derive(Debug)]
+pub struct BridgeSub {
+    pub filter: String,
+    pub tx: mpsc::Sender<(String, Bytes)>,
+}
+
+/// Limits the state enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Per-session queue bound (`max_queued_messages`).
+    pub max_queued: usize,
+}
+
+/// Counters for `$SYS`, the statistics API and the drop WARN.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: u64,
+    pub sent: u64,
+    /// Messages dropped because a session queue was full.
+    pub dropped_queue_full: u64,
+    /// Messages dropped because a bridge subscriber's channel was full.
+    pub dropped_bridge: u64,
+    pub connections_total: u64,
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub limits: Limits,
+    pub sessions: HashMap<Arc<str>, Session>,
+    pub tree: Tree<Arc<str>, SubOpts>,
+    pub retained: HashMap<String, Arc<Message>>,
+    pub bridge_subs: Vec<BridgeSub>,
+    pub counters: Counters,
+    pub connected: usize,
+}
+
+/// What [`State::connect`] decided.
+pub struct Connected {
+    pub session_present: bool,
+    /// Unacknowledged messages to resend (DUP) and PUBRELs to repeat, in packet-id order.
+    pub resend: Vec<Out>,
+}
+
+impl State {
+    pub fn new(limits: Limits) -> State {
+        State {
+            limits,
+            sessions: HashMap::new(),
+            tree: Tree::default(),
+            retained: HashMap::new(),
+            bridge_subs: Vec::new(),
+            counters: Counters::default(),
+            connected: 0,
+        }
+    }
+
+    /// Attach a new connection to `client_id`'s session (creating or resuming it). A connection
+    /// already holding the id is kicked (0x8E) and its will handled as on an abnormal close.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        &mut self,
+        client_id: &str,
+        version: Version,
+        clean: bool,
+        expiry: u32,
+        slot: ConnSlot,
+        now: Instant,
+    ) -> Connected {
+        let mut wills = Vec::new();
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            if let Some(old) = s.conn.take() {
+                old.signal
+                    .reason
+                    .store(super::REASON_SESSION_TAKEN_OVER, Ordering::Relaxed);
+                old.signal.kick.cancel();
+                self.connected -= 1;
+                if let Some(w) = old.will {
+                    if w.delay == 0 || clean {
+                        wills.push(w.msg);
+                    }
+                    // A delayed will is cancelled when the session resumes.
+                }
+            }
+            if let Some((w, _)) = s.pending_will.take() {
+                if clean {
+                    wills.push(w.msg);
+                }
+            }
+        }
+        if clean {
+            self.remove_session(client_id);
+        }
+        let id: Arc<str> = Arc::from(client_id);
+        let session_present = self.sessions.contains_key(client_id);
+        let s = self
+            .sessions
+            .entry(id.clone())
+            .or_insert_with(|| Session::new(id, version, expiry));
+        s.version = version;
+        s.expiry = expiry;
+        s.disconnected_at = None;
+        s.conn = Some(slot);
+        let mut resend = Vec::new();
+        for (pkid, inf) in &s.inflight {
+            if inf.released {
+                resend.push(Out::PubRel(*pkid));
+            } else if inf.q.msg.expired(now) {
+                continue;
+            } else {
+                resend.push(Out::Publish {
+                    pkid: *pkid,
+                    q: inf.q.clone(),
+                    dup: true,
+                });
+            }
+        }
+        // Expired unacknowledged messages are forgotten (MQTT 5 §3.3.2.3.3).
+        s.inflight
+            .retain(|_, inf| inf.released || !inf.q.msg.expired(now));
+        self.connected += 1;
+        self.counters.connections_total += 1;
+        for w in wills {
+            self.publish(w, now);
+        }
+        Connected {
+            session_present,
+            resend,
+        }
+    }
+
+    /// The connection `conn_id` of `client_id` ended. `will` says whether its will is due
+    /// (abnormal close or DISCONNECT 0x04); `expiry` is the MQTT 5 DISCONNECT's update.
+    pub fn disconnected(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+        will: bool,
+        expiry: Option<u32>,
+        now: Instant,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.conn.as_ref().map(|c| c.id) != Some(conn_id) {
+            return; // taken over: the new connection owns the session.
+        }
+        let slot = s.conn.take().expect("checked just above");
+        self.connected -= 1;
+        if let Some(e) = expiry {
+            s.expiry = e;
+        }
+        s.disconnected_at = Some(now);
+        let will = slot.will.filter(|_| will);
+        if s.expiry == 0 {
+            let will = will.map(|w| w.msg);
+            self.remove_session(client_id);
+            if let Some(w) = will {
+                self.publish(w, now);
+            }
+            return;
+        }
+        match will {
+            Some(w) if w.delay == 0 => self.publish(w.msg, now),
+            Some(w) => {
+                let delay = w.delay.min(s.expiry);
+                s.pending_will = Some((w, now + Duration::from_secs(u64::from(delay))));
+            }
+            None => {}
+        }
+    }
+
+    /// Forget a session: its subscriptions, queue and in-flight state.
+    pub fn remove_session(&mut self, client_id: &str) {
+        let Some(s) = self.sessions.remove(client_id) else {
+            return;
+        };
+        if s.conn.is_some() {
+            self.connected -= 1;
+        }
+        for raw in s.subs.keys() {
+            if let Some(spec) = topic::parse_filter(raw) {
+                self.tree.remove(&spec, &s.client_id);
+            }
+        }
+    }
+
+    /// Publish due delayed wills and end expired sessions (publishing their pending wills).
+    pub fn housekeep(&mut self, now: Instant) {
+        let mut wills = Vec::new();
+        let mut expired = Vec::new();
+        for s in self.sessions.values_mut() {
+            if let Some((_, due)) = &s.pending_will {
+                if *due <= now {
+                    if let Some((w, _)) = s.pending_will.take() {
+                        wills.push(w.msg);
+                    }
+                }
+            }
+            if s.conn.is_none() && s.expiry != NEVER_EXPIRES {
+                if let Some(at) = s.disconnected_at {
+                    if at + Duration::from_secs(u64::from(s.expiry)) <= now {
+                        if let Some((w, _)) = s.pending_will.take() {
+                            wills.push(w.msg);
+                        }
+                        expired.push(s.client_id.clone());
+                    }
+                }
+            }
+        }
+        for id in expired {
+            self.remove_session(&id);
+        }
+        for w in wills {
+            self.publish(w, now);
+        }
+    }
+
+    /// Route one message: update the retained store, queue it for every matching session (once
+    /// per session, at the highest matching QoS, with every subscription identifier), and hand
+    /// it to matching bridge subscribers.
+    pub fn publish(&mut self, msg: Arc<Message>, now: Instant) {
+        if msg.retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.topic.clone(), msg.clone());
+            }
+        }
+        let sessions = &self.sessions;
+        let hits = self.tree.lookup(&msg.topic, |k: &Arc<str>| {
+            sessions.get(k).is_some_and(|s| s.conn.is_some())
+        });
+        // client → (qos, retain as published, sub ids)
+        let mut targets: HashMap<Arc<str>, (u8, bool, Vec<usize>)> = HashMap::new();
+        for hit in hits {
+            let o = hit.value;
+            if o.no_local && msg.origin.as_deref() == Some(&**hit.key) {
+                continue;
+            }
+            let t = targets
+                .entry(hit.key.clone())
+                .or_insert((0, false, Vec::new()));
+            t.0 = t.0.max(o.qos);
+            t.1 |= o.retain_as_published;
+            if let Some(id) = o.sub_id {
+                t.2.push(id);
+            }
+        }
+        for (client, (sub_qos, rap, sub_ids)) in targets {
+            let q = Queued {
+                msg: msg.clone(),
+                qos: msg.qos.min(sub_qos),
+                retain: msg.retain && rap,
+                sub_ids,
+            };
+            self.enqueue(&client, q);
+        }
+        self.bridge_subs.retain(|b| !b.tx.is_closed());
+        for b in &self.bridge_subs {
+            if topic::matches(&b.filter, &msg.topic)
+                && b.tx
+                    .try_send((msg.topic.clone(), msg.payload.clone()))
+                    .is_err()
+            {
+                self.counters.dropped_bridge += 1;
+            }
+        }
+        let _ = now;
+    }
+
+    /// Append to one session's queue (bounded), waking its connection. Offline sessions keep
+    /// only QoS 1/2 messages. Returns false when there is no such session.
+    pub fn enqueue(&mut self, client: &str, q: Queued) -> bool {
+        let Some(s) = self.sessions.get_mut(client) else {
+            return false;
+        };
+        if s.conn.is_none() && q.qos == 0 {
+            return true;
+        }
+        if s.queue.len() >= self.limits.max_queued {
+            self.counters.dropped_queue_full += 1;
+            return true;
+        }
+        s.queue.push_back(q);
+        if let Some(c) = &s.conn {
+            c.signal.notify.notify_one();
+        }
+        true
+    }
+
+    /// Take what connection `conn_id` may send now: queued messages up to its in-flight window
+    /// (QoS 1/2 get a packet id and enter the in-flight map). Expired messages are dropped.
+    /// `None` when the connection no longer owns the session.
+    pub fn take_deliverable(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+        now: Instant,
+    ) -> Option<Vec<Out>> {
+        let s = self.sessions.get_mut(client_id)?;
+        let window = match &s.conn {
+            Some(c) if c.id == conn_id => c.window,
+            _ => return None,
+        };
+        let mut out = Vec::new();
+        while let Some(front) = s.queue.front() {
+            if front.msg.expired(now) {
+                s.queue.pop_front();
+                continue;
+            }
+            if front.qos > 0 && s.inflight.len() >= window {
+                break;
+            }
+            let q = s.queue.pop_front().expect("front exists");
+            if q.qos == 0 {
+                out.push(Out::Publish {
+                    pkid: 0,
+                    q,
+                    dup: false,
+                });
+                continue;
+            }
+            let Some(pkid) = s.alloc_pkid() else {
+                s.queue.push_front(q);
+                break;
+            };
+            s.inflight.insert(
+                pkid,
+                Inflight {
+                    q: q.clone(),
+                    released: false,
+                },
+            );
+            out.push(Out::Publish {
+                pkid,
+                q,
+                dup: false,
+            });
+        }
+        self.counters.sent += out.len() as u64;
+        Some(out)
+    }
+
+    /// A message taken for delivery could not be sent (larger than the client's Maximum Packet
+    /// Size): forget it.
+    pub fn forget_inflight(&mut self, client_id: &str, pkid: u16) {
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.inflight.remove(&pkid);
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the subscriber.
+    pub fn acked(&mut self, client_id: &str, pkid: u16) {
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.inflight.remove(&pkid);
+        }
+    }
+
+    /// PUBREC from the subscriber: the PUBLISH is done, a PUBREL follows.
+    pub fn received(&mut self, client_id: &str, pkid: u16) -> bool {
+        match self
+            .sessions
+            .get_mut(client_id)
+            .and_then(|s| s.inflight.get_mut(&pkid))
+        {
+            Some(inf) => {
+                inf.released = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inbound QoS 2: true when `pkid` is new (route the message), false for a resend.
+    pub fn qos2_first(&mut self, client_id: &str, pkid: u16) -> bool {
+        self.sessions
+            .get_mut(client_id)
+            .is_some_and(|s| s.qos2_in.insert(pkid))
+    }
+
+    /// Inbound PUBREL: release the id.
+    pub fn qos2_release(&mut self, client_id: &str, pkid: u16) {
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.qos2_in.remove(&pkid);
+        }
+    }
+
+    /// Inbound QoS 2 exchanges still open for `client_id` (counted against Receive Maximum).
+    pub fn qos2_open(&self, client_id: &str) -> usize {
+        self.sessions.get(client_id).map_or(0, |s| s.qos2_in.len())
+    }
+
+    /// Subscribe; returns whether the subscription already existed and queues the matching
+    /// retained messages per Retain Handling.
+    pub fn subscribe(
+        &mut self,
+        client_id: &str,
+        raw: &str,
+        spec: &FilterSpec<'_>,
+        opts: SubOpts,
+    ) -> bool {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return false;
+        };
+        let key = s.client_id.clone();
+        s.subs.insert(raw.to_owned(), opts.clone());
+        let existed = self.tree.insert(spec, key, opts.clone());
+        let send_retained = spec.group.is_none()
+            && match opts.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+        if send_retained {
+            let mut hits: Vec<Arc<Message>> = self
+                .retained
+                .values()
+                .filter(|m| topic::matches(spec.filter, &m.topic))
+                .cloned()
+                .collect();
+            hits.sort_by(|a, b| a.topic.cmp(&b.topic));
+            for m in hits {
+                let q = Queued {
+                    qos: m.qos.min(opts.qos),
+                    retain: true,
+                    sub_ids: opts.sub_id.into_iter().collect(),
+                    msg: m,
+                };
+                self.enqueue(client_id, q);
+            }
+        }
+        existed
+    }
+
+    /// Unsubscribe; true when the subscription existed.
+    pub fn unsubscribe(&mut self, client_id: &str, raw: &str) -> bool {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return false;
+        };
+        if s.subs.remove(raw).is_none() {
+            return false;
+        }
+        let key = s.client_id.clone();
+        if let Some(spec) = topic::parse_filter(raw) {
+            self.tree.remove(&spec, &key);
+        }
+        true
+    }
+
+    /// Connected clients, for the statistics API.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let mut v: Vec<ClientInfo> = self
+            .sessions
+            .values()
+            .filter_map(|s| {
+                let c = s.conn.as_ref()?;
+                Some(ClientInfo {
+                    client_id: s.client_id.to_string(),
+                    username: c.username.clone(),
+                    peer: c.peer,
+                    protocol: s.version.name(),
+                    connected_since: c.connected_since,
+                    messages_in: c.signal.messages_in.load(Ordering::Relaxed),
+                    messages_out: c.signal.messages_out.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        v
+    }
+
+    /// Recreate a persisted session (offline, its expiry counted from now).
+    pub fn restore_session(
+        &mut self,
+        client_id: &str,
+        version: Version,
+        expiry: u32,
+        now: Instant,
+    ) {
+        let id: Arc<str> = Arc::from(client_id);
+        let mut s = Session::new(id.clone(), version, expiry);
+        s.disconnected_at = Some(now);
+        self.sessions.insert(id, s);
+    }
+
+    /// Recreate a persisted subscription (no retained messages are queued for it).
+    pub fn restore_subscription(
+        &mut self,
+        client_id: &str,
+        raw: &str,
+        spec: &FilterSpec<'_>,
+        opts: SubOpts,
+    ) {
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.subs.insert(raw.to_owned(), opts.clone());
+            self.tree.insert(spec, s.client_id.clone(), opts);
+        }
+    }
+
+    /// Every session's queued message count (for `$SYS`).
+    pub fn queued_total(&self) -> usize {
+        self.sessions
+            .values()
+            .map(|s| s.queue.len() + s.inflight.len())
+            .sum()
+    }
+}
