@@ -1,6 +1,10 @@
 //! Wiring only: build the channels, start every task on one tracker, and stop them in order.
 //!
-//! Start: store → broker (front + rumqttd) → simulated meters → meter actors → router → uplink.
+//! Start: store → broker → simulated meters → meter actors → router → uplink.
+//! Panics: a panic while serving one broker connection closes that connection only (release
+//! builds unwind); the core tasks — router, uplink, and the store's worker thread — are
+//! fail-fast: a panic there logs ERROR and exits the process non-zero, so systemd restarts the
+//! unit instead of leaving a bridge that accepts data it can no longer store or send.
 //! Stop (STYLE.md §5): sources are cancelled first (pollers finish their request and release the
 //! association; the broker front stops reading), the router drains the events channel and exits
 //! when its last sender is gone, then the uplink is cancelled and waits for outstanding PUBACKs,
@@ -31,6 +35,50 @@ use crate::uplink::{Uplink, UplinkStatus};
 /// Capacity of uplink → router downlink messages (RPCs, attribute updates). The uplink never
 /// blocks on it: when full, the uplink drops and counts (its event loop must keep polling).
 pub const DOWNLINK_CAPACITY: usize = 1024;
+
+/// Exit status after a core task panicked (EX_SOFTWARE).
+const PANIC_EXIT_CODE: i32 = 70;
+/// Name of the store's worker thread (`store::open`), watched by the panic hook.
+const STORE_THREAD: &str = "store";
+
+/// Run a core task on its own tokio task; if it panics, log ERROR and exit non-zero.
+fn fail_fast<F>(name: &'static str, fut: F) -> impl std::future::Future<Output = F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let inner = tokio::spawn(fut);
+    async move {
+        match inner.await {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => {
+                error!(
+                    task = name,
+                    "Core task panicked; exiting so the service is restarted."
+                );
+                std::process::exit(PANIC_EXIT_CODE);
+            }
+            // Cancelled: only when the runtime itself shuts down, dropping this task too.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// Make a panic on the store's worker thread fatal (a thread's panic is otherwise silent to
+/// its owner: the handle would just start failing). Other panics keep the default behaviour.
+fn install_store_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            if std::thread::current().name() == Some(STORE_THREAD) {
+                error!("The store worker thread panicked; exiting so the service is restarted.");
+                std::process::exit(PANIC_EXIT_CODE);
+            }
+        }));
+    });
+}
 
 /// One running meter actor and what is needed to stop or compare it on reload.
 struct MeterSlot {
@@ -95,6 +143,7 @@ fn mapping_set(cfg: &Config) -> anyhow::Result<MappingSet> {
 
 /// Start everything; returns once the broker accepts connections and every task is spawned.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    install_store_panic_hook();
     let tasks = Tasks::new();
     let mappings = mapping_set(&cfg)?;
     let configured = expand_meters(&cfg.meters)?;
@@ -197,7 +246,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         broker.clone(),
         meters.clone(),
     );
-    let router_done = tasks.spawn("router", router.run());
+    let router_done = tasks.spawn("router", fail_fast("router", router.run()));
 
     // The uplink's wait for outstanding PUBACKs gets half the shutdown grace: the other half is
     // for the sources and the router before it, and the store checkpoint after it.
@@ -206,11 +255,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let uplink_status = uplink.status();
     let uplink_cancel = CancellationToken::new();
     let uc = uplink_cancel.clone();
-    tasks.spawn("uplink", async move {
-        if let Err(e) = uplink.run(uc).await {
-            error!(error = %e, "Uplink stopped.");
-        }
-    });
+    tasks.spawn(
+        "uplink",
+        fail_fast("uplink", async move {
+            if let Err(e) = uplink.run(uc).await {
+                error!(error = %e, "Uplink stopped.");
+            }
+        }),
+    );
 
     Ok(Running {
         broker_addr: broker.as_ref().map(|b| b.local_addr()),

@@ -95,6 +95,13 @@ pub async fn serve(
             debug!(%client, %peer, "Client disconnected.");
         }
         End::Lost(why) => debug!(%client, %peer, why, "Client connection lost."),
+        End::Refuse(code, why) if *code == reason::KEEP_ALIVE_TIMEOUT => {
+            debug!(%client, %peer, error = %why, "Client silent beyond its keep-alive; closed it.");
+            if version == Version::V5 {
+                let _ = write_bounded(&mut stream, &codec::v5_disconnect(*code), &conn.signal.kick)
+                    .await;
+            }
+        }
         End::Refuse(code, why) => {
             warn!(%client, %peer, reason = code, error = %why, "Client broke the MQTT protocol; closed it.");
             if version == Version::V5 {
@@ -120,8 +127,10 @@ pub async fn serve(
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    // Detach from the session (and publish the will) before the client sees the close, so a
+    // client that reconnects at once finds the session free.
     drop(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
 /// Write unless the connection is kicked meanwhile (a client that stops reading must not pin

@@ -675,3 +675,302 @@ impl State {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State::new(Limits { max_queued: 3 })
+    }
+
+    fn slot(id: u64, will: Option<Will>) -> ConnSlot {
+        ConnSlot {
+            id,
+            signal: Arc::new(ConnSignal {
+                notify: Notify::new(),
+                kick: CancellationToken::new(),
+                reason: AtomicU8::new(0),
+                messages_in: AtomicU64::new(0),
+                messages_out: AtomicU64::new(0),
+            }),
+            window: 10,
+            will,
+            username: None,
+            peer: "127.0.0.1:1".parse().expect("literal"),
+            connected_since: 0,
+        }
+    }
+
+    fn msg(
+        topic: &str,
+        payload: &str,
+        qos: u8,
+        retain: bool,
+        origin: Option<&str>,
+    ) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_owned()),
+            qos,
+            retain,
+            props: None,
+            expires: None,
+            origin: origin.map(Arc::from),
+        })
+    }
+
+    fn opts(qos: u8) -> SubOpts {
+        SubOpts {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            sub_id: None,
+        }
+    }
+
+    fn sub(st: &mut State, client: &str, filter: &str, o: SubOpts) {
+        let spec = topic::parse_filter(filter).expect("valid filter");
+        st.subscribe(client, filter, &spec, o);
+    }
+
+    /// (topic, payload, delivered qos, retain flag, sub ids) of what `client` may send now.
+    fn drain(
+        st: &mut State,
+        client: &str,
+        conn: u64,
+    ) -> Vec<(String, String, u8, bool, Vec<usize>)> {
+        st.take_deliverable(client, conn, Instant::now())
+            .expect("owner")
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Publish { q, .. } => Some((
+                    q.msg.topic.clone(),
+                    String::from_utf8_lossy(&q.msg.payload).into_owned(),
+                    q.qos,
+                    q.retain,
+                    q.sub_ids,
+                )),
+                Out::PubRel(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_at_min_of_publish_and_max_subscription() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("s", Version::V5, true, 0, slot(1, None), now);
+        let mut a = opts(1);
+        a.sub_id = Some(1);
+        let mut b = opts(2);
+        b.sub_id = Some(2);
+        sub(&mut st, "s", "a/#", a);
+        sub(&mut st, "s", "a/+", b);
+        st.publish(msg("a/b", "x", 2, false, None), now);
+        st.publish(msg("a/b", "y", 0, false, None), now);
+        let got = drain(&mut st, "s", 1);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].2, 2);
+        let mut ids = got[0].4.clone();
+        ids.sort();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(got[1].2, 0, "a QoS 0 publish stays QoS 0");
+    }
+
+    #[test]
+    fn retained_store_cleared_only_by_retained_empty_payload() {
+        let mut st = state();
+        let now = Instant::now();
+        st.publish(msg("r", "v1", 1, true, None), now);
+        st.publish(msg("r", "", 0, false, None), now);
+        assert!(st.retained.contains_key("r"), "non-retained empty keeps it");
+        st.publish(msg("r", "", 0, true, None), now);
+        assert!(!st.retained.contains_key("r"));
+    }
+
+    #[test]
+    fn every_matching_retained_message_reaches_a_new_subscriber_flagged_retained() {
+        let mut st = State::new(Limits { max_queued: 1000 });
+        let now = Instant::now();
+        for i in 0..300 {
+            st.publish(msg(&format!("t/{i}"), "v", 1, true, None), now);
+        }
+        st.connect("late", Version::V311, true, 0, slot(1, None), now);
+        sub(&mut st, "late", "t/#", opts(0));
+        let got = drain(&mut st, "late", 1);
+        assert_eq!(got.len(), 300);
+        assert!(got.iter().all(|g| g.3 && g.2 == 0));
+    }
+
+    #[test]
+    fn no_local_and_retain_as_published() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("me", Version::V5, true, 0, slot(1, None), now);
+        let mut o = opts(1);
+        o.no_local = true;
+        o.retain_as_published = true;
+        sub(&mut st, "me", "x", o);
+        st.publish(msg("x", "mine", 1, true, Some("me")), now);
+        st.publish(msg("x", "theirs", 1, true, Some("other")), now);
+        let got = drain(&mut st, "me", 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].1.as_str(), got[0].3), ("theirs", true));
+    }
+
+    #[test]
+    fn offline_session_queues_qos1_only_and_the_queue_is_bounded() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("p", Version::V311, false, NEVER_EXPIRES, slot(1, None), now);
+        sub(&mut st, "p", "q", opts(2));
+        st.disconnected("p", 1, true, None, now);
+        st.publish(msg("q", "zero", 0, false, None), now);
+        for i in 0..5 {
+            st.publish(msg("q", &i.to_string(), 1, false, None), now);
+        }
+        assert_eq!(st.counters.dropped_queue_full, 2);
+        let c = st.connect("p", Version::V311, false, NEVER_EXPIRES, slot(2, None), now);
+        assert!(c.session_present);
+        let got: Vec<String> = drain(&mut st, "p", 2).into_iter().map(|g| g.1).collect();
+        assert_eq!(got, ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn unacked_messages_are_resent_with_dup_after_reconnect() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("p", Version::V311, false, NEVER_EXPIRES, slot(1, None), now);
+        sub(&mut st, "p", "q", opts(1));
+        st.publish(msg("q", "m", 1, false, None), now);
+        assert_eq!(drain(&mut st, "p", 1).len(), 1);
+        let c = st.connect("p", Version::V311, false, NEVER_EXPIRES, slot(2, None), now);
+        assert!(matches!(
+            c.resend.as_slice(),
+            [Out::Publish { dup: true, .. }]
+        ));
+        // The old connection can no longer take anything.
+        assert!(st.take_deliverable("p", 1, now).is_none());
+    }
+
+    #[test]
+    fn takeover_publishes_the_old_will_and_kicks_the_old_connection() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("w", Version::V311, true, 0, slot(9, None), now);
+        sub(&mut st, "w", "wills/#", opts(0));
+        let will = Will {
+            msg: msg("wills/a", "gone", 0, false, Some("a")),
+            delay: 0,
+        };
+        let old = slot(1, Some(will));
+        let old_signal = old.signal.clone();
+        st.connect("a", Version::V311, true, 0, old, now);
+        st.connect("a", Version::V311, true, 0, slot(2, None), now);
+        assert!(old_signal.kick.is_cancelled());
+        assert_eq!(
+            old_signal.reason.load(Ordering::Relaxed),
+            super::super::REASON_SESSION_TAKEN_OVER
+        );
+        assert_eq!(drain(&mut st, "w", 9)[0].1, "gone");
+        // The old task's late deregistration does not detach the new connection.
+        st.disconnected("a", 1, true, None, now);
+        assert_eq!(st.connected, 2);
+    }
+
+    #[test]
+    fn delayed_will_is_cancelled_by_resume_and_published_when_due() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("w", Version::V5, true, 0, slot(9, None), now);
+        sub(&mut st, "w", "wills/#", opts(0));
+        let will = || Will {
+            msg: msg("wills/a", "gone", 0, false, Some("a")),
+            delay: 5,
+        };
+        st.connect("a", Version::V5, false, 60, slot(1, Some(will())), now);
+        st.disconnected("a", 1, true, None, now);
+        st.connect(
+            "a",
+            Version::V5,
+            false,
+            60,
+            slot(2, Some(will())),
+            now + Duration::from_secs(1),
+        );
+        st.housekeep(now + Duration::from_secs(10));
+        assert!(
+            drain(&mut st, "w", 9).is_empty(),
+            "resumed within the delay"
+        );
+        st.disconnected("a", 2, true, None, now + Duration::from_secs(10));
+        st.housekeep(now + Duration::from_secs(14));
+        assert!(drain(&mut st, "w", 9).is_empty(), "delay not over");
+        st.housekeep(now + Duration::from_secs(15));
+        assert_eq!(drain(&mut st, "w", 9).len(), 1);
+    }
+
+    #[test]
+    fn session_expires_after_its_interval() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("e", Version::V5, false, 30, slot(1, None), now);
+        sub(&mut st, "e", "t", opts(1));
+        st.disconnected("e", 1, false, Some(10), now);
+        st.housekeep(now + Duration::from_secs(9));
+        assert!(st.sessions.contains_key("e"));
+        st.housekeep(now + Duration::from_secs(10));
+        assert!(!st.sessions.contains_key("e"));
+        assert!(st.tree.is_empty());
+    }
+
+    #[test]
+    fn expired_messages_are_dropped_from_queues() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("x", Version::V5, true, 0, slot(1, None), now);
+        sub(&mut st, "x", "t", opts(1));
+        let mut m = Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"old"),
+            qos: 1,
+            retain: false,
+            props: None,
+            expires: Some(now + Duration::from_secs(1)),
+            origin: None,
+        };
+        st.publish(Arc::new(m), now);
+        m = Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"new"),
+            qos: 1,
+            retain: false,
+            props: None,
+            expires: None,
+            origin: None,
+        };
+        st.publish(Arc::new(m), now);
+        let got = st
+            .take_deliverable("x", 1, now + Duration::from_secs(2))
+            .expect("owner");
+        assert_eq!(got.len(), 1);
+    }
+
+    #[test]
+    fn inbound_qos2_ids_survive_reconnects_until_released() {
+        let mut st = state();
+        let now = Instant::now();
+        st.connect("q", Version::V311, false, NEVER_EXPIRES, slot(1, None), now);
+        assert!(st.qos2_first("q", 7));
+        st.disconnected("q", 1, true, None, now);
+        st.connect("q", Version::V311, false, NEVER_EXPIRES, slot(2, None), now);
+        assert!(
+            !st.qos2_first("q", 7),
+            "resend after reconnect is not routed again"
+        );
+        st.qos2_release("q", 7);
+        assert!(st.qos2_first("q", 7));
+    }
+}
