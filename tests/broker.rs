@@ -1226,3 +1226,366 @@ async fn silent_connection_is_closed_after_connect_timeout() {
     }
     assert_eq!(odd.recv_v4().await, None);
 }
+
+// ---------- bridge-facing API ----------
+
+#[tokio::test]
+async fn publish_to_reaches_one_session_only() {
+    let b = TestBroker::start(config()).await;
+    let mut a = raw_v4_connected(b.addr(), v4_connect("dev-a", 30, true)).await;
+    let mut c = raw_v4_connected(b.addr(), v4_connect("dev-c", 30, true)).await;
+    for raw in [&mut a, &mut c] {
+        raw.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+            "rpc/request/+",
+            QoS::AtLeastOnce,
+        )))
+        .await;
+        assert!(matches!(raw.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    }
+    b.handle
+        .publish_to("dev-a", "rpc/request/1", Bytes::from_static(b"for a"))
+        .await
+        .expect("session exists");
+    match a.recv_v4().await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(
+                (p.topic.as_str(), &p.payload[..]),
+                ("rpc/request/1", &b"for a"[..])
+            );
+            assert_eq!(p.qos, QoS::AtLeastOnce, "min(1, subscription QoS)");
+            a.send_v4(v4::Packet::PubAck(v4::PubAck::new(p.pkid))).await;
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // The other subscriber's next packet is a later broadcast, not the targeted message.
+    b.handle
+        .publish("rpc/request/2", Bytes::from_static(b"for all"), false)
+        .await
+        .expect("publish");
+    match c.recv_v4().await {
+        Some(v4::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"for all"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    let err = b
+        .handle
+        .publish_to("nobody", "rpc/request/3", Bytes::from_static(b"x"))
+        .await
+        .expect_err("no such session");
+    assert!(matches!(err, broker::Error::NoSession { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn clients_lists_connected_clients_with_their_identity_and_counts() {
+    let mut b = TestBroker::start(config()).await;
+    let mut opts = v4_options(b.addr(), "stat-v4");
+    opts.set_credentials("alice", "");
+    let v4c = V4Client::connect(opts).await;
+    let mut v5raw = Raw::connect(b.addr()).await;
+    v5raw.send_v5(v5_connect("stat-v5")).await;
+    assert!(matches!(
+        v5raw.recv_v5().await,
+        Some(v5::Packet::ConnAck(_))
+    ));
+    v4c.client
+        .publish("stat/t", QoS::AtLeastOnce, false, "1")
+        .await
+        .expect("publish queued");
+    assert_eq!(b.next_local().await.client_id, "stat-v4");
+
+    assert_eq!(b.handle.client_count(), 2);
+    let clients = b.handle.clients();
+    assert_eq!(clients.len(), 2);
+    let c4 = &clients[0];
+    assert_eq!(c4.client_id, "stat-v4");
+    assert_eq!(c4.username.as_deref(), Some("alice"));
+    assert_eq!(c4.protocol, "MQTT 3.1.1");
+    assert_eq!(c4.messages_in, 1);
+    assert!(c4.peer.ip().is_loopback());
+    assert!(c4.connected_since > 0);
+    assert_eq!(clients[1].protocol, "MQTT 5.0");
+
+    // A clean DISCONNECT detaches the session before the broker closes the socket.
+    v5raw.send(&[0xE0, 0x00]).await;
+    v5raw.closed().await;
+    assert_eq!(b.handle.client_count(), 1);
+    assert_eq!(b.handle.clients()[0].client_id, "stat-v4");
+}
+
+#[tokio::test]
+async fn handle_subscribe_gets_matching_retained_messages_first() {
+    let b = TestBroker::start(config()).await;
+    b.handle
+        .publish("cfg/a", Bytes::from_static(b"1"), true)
+        .await
+        .expect("publish");
+    b.handle
+        .publish("other/b", Bytes::from_static(b"2"), true)
+        .await
+        .expect("publish");
+    let mut rx = b.handle.subscribe("cfg/#").await.expect("subscribe");
+    let got = timeout(WAIT, rx.recv()).await.expect("in time");
+    assert_eq!(got, Some(("cfg/a".to_owned(), Bytes::from_static(b"1"))));
+    assert!(rx.try_recv().is_err(), "only matching retained messages");
+}
+
+/// A panic while serving one connection (the test-only hook in `Tuning`) ends that connection
+/// alone: its will is published (the session guard ran), other clients keep their round trip,
+/// and the same client id can connect again.
+#[tokio::test]
+async fn panic_in_one_connection_closes_only_that_connection() {
+    let tuning = Tuning {
+        panic_on_topic: Some("boom".into()),
+        ..Tuning::default()
+    };
+    let mut b = TestBroker::start_tuned(config(), tuning).await;
+    let mut healthy = V4Client::connect(v4_options(b.addr(), "healthy")).await;
+    healthy.subscribe("rt/#", QoS::AtLeastOnce).await;
+    healthy.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let mut c = v4::Connect::new("doomed");
+    c.keep_alive = 30;
+    c.last_will = Some(v4::LastWill::new(
+        "wills/doomed",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut doomed = raw_v4_connected(b.addr(), v4::Packet::Connect(c)).await;
+    doomed
+        .send_v4(publish_v4("boom", QoS::AtMostOnce, 0, b"x"))
+        .await;
+    doomed.closed().await;
+    let will = healthy.next_publish().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("wills/doomed", &b"gone"[..])
+    );
+
+    healthy
+        .client
+        .publish("rt/1", QoS::AtLeastOnce, false, "still served")
+        .await
+        .expect("publish queued");
+    assert_eq!(&healthy.next_publish().await.payload[..], b"still served");
+    assert_eq!(b.next_local().await.client_id, "healthy");
+    let _again = raw_v4_connected(b.addr(), v4_connect("doomed", 30, true)).await;
+}
+
+#[tokio::test]
+async fn persistence_keeps_retained_messages_and_sessions_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = BrokerConfig {
+        persistence: true,
+        persistence_file: dir.path().join("broker.db"),
+        ..config()
+    };
+    let b = TestBroker::start(cfg.clone()).await;
+    let mut sub = raw_v4_connected(b.addr(), v4_connect("keeper", 30, false)).await;
+    sub.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+        "keep/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    assert!(matches!(sub.recv_v4().await, Some(v4::Packet::SubAck(_))));
+    sub.send_v4(v4::Packet::Disconnect).await;
+    sub.closed().await;
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("keep-pub", 30, true)).await;
+    publisher
+        .send_v4(publish_v4("keep/offline", QoS::AtLeastOnce, 1, b"queued"))
+        .await;
+    assert!(matches!(
+        publisher.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
+    let mut retained = v4::Publish::new("keep/state", QoS::AtLeastOnce, &b"on"[..]);
+    retained.pkid = 2;
+    retained.retain = true;
+    publisher.send_v4(v4::Packet::Publish(retained)).await;
+    assert!(matches!(
+        publisher.recv_v4().await,
+        Some(v4::Packet::PubAck(_))
+    ));
+    b.cancel.cancel();
+    b.tracker.close();
+    timeout(WAIT, b.tracker.wait())
+        .await
+        .expect("broker stops and saves");
+
+    let b2 = TestBroker::start(cfg).await;
+    let mut back = Raw::connect(b2.addr()).await;
+    back.send_v4(v4_connect("keeper", 30, false)).await;
+    match back.recv_v4().await {
+        Some(v4::Packet::ConnAck(ack)) => assert!(ack.session_present, "session restored"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match back.recv_v4().await {
+            Some(v4::Packet::Publish(p)) => {
+                back.send_v4(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                    .await;
+                got.push((p.topic, p.retain));
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    got.sort();
+    // The queued message, and the retained one (which matched the stored subscription when it
+    // was published, so it was queued too).
+    assert_eq!(
+        got,
+        [
+            ("keep/offline".to_owned(), false),
+            ("keep/state".to_owned(), false)
+        ]
+    );
+    let mut fresh = V4Client::connect(v4_options(b2.addr(), "fresh")).await;
+    fresh.subscribe("keep/#", QoS::AtLeastOnce).await;
+    let p = fresh.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("keep/state", &b"on"[..], true)
+    );
+}
+
+// ---------- PUBACK after durable, with the real router and SQLite store ----------
+
+struct Pipeline {
+    broker: BrokerHandle,
+    store: dlms_bridge::store::StoreHandle,
+    db_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn pipeline() -> Pipeline {
+    use dlms_bridge::config::{LocalConfig, StoreConfig};
+    use dlms_bridge::router::mapping::MappingSet;
+    use dlms_bridge::router::{Router, RouterInputs};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("queue.db");
+    let store = dlms_bridge::store::open(&StoreConfig {
+        path: db_path.clone(),
+        ..StoreConfig::default()
+    })
+    .expect("store opens");
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (_downlink_tx, downlink_rx) = mpsc::channel(1);
+    let (_reload_tx, reload_rx) = mpsc::channel(1);
+    let tracker = TaskTracker::new();
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let broker = broker::start(
+        &config(),
+        listen,
+        events_tx,
+        &tracker,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("broker starts");
+    let local = LocalConfig::default();
+    let mappings = MappingSet::from_config(&[], &local.device_type).expect("empty mapping set");
+    let router = Router::new(
+        RouterInputs {
+            events_rx,
+            downlink_rx,
+            reload_rx,
+        },
+        store.clone(),
+        mappings,
+        local,
+        Some(broker.clone()),
+        Default::default(),
+    );
+    tokio::spawn(async move {
+        let _keep = (_downlink_tx, _reload_tx);
+        router.run().await
+    });
+    Pipeline {
+        broker,
+        store,
+        db_path,
+        _dir: dir,
+    }
+}
+
+/// Another SQLite connection holding the write lock: the store's commit waits for it.
+fn hold_write_lock(path: &std::path::Path) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(path).expect("second connection");
+    db.execute_batch("BEGIN IMMEDIATE")
+        .expect("write lock taken");
+    db
+}
+
+const TELEMETRY: &[u8] = br#"{"deviceName":"Meter A","voltage_l1":230.1}"#;
+
+#[tokio::test]
+async fn puback_waits_until_the_router_has_committed_the_record() {
+    let p = pipeline().await;
+    let mut raw =
+        raw_v4_connected(p.broker.local_addr(), v4_connect("durable-pub", 30, true)).await;
+    let lock = hold_write_lock(&p.db_path);
+    raw.send_v4(publish_v4(
+        "v1/devices/me/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        TELEMETRY,
+    ))
+    .await;
+    let mut scratch = [0u8; 8];
+    let early = timeout(Duration::from_millis(500), raw.stream.read(&mut scratch)).await;
+    assert!(
+        early.is_err(),
+        "PUBACK sent before the record was committed"
+    );
+    // (Counted through the lock holder: the store's worker is busy waiting for the lock.)
+    let rows: i64 = lock
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 0, "nothing committed yet");
+
+    lock.execute_batch("COMMIT").expect("release the lock");
+    match raw.recv_v4().await {
+        Some(v4::Packet::PubAck(ack)) => assert_eq!(ack.pkid, 1),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    // Acknowledged means durable: the row is in the database now.
+    assert_eq!(p.store.stats().await.expect("stats").depth, 1);
+
+    // A message no rule handles produces no record and is acknowledged without a commit.
+    raw.send_v4(publish_v4("not/handled", QoS::ExactlyOnce, 2, b"x"))
+        .await;
+    assert_eq!(
+        raw.recv_v4().await,
+        Some(v4::Packet::PubRec(v4::PubRec::new(2)))
+    );
+}
+
+#[tokio::test]
+async fn publisher_is_disconnected_unacknowledged_when_the_commit_fails() {
+    let p = pipeline().await;
+    let mut raw = raw_v4_connected(p.broker.local_addr(), v4_connect("unlucky", 30, true)).await;
+    // Held past the store's busy timeout (5 s): the commit fails.
+    let lock = hold_write_lock(&p.db_path);
+    raw.send_v4(publish_v4(
+        "v1/devices/me/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        TELEMETRY,
+    ))
+    .await;
+    let mut scratch = [0u8; 64];
+    match timeout(Duration::from_secs(20), raw.stream.read(&mut scratch)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => panic!("broker sent {:?} instead of closing", &scratch[..n]),
+        Err(_) => panic!("publisher not disconnected"),
+    }
+    drop(lock);
+    // The client resends after reconnecting; now it commits and is acknowledged.
+    let mut again = raw_v4_connected(p.broker.local_addr(), v4_connect("unlucky", 30, true)).await;
+    let mut resend = v4::Publish::new("v1/devices/me/telemetry", QoS::AtLeastOnce, TELEMETRY);
+    resend.pkid = 1;
+    resend.dup = true;
+    again.send_v4(v4::Packet::Publish(resend)).await;
+    assert!(matches!(again.recv_v4().await, Some(v4::Packet::PubAck(_))));
+    assert_eq!(p.store.stats().await.expect("stats").depth, 1);
+}
