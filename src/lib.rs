@@ -2,23 +2,23 @@
 //!
 //! ```text
 //!  meters ⇄ TCP ⇄ sources::dlms::poller (1 task per meter) ─────┐
-//!  local publishers → broker::front (:1884) ─┬→ rumqttd          │
-//!                                            └→ SourceEvent ─────┴→ mpsc → router
+//!  local publishers → broker (:1884) ─┬→ local subscribers        │
+//!                                     └→ SourceEvent ────────────┴→ mpsc → router
 //!    → store (SQLite WAL; Ok = durable) → uplink (rumqttc, QoS 1, one token) → ThingsBoard
 //!  ThingsBoard RPC/attributes → uplink → mpsc<Downlink> → router → meter handle / local topic
 //! ```
 //!
 //! | task | owns | talks to |
 //! |---|---|---|
-//! | `broker::front`, one per local client | the client socket | rumqttd (proxy), router (`mpsc<SourceEvent>`) |
-//! | rumqttd (own thread) | local pub/sub | front connections, the bridge's link (`BrokerHandle`) |
+//! | `broker` connection, one per local client | the client socket | broker state (sessions, subscriptions, retained), router (`mpsc<SourceEvent>`; PUBACK once durable) |
+//! | `broker` housekeeping | will delays, session expiry, `$SYS`, persistence | broker state, `broker.db` |
 //! | `sources::dlms::poller`, one per meter | the meter's TCP link and association | router; RPCs arrive through its `MeterHandle` |
 //! | `router` | mapping state | store (`enqueue`), broker (downlink publishes) |
 //! | store worker (own thread) | the SQLite connection | everyone through `StoreHandle` |
 //! | `uplink` | the ThingsBoard session | store (cursor, `ack`), router (`mpsc<Downlink>`) |
 //!
 //! Modules: [`app`] wiring and ordered shutdown; [`config`] loading and validation; [`model`]
-//! shared types; [`broker`] embedded broker behind a Mosquitto-compatible front; [`sources`]
+//! shared types; [`broker`] the embedded Mosquitto-compatible broker (our core on rumqttc's codecs); [`sources`]
 //! what feeds the router (DLMS meters, local publishes); [`router`] mappings (built-in and
 //! tb-gateway compatible); [`downlink`] RPC execution; [`store`] durable queue; [`uplink`]
 //! ThingsBoard gateway session; [`shutdown`] signals and named tasks; [`import`] tb-gateway and

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -81,7 +81,8 @@ pub async fn serve(
             return;
         }
     };
-    let Some(mut conn) = attach(&mut stream, peer, connect, &shared, &cancel).await else {
+    let Some(mut conn) = attach(&mut stream, peer, connect, &shared, events_tx, &cancel).await
+    else {
         let _ = stream.shutdown().await;
         return;
     };
@@ -219,6 +220,8 @@ impl Drop for Registration {
 /// A connection attached to its session.
 struct Conn {
     shared: Arc<Shared>,
+    /// To the router; awaited per PUBLISH, which is the backpressure on the client's socket.
+    events_tx: mpsc::Sender<SourceEvent>,
     version: Version,
     reg: Registration,
     signal: Arc<ConnSignal>,
@@ -253,6 +256,7 @@ async fn attach(
     peer: SocketAddr,
     mut c: Connect,
     shared: &Arc<Shared>,
+    events_tx: mpsc::Sender<SourceEvent>,
     cancel: &CancellationToken,
 ) -> Option<Conn> {
     let version = c.version;
@@ -365,6 +369,7 @@ async fn attach(
     );
     let mut conn = Conn {
         shared: shared.clone(),
+        events_tx,
         version,
         reg: Registration {
             shared: shared.clone(),
@@ -781,9 +786,7 @@ impl Conn {
             ack,
         });
         // Awaited: a full router channel slows this publisher down and drops nothing.
-        if let Err(tokio::sync::mpsc::error::SendError(ev)) =
-            self.shared.events_tx.send(event).await
-        {
+        if let Err(tokio::sync::mpsc::error::SendError(ev)) = self.events_tx.send(event).await {
             if let SourceEvent::Local(p) = ev {
                 if let Some(a) = p.ack {
                     a.fail();

@@ -131,8 +131,6 @@ pub struct ClientInfo {
 pub(crate) struct Shared {
     /// Sessions, subscriptions, retained messages. Never held across an `.await`.
     state: Mutex<State>,
-    /// To the router; awaited per PUBLISH, which is the backpressure on the client's socket.
-    events_tx: mpsc::Sender<SourceEvent>,
     /// Required username, if configured.
     username: Option<String>,
     /// Required password, if configured. Never logged.
@@ -235,7 +233,6 @@ pub async fn start_with(
 
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
-        events_tx,
         username: cfg.username.clone(),
         password: cfg.password.clone(),
         max_packet_size: cfg.max_packet_size,
@@ -252,6 +249,7 @@ pub async fn start_with(
     tracker.spawn(accept_loop(
         listener,
         shared.clone(),
+        events_tx,
         Arc::new(Semaphore::new(cfg.max_connections)),
         conns.clone(),
         cancel.clone(),
@@ -268,9 +266,13 @@ pub async fn start_with(
     Ok(BrokerHandle { local_addr, shared })
 }
 
+/// Accepts until cancelled. It and the connection tasks hold the only `events_tx` clones (not
+/// [`Shared`], which the router's own [`BrokerHandle`] keeps alive), so the router's input
+/// closes once the broker has stopped.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    events_tx: mpsc::Sender<SourceEvent>,
     limit: Arc<Semaphore>,
     conns: TaskTracker,
     cancel: CancellationToken,
@@ -296,12 +298,13 @@ async fn accept_loop(
             continue;
         };
         let shared = shared.clone();
+        let events_tx = events_tx.clone();
         let cancel = cancel.clone();
         // A panic in the task unwinds it alone (tokio catches it); the registration guard in
         // `conn` detaches the session on the way out.
         conns.spawn(async move {
             let _permit = permit;
-            conn::serve(socket, peer, shared, cancel).await;
+            conn::serve(socket, peer, shared, events_tx, cancel).await;
         });
     }
     debug!("Broker stopped accepting.");

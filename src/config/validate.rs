@@ -305,6 +305,46 @@ mod tests {
     }
 
     #[test]
+    fn broker_keys_are_checked_and_persistence_lives_beside_the_queue() {
+        let raw = load_str(
+            r#"
+            [broker]
+            max_queued_messages = 0
+            max_inflight_messages = 0
+            persistence = true
+            autosave_interval = "0s"
+            sys_interval = "10ms"
+            "#,
+        )
+        .expect("parses");
+        let errs = validate(raw).expect_err("invalid");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "broker.max_queued_messages",
+            "broker.max_inflight_messages",
+            "broker.autosave_interval",
+            "broker.sys_interval",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        let raw = load_str(
+            r#"
+            [broker]
+            persistence = true
+            [store]
+            path = "/data/q/queue.db"
+            "#,
+        )
+        .expect("parses");
+        let c = validate(raw).expect("valid");
+        assert_eq!(
+            c.broker.persistence_file,
+            PathBuf::from("/data/q/broker.db")
+        );
+        assert_eq!(c.broker.max_queued_messages, 1000);
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_key() {
         let raw = load_str(
             r#"
