@@ -68,6 +68,7 @@ pub async fn serve(
     socket: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    events_tx: mpsc::Sender<SourceEvent>,
     cancel: CancellationToken,
 ) {
     let _ = socket.set_nodelay(true);
