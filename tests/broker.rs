@@ -1589,3 +1589,64 @@ async fn publisher_is_disconnected_unacknowledged_when_the_commit_fails() {
     assert!(matches!(again.recv_v4().await, Some(v4::Packet::PubAck(_))));
     assert_eq!(p.store.stats().await.expect("stats").depth, 1);
 }
+
+/// MQTT 5 request/response between two v5 clients: the properties the requester set reach the
+/// responder (with the subscription identifier and the remaining expiry added by the broker).
+#[tokio::test]
+async fn v5_publish_properties_reach_a_v5_subscriber() {
+    let b = TestBroker::start(config()).await;
+    let mut responder = Raw::connect(b.addr()).await;
+    responder.send_v5(v5_connect("responder")).await;
+    assert!(matches!(
+        responder.recv_v5().await,
+        Some(v5::Packet::ConnAck(_))
+    ));
+    let mut s = v5::Subscribe::new(
+        v5::Filter::new("req/+", QoS5::AtLeastOnce),
+        Some(v5::SubscribeProperties {
+            id: Some(42),
+            user_properties: Vec::new(),
+        }),
+    );
+    s.pkid = 1;
+    responder.send_v5(v5::Packet::Subscribe(s)).await;
+    assert!(matches!(
+        responder.recv_v5().await,
+        Some(v5::Packet::SubAck(_))
+    ));
+
+    let mut requester = Raw::connect(b.addr()).await;
+    requester.send_v5(v5_connect("requester")).await;
+    assert!(matches!(
+        requester.recv_v5().await,
+        Some(v5::Packet::ConnAck(_))
+    ));
+    let props = v5::PublishProperties {
+        response_topic: Some("resp/requester".into()),
+        correlation_data: Some(Bytes::from_static(b"corr-1")),
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("application/json".into()),
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        ..Default::default()
+    };
+    let mut p = v5::Publish::new("req/1", QoS5::AtMostOnce, "{}", Some(props));
+    p.pkid = 0;
+    requester.send_v5(v5::Packet::Publish(p)).await;
+    match responder.recv_v5().await {
+        Some(v5::Packet::Publish(p)) => {
+            assert_eq!(p.qos, QoS5::AtMostOnce, "min(publish 0, subscription 1)");
+            let pr = p.properties.expect("properties forwarded");
+            assert_eq!(pr.response_topic.as_deref(), Some("resp/requester"));
+            assert_eq!(pr.correlation_data.as_deref(), Some(&b"corr-1"[..]));
+            assert_eq!(pr.user_properties, [("k".to_owned(), "v".to_owned())]);
+            assert_eq!(pr.content_type.as_deref(), Some("application/json"));
+            assert_eq!(pr.payload_format_indicator, Some(1));
+            assert_eq!(pr.subscription_identifiers, [42]);
+            assert!(pr
+                .message_expiry_interval
+                .is_some_and(|s| s <= 3600 && s > 3000));
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
