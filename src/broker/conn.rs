@@ -758,6 +758,9 @@ impl Conn {
             return None;
         }
         self.signal.messages_in.fetch_add(1, Ordering::Relaxed);
+        // An exact-size copy: a message queued for slow or offline subscribers must not pin the
+        // publisher's whole read buffer, and the read buffer can then be reused in place.
+        let payload = Bytes::copy_from_slice(&payload);
         let origin: Arc<str> = Arc::from(id.as_str());
         let msg = Arc::new(message(
             topic.clone(),
