@@ -28,6 +28,19 @@ pub(super) enum Source<'a> {
 
 /// Defaults < `text` < environment (when `with_env`), every problem collected.
 pub(super) fn load_text(text: &str, src: Source<'_>, with_env: bool) -> Result<RawConfig, Error> {
+    match load_text_collecting(text, src, with_env)? {
+        (raw, errs) if errs.is_empty() => Ok(raw),
+        (_, errs) => Err(Error::Invalid(errs)),
+    }
+}
+
+/// Like [`load_text`], but a configuration with bad keys still yields the rest of it (bad
+/// keys removed, so at their defaults) beside the errors, for validating what remains.
+pub(super) fn load_text_collecting(
+    text: &str,
+    src: Source<'_>,
+    with_env: bool,
+) -> Result<(RawConfig, Vec<ConfigError>), Error> {
     if let Err(e) = toml::from_str::<toml::Table>(text) {
         let name = match src {
             Source::File(p) => p.display().to_string(),
@@ -48,7 +61,7 @@ pub(super) fn load_text(text: &str, src: Source<'_>, with_env: bool) -> Result<R
 }
 
 /// Deserialize `fig` into a `RawConfig`, collecting every error instead of the first.
-fn extract_all(fig: &Figment) -> Result<RawConfig, Error> {
+fn extract_all(fig: &Figment) -> Result<(RawConfig, Vec<ConfigError>), Error> {
     let mut root = match fig.find_value("") {
         Ok(v) => v,
         Err(e) => return Err(Error::Parse(mask_source_lines(&e.to_string()))),
@@ -58,8 +71,7 @@ fn extract_all(fig: &Figment) -> Result<RawConfig, Error> {
     let mut removed: BTreeMap<Vec<String>, BTreeSet<usize>> = BTreeMap::new();
     loop {
         let e = match root.deserialize::<RawConfig>() {
-            Ok(raw) if errs.is_empty() => return Ok(raw),
-            Ok(_) => return Err(Error::Invalid(errs)),
+            Ok(raw) => return Ok((raw, errs)),
             Err(e) => e,
         };
         let Some(first) = e.into_iter().next() else {

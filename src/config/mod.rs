@@ -2,6 +2,7 @@
 //! file < `DLMS_BRIDGE_*` env, `__` for nesting). Validation into typed values lives in
 //! `validate.rs`; this module must not open sockets or files other than the config file itself.
 
+pub mod diff;
 mod load;
 pub mod preflight;
 pub mod validate;
@@ -118,12 +119,15 @@ pub struct RawConfig {
 pub struct LogConfig {
     /// `RUST_LOG`-style filter, e.g. `info` or `info,dlms_bridge::uplink=debug`.
     pub level: String,
+    /// `text` or `json` lines on stdout; under systemd the journal gets native entries either way.
+    pub format: crate::logging::LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: crate::logging::LogFormat::Text,
         }
     }
 }
@@ -563,6 +567,15 @@ pub struct ReportStrategyConfig {
 /// problem found is reported at once ([`Error::Invalid`]), each with its key path; no message
 /// quotes a line of the file (it may hold a secret).
 pub fn load(path: Option<&Path>) -> Result<RawConfig, Error> {
+    match load_collecting(path)? {
+        (raw, errs) if errs.is_empty() => Ok(raw),
+        (_, errs) => Err(Error::Invalid(errs)),
+    }
+}
+
+/// [`load`], but keys that failed to parse are left at their defaults and returned as errors
+/// beside the rest, so one run can also validate what remains (`check-config`).
+pub fn load_collecting(path: Option<&Path>) -> Result<(RawConfig, Vec<ConfigError>), Error> {
     let p = path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
     let text = match std::fs::read_to_string(p) {
         Ok(t) => t,
@@ -578,7 +591,7 @@ pub fn load(path: Option<&Path>) -> Result<RawConfig, Error> {
             })
         }
     };
-    load::load_text(&text, load::Source::File(p), true)
+    load::load_text_collecting(&text, load::Source::File(p), true)
 }
 
 /// `DLMS_BRIDGE_<SECTION>__<KEY>` overrides. Every configuration key lives in a section, so a

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{access, AccessFlags};
 
-use super::{ConfigError, RawConfig};
+use super::{validate, Config, ConfigError, RawConfig};
 
 /// The system user the packaged unit runs as (`User=` in dlms-bridge.service).
 pub const SERVICE_USER: &str = "dlms-bridge";
@@ -65,6 +65,32 @@ pub fn current_user() -> String {
         .ok()
         .flatten()
         .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
+/// Load, validate and preflight `path` (default [`super::DEFAULT_CONFIG_PATH`]): what `run`,
+/// `check-config` and a reload use. Every problem of the three stages comes back at once in
+/// [`super::Error::Invalid`]; a key that failed to parse is not reported again by the later
+/// stages (they see its default).
+pub fn load_and_check(path: Option<&Path>) -> Result<(RawConfig, Config), super::Error> {
+    let (raw, mut errs) = super::load_collecting(path)?;
+    let bad: Vec<String> = errs.iter().map(|e| e.key.clone()).collect();
+    let unseen = |e: &ConfigError| {
+        !bad.iter().any(|b| {
+            e.key == *b
+                || e.key.starts_with(&format!("{b}."))
+                || e.key.starts_with(&format!("{b}["))
+        })
+    };
+    let kept = raw.clone();
+    errs.extend(preflight(&raw).into_iter().filter(|e| unseen(e)));
+    match validate(raw) {
+        Ok(cfg) if errs.is_empty() => Ok((kept, cfg)),
+        Ok(_) => Err(super::Error::Invalid(errs)),
+        Err(v) => {
+            errs.extend(v.into_iter().filter(|e| unseen(e)));
+            Err(super::Error::Invalid(errs))
+        }
+    }
 }
 
 /// Everything `run` needs that validation does not look at; every problem, each with its key.

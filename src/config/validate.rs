@@ -11,6 +11,7 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub log_level: String,
+    pub log_format: crate::logging::LogFormat,
     pub broker: BrokerConfig,
     /// `broker.listen`, parsed.
     pub broker_listen: SocketAddr,
@@ -212,6 +213,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     Ok(Config {
         log_level: raw.log.level,
+        log_format: raw.log.format,
         broker: raw.broker,
         broker_listen,
         thingsboard: raw.thingsboard,
