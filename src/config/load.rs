@@ -185,7 +185,8 @@ fn source_of(fig: &Figment, e: &figment::Error, path: &[String]) -> Option<Strin
         return Some(format!("in {src}"));
     }
     if md.name.contains("environment") {
-        let var = md.interpolate(fig.profile(), path);
+        // figment's own interpolation ignores the `__` split; name the variable as written.
+        let var = format!("{}{}", super::ENV_PREFIX, path.join("__").to_uppercase());
         return Some(format!("from environment variable {var}"));
     }
     None
@@ -201,6 +202,9 @@ fn plain_type_error(key: Option<&str>, actual: &Actual, expected: &str) -> Strin
         String::new()
     } else {
         match actual {
+            // Text where a number, boolean or table belongs may be anything pasted, a token
+            // included: say what it is, not what it says.
+            Actual::Str(_) if expected != "a duration" => " (found text)".to_string(),
             Actual::Str(s) => format!(" (found \"{s}\")"),
             Actual::Signed(n) => format!(" (found {n})"),
             Actual::Unsigned(n) => format!(" (found {n})"),
