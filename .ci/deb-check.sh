@@ -172,8 +172,10 @@ echo "$out"
 [ "$rc" -eq 2 ] || fail "check-config of the tokenless default exited $rc, expected 2"
 echo "$out" | grep -q "thingsboard.access_token: is empty" || fail "check-config did not name the empty token"
 # With a token, it passes as root, which checks as the service user by default.
-DLMS_BRIDGE_THINGSBOARD__ACCESS_TOKEN=deb-check "$BIN" --config "$CONF" check-config |
-    tee /dev/stderr | grep -q "checked as user dlms-bridge" || fail "check-config as root did not check as dlms-bridge"
+out=$(DLMS_BRIDGE_THINGSBOARD__ACCESS_TOKEN=deb-check "$BIN" --config "$CONF" check-config) ||
+    fail "check-config with a token failed"
+echo "$out"
+echo "$out" | grep -q "checked as user dlms-bridge" || fail "check-config as root did not check as dlms-bridge"
 # The service user must be able to read its config (0640 root:dlms-bridge) and nobody else.
 DLMS_BRIDGE_THINGSBOARD__ACCESS_TOKEN=deb-check runuser -u dlms-bridge -- "$BIN" --config "$CONF" check-config ||
     fail "check-config fails as the service user (permissions?)"

@@ -22,7 +22,7 @@ use dlms_bridge::systemd;
     about = "DLMS/COSEM meters and local MQTT to ThingsBoard, in one binary"
 )]
 struct Cli {
-    /// Configuration file (default /etc/dlms-bridge/config.toml; absent = built-in defaults).
+    /// Configuration file (default /etc/dlms-bridge/config.toml); it must exist.
     #[arg(long, global = true, env = "DLMS_BRIDGE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
