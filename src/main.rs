@@ -207,6 +207,13 @@ async fn serve(
     filter: Option<FilterHandle>,
 ) -> anyhow::Result<bool> {
     info!(version = env!("CARGO_PKG_VERSION"), "Starting dlms-bridge.");
+    // Installed before anything starts, and kept for the whole run: a SIGHUP during start-up
+    // must not kill the process (the default action), and one that arrives while a reload
+    // runs is delivered when it ends, not lost between two registrations.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
     let mut last = started.clone();
     let mut running = dlms_bridge::app::start(cfg).await?;
     // READY once the broker listens and every task is spawned (Type=notify).
@@ -227,10 +234,12 @@ async fn serve(
         watchdog_cancel.clone(),
     ));
     loop {
-        match shutdown::next_signal()
-            .await
-            .context("installing signal handlers")?
-        {
+        let sig = tokio::select! {
+            _ = term.recv() => Signal::Terminate,
+            _ = int.recv() => Signal::Terminate,
+            _ = hup.recv() => Signal::Reload,
+        };
+        match sig {
             Signal::Terminate => break,
             Signal::Reload => {
                 systemd::notify_reloading();

@@ -867,4 +867,23 @@ fn reload_names_only_what_changed_and_what_needs_a_restart() {
         "{lines:?}"
     );
     assert!(lines.last().expect("line").contains("thingsboard.host"));
+
+    // A broken file on reload: kept running, reported, the token never logged.
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "access_token = \"log-token-77\"",
+            "access_token = \"log-token-77",
+        ),
+    )
+    .expect("write");
+    hup();
+    let lines = lines_until(&rx, "Reload: configuration not applied");
+    let all = lines.join("\n");
+    assert!(
+        all.contains("line") && all.contains("access_token = ***"),
+        "{all}"
+    );
+    assert!(!all.contains("log-token-77"), "{all}");
 }
