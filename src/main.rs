@@ -342,7 +342,9 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
         .or(config_path)
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
     // Connector files are copied beside the config, so purging tb-gateway breaks nothing.
-    let connectors_dir = match out.parent() {
+    // An absolute path: the service does not run in the directory the import ran in.
+    let out_abs = std::path::absolute(&out).unwrap_or_else(|_| out.clone());
+    let connectors_dir = match out_abs.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.join("tb-gateway"),
         _ => PathBuf::from("tb-gateway"),
     };
