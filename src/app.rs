@@ -104,7 +104,6 @@ pub struct Running {
     events_tx: Option<mpsc::Sender<SourceEvent>>,
     /// New mapping sets for the router.
     reload_tx: mpsc::Sender<MappingSet>,
-    default_device_type: String,
     /// Cancels pollers and the broker front: the first step of shutdown.
     sources_cancel: CancellationToken,
     /// Cancels the uplink after the router has drained.
@@ -274,7 +273,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         slots,
         events_tx: Some(events_tx),
         reload_tx,
-        default_device_type: cfg.local.device_type.clone(),
         sources_cancel,
         uplink_cancel,
         sim_cancel,
@@ -351,16 +349,16 @@ impl Running {
                 .insert(m.name.clone(), MeterSlot { cfg: m, cancel });
         }
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
-        if cfg.local.device_type != self.default_device_type {
-            warn!("Reload: local.device_type changes need a restart.");
-        }
         report.meters_started.sort();
         report.meters_stopped.sort();
-        info!(
-            started = ?report.meters_started,
-            stopped = ?report.meters_stopped,
-            "Reload applied to meters and mappings."
-        );
+        // The caller names the other changes (and what needs a restart); log only a change.
+        if !report.meters_started.is_empty() || !report.meters_stopped.is_empty() {
+            info!(
+                started = ?report.meters_started,
+                stopped = ?report.meters_stopped,
+                "Reload: meters started and stopped."
+            );
+        }
         Ok(report)
     }
 

@@ -4,9 +4,15 @@
 //!
 //! It never guesses silently: every setting that is not carried over is listed in
 //! [`ImportResult::not_carried`] with the reason, and the same list heads the generated file as
-//! comments. MQTT connector files are referenced as is (`tb_gateway_file`), after checking that
-//! the mapping engine accepts them. This module only reads files; writing the result is the CLI's
-//! job.
+//! comments. MQTT connector files are used as is (`tb_gateway_file`), after checking that the
+//! mapping engine accepts them; [`import_tb_gateway_into`] plans copies of them beside the new
+//! config (`<config dir>/tb-gateway/`), so the result never depends on tb-gateway's directory,
+//! which is deleted when tb-gateway is purged.
+//!
+//! [`write`] puts the result in place: atomically (temporary file + rename), mode 0640 and the
+//! service's group (the file holds the access token), replacing the unmodified packaged default
+//! (kept as `config.toml.orig`) but a modified file only with `force` (kept as a timestamped
+//! backup).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,16 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The target config was edited since installation: replacing it needs `force`.
+    #[error("{path} was changed since installation; replace it with --force (a timestamped backup is kept), or write elsewhere with --output PATH")]
+    Modified { path: PathBuf },
+    /// Writing the result failed.
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A setting the result cannot do without is missing or malformed.
     #[error("{path}: {key}: {message}")]
     Setting {
@@ -54,6 +70,8 @@ pub struct ImportResult {
     pub toml: String,
     /// Each setting not carried over, with the reason.
     pub not_carried: Vec<String>,
+    /// Connector files to copy: (tb-gateway's file, where `toml` refers to it).
+    pub copies: Vec<(PathBuf, PathBuf)>,
 }
 
 /// `thingsboard` keys of tb_gateway.json with no dlms-bridge equivalent, and why.
@@ -84,7 +102,26 @@ const TB_NOT_CARRIED: &[(&str, &str)] = &[
 
 /// Read `<dir>/tb_gateway.json`, its MQTT connectors and (optionally) a Mosquitto config, and
 /// produce a dlms-bridge configuration.
+/// Connector files are referenced where they are (see [`import_tb_gateway_into`]).
 pub fn import_tb_gateway(dir: &Path, mosquitto_conf: Option<&Path>) -> Result<ImportResult, Error> {
+    import(dir, mosquitto_conf, None)
+}
+
+/// Like [`import_tb_gateway`], but the connector files are to be copied into `connectors_dir`
+/// (listed in [`ImportResult::copies`]; [`write`] copies them) and the config refers to the copies.
+pub fn import_tb_gateway_into(
+    dir: &Path,
+    mosquitto_conf: Option<&Path>,
+    connectors_dir: &Path,
+) -> Result<ImportResult, Error> {
+    import(dir, mosquitto_conf, Some(connectors_dir))
+}
+
+fn import(
+    dir: &Path,
+    mosquitto_conf: Option<&Path>,
+    connectors_dir: Option<&Path>,
+) -> Result<ImportResult, Error> {
     let main_path = dir.join("tb_gateway.json");
     if !main_path.exists() {
         for yaml in ["tb_gateway.yaml", "tb_gateway.yml"] {
@@ -98,7 +135,10 @@ pub fn import_tb_gateway(dir: &Path, mosquitto_conf: Option<&Path>) -> Result<Im
         });
     }
     let main = read_json(&main_path)?;
-    let mut out = Out::default();
+    let mut out = Out {
+        connectors_dir: connectors_dir.map(Path::to_path_buf),
+        ..Out::default()
+    };
     out.not_carried.push(
         "environment variables that override tb_gateway.json (TB_GW_HOST, TB_GW_ACCESS_TOKEN, ...) are not read: check the tb-gateway service environment".into(),
     );
@@ -149,6 +189,9 @@ pub fn import_tb_gateway(dir: &Path, mosquitto_conf: Option<&Path>) -> Result<Im
 /// The result being built: TOML sections in order, and the list of what is left behind.
 #[derive(Default)]
 struct Out {
+    /// Where connector files are copied to; `None` = referenced in place.
+    connectors_dir: Option<PathBuf>,
+    copies: Vec<(PathBuf, PathBuf)>,
     thingsboard: Vec<String>,
     store: Vec<String>,
     broker: Vec<String>,
@@ -159,6 +202,31 @@ struct Out {
 impl Out {
     fn skip(&mut self, s: impl Into<String>) {
         self.not_carried.push(s.into());
+    }
+
+    /// Where the config will find connector file `src`: a copy in `connectors_dir` (a unique
+    /// name, in case two directories hold files of the same name), or `src` itself.
+    fn connector_path(&mut self, src: &Path) -> PathBuf {
+        let Some(dir) = &self.connectors_dir else {
+            return src.to_path_buf();
+        };
+        if let Some((_, dest)) = self.copies.iter().find(|(s, _)| s == src) {
+            return dest.clone();
+        }
+        let stem = src
+            .file_stem()
+            .map_or_else(|| "connector".into(), |s| s.to_string_lossy().into_owned());
+        let ext = src
+            .extension()
+            .map_or_else(|| "json".into(), |s| s.to_string_lossy().into_owned());
+        let mut dest = dir.join(format!("{stem}.{ext}"));
+        let mut n = 2;
+        while self.copies.iter().any(|(_, d)| *d == dest) {
+            dest = dir.join(format!("{stem}-{n}.{ext}"));
+            n += 1;
+        }
+        self.copies.push((src.to_path_buf(), dest.clone()));
+        dest
     }
 
     fn finish(self) -> ImportResult {
@@ -185,6 +253,7 @@ impl Out {
         ImportResult {
             toml: t,
             not_carried: self.not_carried,
+            copies: self.copies,
         }
     }
 }
@@ -395,13 +464,15 @@ fn connector(
             path.display()
         ));
     }
+    let dest = out.connector_path(&path);
     match MappingSet::from_connector_json(&conn, &path.display().to_string()) {
         Ok(_) => {
             let _ = write!(
                 out.mappings,
-                "\n# tb-gateway connector `{}`\n[[mappings]]\ntb_gateway_file = {}\n",
+                "\n# tb-gateway connector `{}` (from {})\n[[mappings]]\ntb_gateway_file = {}\n",
                 name.replace('\n', " "),
-                toml_str(&path.display().to_string())
+                path.display().to_string().replace('\n', " "),
+                toml_str(&dest.display().to_string())
             );
         }
         Err(errs) => {
@@ -418,7 +489,7 @@ fn connector(
                 out.mappings,
                 "\n# tb-gateway connector `{}` is NOT active: fix it, then uncomment (see the list above).\n# [[mappings]]\n# tb_gateway_file = {}\n",
                 name.replace('\n', " "),
-                toml_str(&path.display().to_string())
+                toml_str(&dest.display().to_string())
             );
         }
     }
@@ -514,6 +585,175 @@ fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Erro
         _ => {}
     }
     Ok(())
+}
+
+/// Mode of the written config and connector copies: they hold the access token.
+const FILE_MODE: u32 = 0o640;
+/// Mode of the connector directory.
+const DIR_MODE: u32 = 0o750;
+
+/// How [`write`] treats an existing file and who may read the result.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Replace a config that was changed since installation (after a timestamped backup).
+    pub force: bool,
+    /// Group given read access (`dlms-bridge`), when it exists on this machine.
+    pub group: Option<String>,
+}
+
+/// What [`write`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// The previous file, kept: `config.toml.orig` (the packaged default) or a timestamped
+    /// `config.toml.bak-…` (a changed file replaced with `force`).
+    pub backup: Option<PathBuf>,
+    /// Connector files written.
+    pub copied: Vec<PathBuf>,
+    /// The group given to the files, if any.
+    pub group: Option<String>,
+    /// Why the group could not be set (the files are then readable by their owner only).
+    pub group_warning: Option<String>,
+}
+
+/// Write `result` to `out` and copy its connector files (see the module doc for the rules).
+/// `packaged_default` is the text the package installs at `out`: a file still equal to it is
+/// replaced without `force`.
+pub fn write(
+    result: &ImportResult,
+    out: &Path,
+    packaged_default: &str,
+    opts: &WriteOptions,
+) -> Result<WriteReport, Error> {
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Write { path, source }
+    };
+    let mut report = WriteReport::default();
+    let gid = match &opts.group {
+        Some(g) => match nix::unistd::Group::from_name(g) {
+            Ok(Some(grp)) => Some(grp.gid),
+            _ => None,
+        },
+        None => None,
+    };
+    let backup = match std::fs::read(out) {
+        Ok(old) if old == packaged_default.as_bytes() => Some(sibling(out, ".orig")),
+        Ok(_) if opts.force => Some(sibling(out, &format!(".bak-{}", timestamp()))),
+        Ok(_) => {
+            return Err(Error::Modified {
+                path: out.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(werr(out)(e)),
+    };
+
+    let note_group =
+        |report: &mut WriteReport, path: &Path, res: Option<nix::Error>| match (res, &opts.group) {
+            (None, Some(g)) if gid.is_some() => report.group = Some(g.clone()),
+            (Some(e), Some(g)) => {
+                report.group_warning =
+                    Some(format!("cannot give group {g} to {}: {e}", path.display()))
+            }
+            _ => {}
+        };
+
+    // Connector copies first: the new config must never point at files not yet there.
+    let mut dirs_made: Vec<PathBuf> = Vec::new();
+    for (src, dest) in &result.copies {
+        if let Some(dir) = dest.parent() {
+            if !dirs_made.iter().any(|d| d == dir) {
+                std::fs::create_dir_all(dir).map_err(werr(dir))?;
+                let f = std::fs::File::open(dir).map_err(werr(dir))?;
+                set_mode(&f, DIR_MODE).map_err(werr(dir))?;
+                note_group(&mut report, dir, give_group(&f, gid));
+                dirs_made.push(dir.to_path_buf());
+            }
+        }
+        let bytes = std::fs::read(src).map_err(|source| Error::Read {
+            path: src.clone(),
+            source,
+        })?;
+        let g = atomic_write(dest, &bytes, gid).map_err(werr(dest))?;
+        note_group(&mut report, dest, g);
+        report.copied.push(dest.clone());
+    }
+
+    if let Some(b) = &backup {
+        // A hard link keeps the old file's owner, group and mode (it holds the token too).
+        let _ = std::fs::remove_file(b);
+        if std::fs::hard_link(out, b).is_err() {
+            std::fs::copy(out, b).map_err(werr(b))?;
+        }
+        report.backup = Some(b.clone());
+    }
+    let g = atomic_write(out, result.toml.as_bytes(), gid).map_err(werr(out))?;
+    note_group(&mut report, out, g);
+    Ok(report)
+}
+
+/// `path` + `suffix` (`config.toml` → `config.toml.orig`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// UTC, sortable, no colons: `20261130T071502Z`.
+fn timestamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+fn set_mode(f: &std::fs::File, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Give `gid` to the open file; the error, if any (the caller reports it, the write goes on).
+fn give_group(f: &std::fs::File, gid: Option<nix::unistd::Gid>) -> Option<nix::Error> {
+    gid.and_then(|g| nix::unistd::fchown(f, None, Some(g)).err())
+}
+
+/// Write to a temporary file beside `path` (mode 0640 before any byte is written), sync, then
+/// rename over `path`: a reader sees the old file or the new one, never a partial one. Returns
+/// the group error, if giving `gid` failed.
+fn atomic_write(
+    path: &Path,
+    bytes: &[u8],
+    gid: Option<nix::unistd::Gid>,
+) -> std::io::Result<Option<nix::Error>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        set_mode(&f, FILE_MODE)?;
+        let group_err = give_group(&f, gid);
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(group_err)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 #[cfg(test)]

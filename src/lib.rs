@@ -22,13 +22,14 @@
 //! what feeds the router (DLMS meters, local publishes); [`router`] mappings (built-in and
 //! tb-gateway compatible); [`downlink`] RPC execution; [`store`] durable queue; [`uplink`]
 //! ThingsBoard gateway session; [`shutdown`] signals and named tasks; [`import`] tb-gateway and
-//! Mosquitto configuration import. See docs/ARCHITECTURE.md for the guarantees.
+//! Mosquitto configuration import; [`logging`] journald, text or JSON output. See docs/ARCHITECTURE.md for the guarantees.
 #![forbid(unsafe_code)]
 pub mod app;
 pub mod broker;
 pub mod config;
 pub mod downlink;
 pub mod import;
+pub mod logging;
 pub mod model;
 pub mod router;
 pub mod shutdown;

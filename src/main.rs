@@ -1,4 +1,4 @@
-//! `dlms-bridge`: CLI, tracing setup, config loading and validation, then `app`. Exit codes:
+//! `dlms-bridge`: CLI, config loading and checking, logging set-up, then `app`. Exit codes:
 //! 0 ok, 1 runtime failure, 2 configuration error.
 
 use std::path::PathBuf;
@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
-use tracing_subscriber::{reload, EnvFilter};
 
-use dlms_bridge::config::{self, Config};
+use dlms_bridge::config::{self, preflight, Config, RawConfig};
+use dlms_bridge::logging::{self, FilterHandle};
 use dlms_bridge::shutdown::{self, Signal};
 use dlms_bridge::sources::dlms::cli::ReadArgs;
 use dlms_bridge::sources::dlms::simulator::SimulateArgs;
@@ -22,7 +22,7 @@ use dlms_bridge::systemd;
     about = "DLMS/COSEM meters and local MQTT to ThingsBoard, in one binary"
 )]
 struct Cli {
-    /// Configuration file (default /etc/dlms-bridge/config.toml; absent = built-in defaults).
+    /// Configuration file (default /etc/dlms-bridge/config.toml); it must exist.
     #[arg(long, global = true, env = "DLMS_BRIDGE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -33,8 +33,13 @@ struct Cli {
 enum Command {
     /// Run the bridge (the default).
     Run,
-    /// Validate the configuration and exit (2 on errors, each naming its key).
-    CheckConfig,
+    /// Check everything `run` needs and exit (2 on errors, all listed, each naming its key).
+    CheckConfig {
+        /// Check as this user: the files must be readable by the user the service runs as.
+        /// Default when run as root: dlms-bridge, if that user exists.
+        #[arg(long, value_name = "USER")]
+        as_user: Option<String>,
+    },
     /// Print the effective configuration (file + environment) with secrets masked.
     PrintConfig,
     /// Read a meter once and print each value with its unit.
@@ -60,8 +65,12 @@ enum ImportWhat {
         #[arg(long)]
         dry_run: bool,
         /// Where to write (default: the --config path, or /etc/dlms-bridge/config.toml).
+        /// Connector files are copied into `tb-gateway/` beside it.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Replace a config that was changed since installation (a timestamped backup is kept).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -72,13 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config),
-        Command::CheckConfig => match load(cli.config.as_deref()) {
-            Ok(_) => {
-                println!("configuration ok");
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        Command::CheckConfig { as_user } => check_config(cli.config.as_deref(), as_user),
         Command::PrintConfig => match config::load(cli.config.as_deref()) {
             Ok(raw) => match toml::to_string_pretty(&raw) {
                 Ok(s) => {
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
                 }
             },
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -101,7 +104,7 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }),
         Command::Simulate(args) => {
-            init_tracing("info");
+            logging::init("info", logging::LogFormat::Text);
             block_on(simulate(args))
         }
         Command::Import { what } => import(what, cli.config),
@@ -125,65 +128,61 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     }
 }
 
-/// Load and validate, printing every error; `Err` carries exit code 2.
-fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    let raw = config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })?;
-    config::validate(raw).map_err(|errs| {
-        eprintln!("error: invalid configuration:");
-        for e in errs {
-            eprintln!("  - {e}");
-        }
+/// An error and its causes: `cannot read config file x: permission denied (os error 13)`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s
+}
+
+/// Load, validate and preflight, printing every error; `Err` carries exit code 2.
+fn load(path: Option<&std::path::Path>) -> Result<(RawConfig, Config), ExitCode> {
+    preflight::load_and_check(path).map_err(|e| {
+        eprintln!("error: {}", chain(&e));
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
-
-/// rumqttd logs routine events (a client closing, our readiness probe) at ERROR; it stays quiet
-/// unless the filter names it.
-fn filter_for(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
-    if level.contains("rumqttd") {
-        EnvFilter::try_new(level)
-    } else {
-        EnvFilter::try_new(format!("{level},rumqttd=off"))
+/// `check-config`: as the service user when root (so file permissions are the service's).
+fn check_config(path: Option<&std::path::Path>, as_user: Option<String>) -> ExitCode {
+    let is_root = nix::unistd::geteuid().is_root();
+    let user = as_user.or_else(|| {
+        let service_user_exists = nix::unistd::User::from_name(preflight::SERVICE_USER)
+            .ok()
+            .flatten()
+            .is_some();
+        (is_root && service_user_exists).then(|| preflight::SERVICE_USER.to_string())
+    });
+    if let Some(u) = &user {
+        if let Err(e) = preflight::switch_user(u) {
+            eprintln!("error: {}", chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let file = path.unwrap_or(std::path::Path::new(config::DEFAULT_CONFIG_PATH));
+    match load(path) {
+        Ok(_) => {
+            println!(
+                "configuration ok: {} (checked as user {})",
+                file.display(),
+                preflight::current_user()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
     }
 }
 
-/// Logs to stdout (journald under systemd, which adds its own timestamps). `RUST_LOG`, when
-/// set, wins over the configured level.
-fn init_tracing(level: &str) -> Option<FilterHandle> {
-    use tracing_subscriber::prelude::*;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|s| filter_for(&s).ok())
-        .or_else(|| filter_for(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let fmt = tracing_subscriber::fmt::layer().with_target(true);
-    let res = if under_journald {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt.without_time().with_ansi(false))
-            .try_init()
-    } else {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt)
-            .try_init()
-    };
-    res.ok().map(|_| handle)
-}
-
 fn run(path: Option<PathBuf>) -> ExitCode {
-    let cfg = match load(path.as_deref()) {
+    let (raw, cfg) = match load(path.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let filter = init_tracing(&cfg.log_level);
+    let filter = logging::init(&cfg.log_level, cfg.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -191,7 +190,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cfg, path, filter)) {
+    match rt.block_on(serve(raw, cfg, path, filter)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -202,11 +201,20 @@ fn run(path: Option<PathBuf>) -> ExitCode {
 }
 
 async fn serve(
+    started: RawConfig,
     cfg: Config,
     path: Option<PathBuf>,
     filter: Option<FilterHandle>,
 ) -> anyhow::Result<bool> {
     info!(version = env!("CARGO_PKG_VERSION"), "Starting dlms-bridge.");
+    // Installed before anything starts, and kept for the whole run: a SIGHUP during start-up
+    // must not kill the process (the default action), and one that arrives while a reload
+    // runs is delivered when it ends, not lost between two registrations.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
+    let mut last = started.clone();
     let mut running = dlms_bridge::app::start(cfg).await?;
     // READY once the broker listens and every task is spawned (Type=notify).
     systemd::notify_ready();
@@ -226,14 +234,23 @@ async fn serve(
         watchdog_cancel.clone(),
     ));
     loop {
-        match shutdown::next_signal()
-            .await
-            .context("installing signal handlers")?
-        {
+        let sig = tokio::select! {
+            _ = term.recv() => Signal::Terminate,
+            _ = int.recv() => Signal::Terminate,
+            _ = hup.recv() => Signal::Reload,
+        };
+        match sig {
             Signal::Terminate => break,
             Signal::Reload => {
                 systemd::notify_reloading();
-                reload(path.as_deref(), filter.as_ref(), &mut running).await;
+                reload(
+                    path.as_deref(),
+                    filter.as_ref(),
+                    &started,
+                    &mut last,
+                    &mut running,
+                )
+                .await;
                 systemd::notify_ready();
             }
         }
@@ -243,48 +260,65 @@ async fn serve(
     running.shutdown().await
 }
 
-/// SIGHUP: re-read the configuration; apply the log level, meters and mappings; say what needs
-/// a restart. An invalid configuration changes nothing.
+/// SIGHUP: re-read and check the configuration like a start would; apply the log level,
+/// meters and mappings; name what changed and which of those changes need a restart. An
+/// invalid configuration changes nothing.
+///
+/// Live keys are compared with the previous load; the others with the configuration the
+/// process started with, so a change still waiting for a restart is named at every reload.
 async fn reload(
     path: Option<&std::path::Path>,
     filter: Option<&FilterHandle>,
+    started: &RawConfig,
+    last: &mut RawConfig,
     running: &mut dlms_bridge::app::Running,
 ) {
-    let raw = match config::load(path) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "Reload: configuration not loaded; keeping the running one.");
-            return;
-        }
-    };
-    let cfg = match config::validate(raw) {
+    let (raw, cfg) = match preflight::load_and_check(path) {
         Ok(c) => c,
-        Err(errs) => {
-            let errs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-            warn!(errors = ?errs, "Reload: configuration invalid; keeping the running one.");
+        Err(e) => {
+            warn!(
+                error = chain(&e),
+                "Reload: configuration not applied; keeping the running one."
+            );
             return;
         }
     };
-    if let Some(h) = filter {
-        if std::env::var_os("RUST_LOG").is_none() {
-            match filter_for(&cfg.log_level) {
-                Ok(f) => {
-                    let _ = h.reload(f);
-                    info!(level = %cfg.log_level, "Reload: log level applied.");
+    let (live, _) = config::diff::split_live(&config::diff::changed_keys(last, &raw));
+    let (_, restart) = config::diff::split_live(&config::diff::changed_keys(started, &raw));
+    if live.iter().any(|k| k == "log.level") {
+        if let Some(h) = filter {
+            if std::env::var_os("RUST_LOG").is_some() {
+                info!("Reload: log.level changed but RUST_LOG is set and wins; not applied.");
+            } else {
+                match logging::filter_for(&cfg.log_level) {
+                    Ok(f) => {
+                        let _ = h.reload(f);
+                    }
+                    Err(e) => warn!(error = %e, "Reload: bad log level."),
                 }
-                Err(e) => warn!(error = %e, "Reload: bad log level."),
             }
         }
     }
+    // Meters are always re-applied: a `database` entry's registry may change without the file.
     if let Err(e) = running.reload(&cfg).await {
         warn!(
             error = format!("{e:#}"),
             "Reload: meters/mappings not applied."
         );
+        return;
     }
-    info!(
-        "Reload: [broker], [thingsboard], [store], [local] and [simulator] changes need a restart."
-    );
+    if live.is_empty() && restart.is_empty() {
+        info!("Reload: configuration unchanged.");
+    } else if !live.is_empty() {
+        info!(applied = live.join(", "), "Reload: changes applied.");
+    }
+    if !restart.is_empty() {
+        warn!(
+            keys = restart.join(", "),
+            "Reload: these changes need a restart (systemctl restart dlms-bridge); running with the values it started with."
+        );
+    }
+    *last = raw;
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -296,16 +330,28 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 }
 
 fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
+    use dlms_bridge::import;
     let ImportWhat::TbGateway {
         dir,
         mosquitto,
         dry_run,
         output,
+        force,
     } = what;
-    let res = match dlms_bridge::import::import_tb_gateway(&dir, mosquitto.as_deref()) {
+    let out = output
+        .or(config_path)
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    // Connector files are copied beside the config, so purging tb-gateway breaks nothing.
+    // An absolute path: the service does not run in the directory the import ran in.
+    let out_abs = std::path::absolute(&out).unwrap_or_else(|_| out.clone());
+    let connectors_dir = match out_abs.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join("tb-gateway"),
+        _ => PathBuf::from("tb-gateway"),
+    };
+    let res = match import::import_tb_gateway_into(&dir, mosquitto.as_deref(), &connectors_dir) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", chain(&e));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -323,25 +369,40 @@ fn import(what: ImportWhat, config_path: Option<PathBuf>) -> ExitCode {
                 println!("{line}");
             }
         }
+        for (src, dest) in &res.copies {
+            eprintln!("would copy {} to {}", src.display(), dest.display());
+        }
         return ExitCode::SUCCESS;
     }
-    let out = output
-        .or(config_path)
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
-    if out.exists() {
-        eprintln!(
-            "error: {} exists; write elsewhere with --output, or use --dry-run",
-            out.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    match std::fs::write(&out, &res.toml) {
-        Ok(()) => {
-            println!("wrote {}", out.display());
+    let opts = import::WriteOptions {
+        force,
+        group: Some(preflight::SERVICE_USER.to_string()),
+    };
+    match import::write(&res, &out, config::PACKAGED_DEFAULT, &opts) {
+        Ok(report) => {
+            for c in &report.copied {
+                println!("copied {}", c.display());
+            }
+            if let Some(b) = &report.backup {
+                println!("kept the previous config as {}", b.display());
+            }
+            if let Some(w) = &report.group_warning {
+                eprintln!("warning: {w}; the files are readable by their owner only");
+            }
+            let group = report.group.as_deref().unwrap_or("unchanged");
+            println!("wrote {} (mode 0640, group {group})", out.display());
+            println!(
+                "next: review it, then: dlms-bridge --config {} check-config",
+                out.display()
+            );
             ExitCode::SUCCESS
         }
+        Err(e @ import::Error::Modified { .. }) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
-            eprintln!("error: writing {}: {e}", out.display());
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -64,3 +64,28 @@ fn figment_parse_errors_name_the_key() {
     assert!(e.to_string().contains("acess_token"), "{e}");
     println!("{e}");
 }
+
+/// `import tb-gateway` recognises the unmodified packaged config by comparing with the text
+/// embedded in the binary; that only works while the .deb installs exactly that file.
+#[test]
+fn the_deb_installs_the_config_the_binary_embeds() {
+    let manifest: toml::Table =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .expect("Cargo.toml")
+            .parse()
+            .expect("Cargo.toml parses");
+    let assets = manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .expect("deb assets");
+    let conf = assets
+        .iter()
+        .filter_map(|a| a.as_array())
+        .find(|a| a.get(1).and_then(|d| d.as_str()) == Some("etc/dlms-bridge/config.toml"))
+        .expect("config.toml is a deb asset");
+    assert_eq!(conf[0].as_str(), Some("config/dlms-bridge.toml"));
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dlms-bridge.toml"),
+    )
+    .expect("read");
+    assert_eq!(shipped, config::PACKAGED_DEFAULT);
+}

@@ -2,6 +2,9 @@
 //! file < `DLMS_BRIDGE_*` env, `__` for nesting). Validation into typed values lives in
 //! `validate.rs`; this module must not open sockets or files other than the config file itself.
 
+pub mod diff;
+mod load;
+pub mod preflight;
 pub mod validate;
 
 use std::fmt;
@@ -9,14 +12,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::providers::Env;
 use serde::{Deserialize, Serialize};
 
 pub use validate::{validate, Config};
 
 /// Default location of the config file (a conffile of the .deb).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dlms-bridge/config.toml";
+/// The configuration file the .deb installs (a conffile), byte for byte: `import tb-gateway`
+/// replaces it without `--force` only while it is unchanged.
+pub const PACKAGED_DEFAULT: &str = include_str!("../../config/dlms-bridge.toml");
 /// Prefix of environment overrides: `DLMS_BRIDGE_THINGSBOARD__ACCESS_TOKEN=...`.
 pub const ENV_PREFIX: &str = "DLMS_BRIDGE_";
 
@@ -77,35 +82,18 @@ impl ConfigError {
 /// Errors from loading (not validating) the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config file {path} does not exist")]
+    #[error("config file {path} does not exist (give another with --config PATH)")]
     Missing { path: PathBuf },
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Parse(String),
     #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigError>),
-}
-
-impl From<figment::Error> for Error {
-    fn from(e: figment::Error) -> Self {
-        // figment names the key path and the source (file or env var) in each error.
-        let msgs: Vec<String> = e
-            .into_iter()
-            .map(|e| {
-                let key = if e.path.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}: ", e.path.join("."))
-                };
-                let src = e
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.source.as_ref().map(|s| format!(" (in {s})")))
-                    .unwrap_or_default();
-                format!("{key}{}{src}", e.kind)
-            })
-            .collect();
-        Error::Parse(msgs.join("\n"))
-    }
 }
 
 /// The whole configuration file as written by a user. Every table denies unknown keys.
@@ -131,12 +119,15 @@ pub struct RawConfig {
 pub struct LogConfig {
     /// `RUST_LOG`-style filter, e.g. `info` or `info,dlms_bridge::uplink=debug`.
     pub level: String,
+    /// `text` or `json` lines on stdout; under systemd the journal gets native entries either way.
+    pub format: crate::logging::LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: crate::logging::LogFormat::Text,
         }
     }
 }
@@ -354,6 +345,9 @@ pub struct SimulatorConfig {
     pub transport: DlmsTransport,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// The simulator-only demo: an empty `thingsboard.access_token` is accepted (the uplink
+    /// retries in the background, readings wait in the queue). Not allowed with `[[meters]]`.
+    pub demo: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -362,6 +356,7 @@ impl Default for SimulatorConfig {
             meters: 0,
             transport: DlmsTransport::Hdlc,
             interval: Duration::from_secs(2),
+            demo: false,
         }
     }
 }
@@ -592,28 +587,36 @@ pub struct ReportStrategyConfig {
     pub report_period: Option<Duration>,
 }
 
-/// Load the configuration: built-in defaults, then the TOML file (if `path` is given it must
-/// exist; the default path may be absent), then `DLMS_BRIDGE_*` environment overrides.
+/// Load the configuration: built-in defaults, then the TOML file, then `DLMS_BRIDGE_*`
+/// environment overrides. The file must exist (`path`, else [`DEFAULT_CONFIG_PATH`]). Every
+/// problem found is reported at once ([`Error::Invalid`]), each with its key path; no message
+/// quotes a line of the file (it may hold a secret).
 pub fn load(path: Option<&Path>) -> Result<RawConfig, Error> {
-    let mut fig = Figment::from(Serialized::defaults(RawConfig::default()));
-    match path {
-        Some(p) => {
-            if !p.exists() {
-                return Err(Error::Missing {
-                    path: p.to_path_buf(),
-                });
-            }
-            fig = fig.merge(Toml::file_exact(p));
-        }
-        None => {
-            let p = Path::new(DEFAULT_CONFIG_PATH);
-            if p.exists() {
-                fig = fig.merge(Toml::file_exact(p));
-            }
-        }
+    match load_collecting(path)? {
+        (raw, errs) if errs.is_empty() => Ok(raw),
+        (_, errs) => Err(Error::Invalid(errs)),
     }
-    fig = fig.merge(env_provider());
-    Ok(fig.extract()?)
+}
+
+/// [`load`], but keys that failed to parse are left at their defaults and returned as errors
+/// beside the rest, so one run can also validate what remains (`check-config`).
+pub fn load_collecting(path: Option<&Path>) -> Result<(RawConfig, Vec<ConfigError>), Error> {
+    let p = path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+    let text = match std::fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Missing {
+                path: p.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            return Err(Error::Read {
+                path: p.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    load::load_text_collecting(&text, load::Source::File(p), true)
 }
 
 /// `DLMS_BRIDGE_<SECTION>__<KEY>` overrides. Every configuration key lives in a section, so a
@@ -627,9 +630,7 @@ fn env_provider() -> Env {
 
 /// Load from a TOML string only (tests, `check-config` of a fixture).
 pub fn load_str(toml: &str) -> Result<RawConfig, Error> {
-    Ok(Figment::from(Serialized::defaults(RawConfig::default()))
-        .merge(Toml::string(toml))
-        .extract()?)
+    load::load_text(toml, load::Source::Str, false)
 }
 
 /// Parse `host:port` (also `[::1]:port`) for a listen address.

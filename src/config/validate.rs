@@ -11,6 +11,7 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub log_level: String,
+    pub log_format: crate::logging::LogFormat,
     pub broker: BrokerConfig,
     /// `broker.listen`, parsed.
     pub broker_listen: SocketAddr,
@@ -98,7 +99,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         errs.push(ConfigError::new("thingsboard.host", "must not be empty"));
     }
     if tb.port == 0 {
-        errs.push(ConfigError::new("thingsboard.port", "must not be 0"));
+        errs.push(ConfigError::new("thingsboard.port", "port must be 1–65535"));
     }
     if !(1024..=256 * 1024 * 1024).contains(&tb.max_packet_size) {
         errs.push(ConfigError::new(
@@ -161,6 +162,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
 
+    if raw.simulator.demo && (raw.simulator.meters == 0 || !raw.meters.is_empty()) {
+        errs.push(ConfigError::new(
+            "simulator.demo",
+            "the demo runs only simulated meters: needs simulator.meters above 0 and no [[meters]]",
+        ));
+    }
+
     let mut names = HashSet::new();
     for (i, m) in raw.meters.iter().enumerate() {
         let key = |k: &str| format!("meters[{i}].{k}");
@@ -187,7 +195,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
                 errs.push(ConfigError::new(key("host"), "must not be empty"));
             }
             if m.port == 0 {
-                errs.push(ConfigError::new(key("port"), "must not be 0"));
+                errs.push(ConfigError::new(key("port"), "port must be 1–65535"));
             }
         }
         if ![1, 2, 4].contains(&m.address_size) {
@@ -248,6 +256,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         .unwrap_or_else(|| "broker.db".into());
     Ok(Config {
         log_level: raw.log.level,
+        log_format: raw.log.format,
         broker,
         broker_listen,
         thingsboard: raw.thingsboard,
