@@ -18,7 +18,7 @@ use super::{env_provider, ConfigError, Error, RawConfig};
 const MAX_ERRORS: usize = 100;
 
 /// Key names whose values are never quoted in a message.
-const SECRET_KEYS: &[&str] = &["access_token", "password", "token", "secret", "key_file"];
+const SECRET_KEYS: &[&str] = &["access_token", "password", "token", "secret"];
 
 /// Where the TOML text comes from, for messages.
 pub(super) enum Source<'a> {
