@@ -6,7 +6,8 @@
 //! when its last sender is gone, then the uplink is cancelled and waits for outstanding PUBACKs,
 //! then the store checkpoints. Unacknowledged rows simply stay for the next start.
 //! Reload (SIGHUP): meters are diffed by name (removed/changed ones stopped, new/changed ones
-//! started) and the mapping set is swapped in the router; everything else needs a restart.
+//! started), the mapping set is swapped in the router and the uplink re-reads its TLS
+//! certificates (used from its next connection); everything else needs a restart.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ use crate::shutdown::Tasks;
 use crate::sources::dlms;
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
 use crate::store::{self, StoreHandle};
-use crate::uplink::{Uplink, UplinkStatus};
+use crate::uplink::tls::TlsSettings;
+use crate::uplink::{TlsReloader, Uplink, UplinkStatus};
 
 /// Capacity of uplink → router downlink messages (RPCs, attribute updates). The uplink never
 /// blocks on it: when full, the uplink drops and counts (its event loop must keep polling).
@@ -61,6 +63,8 @@ pub struct Running {
     sources_cancel: CancellationToken,
     /// Cancels the uplink after the router has drained.
     uplink_cancel: CancellationToken,
+    /// Makes the uplink re-read its TLS certificates on reload.
+    uplink_tls: TlsReloader,
     /// Cancels the simulated meters last, so pollers can release their associations.
     sim_cancel: CancellationToken,
     router_done: tokio::task::JoinHandle<()>,
@@ -204,6 +208,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx)
         .with_shutdown_grace(cfg.shutdown.grace / 2);
     let uplink_status = uplink.status();
+    let uplink_tls = uplink.tls_reloader();
     let uplink_cancel = CancellationToken::new();
     let uc = uplink_cancel.clone();
     tasks.spawn("uplink", async move {
@@ -225,6 +230,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         default_device_type: cfg.local.device_type.clone(),
         sources_cancel,
         uplink_cancel,
+        uplink_tls,
         sim_cancel,
         router_done,
         tasks,
@@ -299,6 +305,8 @@ impl Running {
                 .insert(m.name.clone(), MeterSlot { cfg: m, cancel });
         }
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
+        self.uplink_tls
+            .reload(TlsSettings::from_config(&cfg.thingsboard));
         if cfg.local.device_type != self.default_device_type {
             warn!("Reload: local.device_type changes need a restart.");
         }

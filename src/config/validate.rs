@@ -95,6 +95,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
 
+    errs.extend(check_tls(tb));
+
     if raw.store.path.as_os_str().is_empty() {
         errs.push(ConfigError::new("store.path", "must not be empty"));
     }
@@ -106,6 +108,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     if raw.store.max_age < Duration::from_secs(60) {
         errs.push(ConfigError::new("store.max_age", "must be at least 1m"));
+    }
+    if raw.store.commit_interval > MAX_COMMIT_INTERVAL {
+        errs.push(ConfigError::new(
+            "store.commit_interval",
+            "must be at most 1s (every enqueue waits up to one interval)",
+        ));
     }
 
     if raw.local.device_type.trim().is_empty() {
@@ -203,6 +211,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     if !errs.is_empty() {
         return Err(errs);
     }
+    let mut raw = raw;
+    raw.thingsboard.tls = Some(raw.thingsboard.tls_enabled());
     Ok(Config {
         log_level: raw.log.level,
         broker: raw.broker,
@@ -215,6 +225,58 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         meters: raw.meters,
         mappings: raw.mappings,
     })
+}
+
+/// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
+/// not by group or others), a token or a client certificate to authenticate with.
+fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
+    use crate::uplink::tls;
+    let mut errs = Vec::new();
+    let files = [
+        ("thingsboard.ca_file", &tb.ca_file),
+        ("thingsboard.cert_file", &tb.cert_file),
+        ("thingsboard.key_file", &tb.key_file),
+    ];
+    if !tb.tls_enabled() {
+        for (key, f) in files {
+            if f.is_some() {
+                errs.push(ConfigError::new(
+                    key,
+                    "is only used with TLS: set thingsboard.tls = true (or port 8883)",
+                ));
+            }
+        }
+        return errs;
+    }
+    if let Some(ca) = &tb.ca_file {
+        if let Err(e) = tls::read_certs(ca, "CA certificates") {
+            errs.push(ConfigError::new("thingsboard.ca_file", e.to_string()));
+        }
+    }
+    match (&tb.cert_file, &tb.key_file) {
+        (Some(cert), Some(key)) => {
+            if let Err(e) = tls::read_identity(cert, key) {
+                let k = match e {
+                    tls::Error::File {
+                        what: "client certificate",
+                        ..
+                    } => "thingsboard.cert_file",
+                    _ => "thingsboard.key_file",
+                };
+                errs.push(ConfigError::new(k, e.to_string()));
+            }
+        }
+        (Some(_), None) => errs.push(ConfigError::new(
+            "thingsboard.key_file",
+            "thingsboard.cert_file needs its private key in thingsboard.key_file",
+        )),
+        (None, Some(_)) => errs.push(ConfigError::new(
+            "thingsboard.cert_file",
+            "thingsboard.key_file needs its certificate in thingsboard.cert_file",
+        )),
+        (None, None) => {}
+    }
+    errs
 }
 
 /// Parse an OBIS code `a.b.c.d.e.f` (also `a-b:c.d.e*f`) into its six bytes.
