@@ -354,6 +354,63 @@ mod tests {
     }
 
     #[test]
+    fn tls_defaults_to_port_8883_and_its_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = validate(load_str("[thingsboard]\nport = 8883\n").expect("parses")).expect("valid");
+        assert_eq!(c.thingsboard.tls, Some(true), "on by default on 8883");
+        let c = validate(RawConfig::default()).expect("valid");
+        assert_eq!(c.thingsboard.tls, Some(false), "off by default on 1883");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_pair = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["gw".to_string()])
+            .expect("params")
+            .self_signed(&key_pair)
+            .expect("cert");
+        let cert_file = dir.path().join("gw.pem");
+        let key_file = dir.path().join("gw.key");
+        std::fs::write(&cert_file, cert.pem()).expect("write");
+        std::fs::write(&key_file, key_pair.serialize_pem()).expect("write");
+        let toml = |extra: &str| {
+            format!(
+                "[thingsboard]\nport = 8883\ncert_file = {:?}\nkey_file = {:?}\n{extra}",
+                cert_file.display().to_string(),
+                key_file.display().to_string()
+            )
+        };
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let errs = validate(load_str(&toml("")).expect("parses")).expect_err("readable key");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "thingsboard.key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
+
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        validate(load_str(&toml("")).expect("parses")).expect("a private key is accepted");
+        let errs = validate(load_str(&toml("tls = false")).expect("parses")).expect_err("no tls");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["thingsboard.cert_file", "thingsboard.key_file"]);
+        let errs = validate(
+            load_str(&format!(
+                "[thingsboard]\ntls = true\ncert_file = {:?}\nca_file = \"/nonexistent/ca.pem\"\n",
+                cert_file.display().to_string()
+            ))
+            .expect("parses"),
+        )
+        .expect_err("missing key and CA file");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["thingsboard.ca_file", "thingsboard.key_file"]);
+    }
+
+    #[test]
+    fn commit_interval_is_bounded() {
+        let errs = validate(load_str("[store]\ncommit_interval = \"2s\"\n").expect("parses"))
+            .expect_err("too long");
+        assert_eq!(errs[0].key, "store.commit_interval");
+        let c = validate(RawConfig::default()).expect("valid");
+        assert_eq!(c.store.commit_interval, DEFAULT_COMMIT_INTERVAL);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = load_str("[thingsboard]\nacess_token = \"x\"\n").expect_err("unknown key");
         assert!(err.to_string().contains("acess_token"), "{err}");
