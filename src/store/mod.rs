@@ -9,10 +9,10 @@
 //! once a minute.
 //!
 //! Shape: a clonable async [`StoreHandle`] in front of one dedicated `std::thread` (the worker)
-//! that alone owns the rusqlite `Connection` (all SQL is in `sqlite.rs`). The worker commits all
-//! the enqueues and acks that arrive within `store.commit_interval` of the first one in ONE
-//! transaction (group commit), so one fsync serves every caller of that window; then it answers
-//! each caller. Reads (`next_batch`, `stats`) are answered at once from what is committed. On
+//! that alone owns the rusqlite `Connection` (all SQL is in `sqlite.rs`). The worker commits at
+//! most once per `store.commit_interval`: all the enqueues and acks that arrive until one
+//! interval after the previous commit go into ONE transaction (group commit), so one fsync
+//! serves every caller of that window; then it answers each caller. Reads (`next_batch`, `stats`) are answered at once from what is committed. On
 //! flash this is what keeps the fsync rate and the rewritten pages per message low (see
 //! docs/ARCHITECTURE.md, "Durability and flash wear").
 //!
@@ -467,6 +467,9 @@ struct Worker {
     full: bool,
     /// Rate limit of the WARN about drops.
     drop_warner: DropWarner,
+    /// When the last write group closed its window; the next window ends one
+    /// `commit_interval` after it (see [`Worker::collect_group`]).
+    last_commit_at: Instant,
 }
 
 fn worker_main(
@@ -536,6 +539,7 @@ impl Worker {
             dropped_age: 0,
             full: false,
             drop_warner: DropWarner::default(),
+            last_commit_at: Instant::now(),
         })
     }
 
@@ -571,13 +575,17 @@ impl Worker {
     }
 
     /// Gathers one group: every request already waiting and, when it holds a write and
-    /// `commit_interval` is set, whatever arrives until the interval has passed since `first`.
+    /// `commit_interval` is set, whatever arrives until one interval after the previous group
+    /// (at once when that is already past).
     /// Reads arriving during the window are answered at once from what is committed (they must
     /// not wait for someone else's fsync). The window closes early on a close request, on the
     /// group's size bound, or once it holds [`COMMIT_EARLY_BYTES`]: under heavy load waiting
     /// saves no fsync per byte and would only cap throughput.
     fn collect_group(&mut self, rt: &tokio::runtime::Runtime, first: Request) -> Vec<Request> {
-        let window_end = Instant::now() + self.limits.commit_interval;
+        // Anchored on the previous commit, not on this request: a caller that sends its next
+        // batch as soon as the last one is committed (the router) then waits one interval per
+        // cycle, not the interval plus the fsync, and commits stay at most one per interval.
+        let window_end = self.last_commit_at + self.limits.commit_interval;
         let mut bytes = first.write_bytes();
         let mut writes = usize::from(first.is_write());
         let mut closing = matches!(first, Request::Close { .. });
@@ -599,6 +607,7 @@ impl Worker {
         if writes == 0 || self.limits.commit_interval.is_zero() {
             return group;
         }
+
         let deadline = tokio::time::Instant::from_std(window_end);
         while !closing && !full(bytes, group.len()) && bytes < COMMIT_EARLY_BYTES {
             let req_rx = &mut self.req_rx;
@@ -615,6 +624,7 @@ impl Worker {
                 Err(_) | Ok(None) => break,
             }
         }
+        self.last_commit_at = Instant::now();
         group
     }
 

@@ -74,7 +74,7 @@ const REQUEST_CHANNEL_SLACK: usize = 16;
 const MAX_EVENTS_PER_TURN: usize = 64;
 /// Store calls deleting acked rows that may wait for their commit at once; more would only
 /// queue in the store's request channel.
-const MAX_ACK_CALLS: usize = 8;
+const MAX_ACK_CALLS: usize = 64;
 /// Events buffered between the event-loop task and the session logic.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// How long a graceful stop waits for the DISCONNECT to be written.
