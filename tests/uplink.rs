@@ -1030,3 +1030,46 @@ async fn reload_reads_new_certificates_and_retries_at_once() {
     bridge.wait_status("acked", |s| s.acked_records == 5).await;
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn unreadable_certificates_block_connecting_until_a_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Test CA");
+    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], false, None)).await;
+    // The CA file vanished after check-config (or was never installed).
+    let ca_file = dir.path().join("ca.pem");
+    let cfg = tls_config(&emu, &ca_file);
+    let settings = TlsSettings::from_config(&cfg);
+    let mut bridge = Bridge::start(cfg).await;
+    let s = bridge
+        .wait_status("the TLS configuration error", |s| s.last_error.is_some())
+        .await;
+    assert!(
+        s.last_error
+            .unwrap_or_default()
+            .contains("TLS configuration"),
+        "reported as such"
+    );
+    // Observation window: never a plain-TCP fallback while the TLS material is missing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        bridge.status.borrow().connect_attempts,
+        0,
+        "no connection without TLS"
+    );
+    assert_eq!(emu.snapshot().connect_attempts, 0);
+
+    write_pem(dir.path(), "ca.pem", &ca.pem());
+    bridge.tls.reload(settings);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..3))
+        .await
+        .expect("enqueue");
+    emu.wait_for("readings after the reload", WAIT, |r| {
+        all_arrived(r, &["A"], 3)
+    })
+    .await;
+    bridge.wait_status("acked", |s| s.acked_records == 3).await;
+    bridge.stop().await;
+}

@@ -203,8 +203,6 @@ impl Uplink {
             "Uplink to ThingsBoard starting."
         );
         let mut tls_rx = self.tls_rx.clone();
-        // The settings given at start count as the first "reload": read the files now.
-        tls_rx.mark_changed();
         while !cancel.is_cancelled() {
             let delay = match self.load_tls(&mut life, &mut tls_rx) {
                 Err(delay) => delay,
@@ -237,7 +235,8 @@ impl Uplink {
         life: &mut Life,
         tls_rx: &mut watch::Receiver<TlsSettings>,
     ) -> Result<(), Duration> {
-        if tls_rx.has_changed().unwrap_or(false) {
+        // Read at start, on every reload, and after each wait while nothing could be read yet.
+        if !life.tls_loaded || tls_rx.has_changed().unwrap_or(false) {
             let settings = tls_rx.borrow_and_update().clone();
             match tls::client_config(&settings) {
                 Ok(config) => {
@@ -263,8 +262,6 @@ impl Uplink {
         if life.tls_loaded {
             Ok(())
         } else {
-            // Read the files again after the wait even without a SIGHUP.
-            tls_rx.mark_changed();
             Err(self.cfg.auth_retry)
         }
     }
