@@ -3,7 +3,9 @@
 //! the gateway API, deletes rows only on a success PUBACK, and turns what ThingsBoard pushes down
 //! into [`Downlink`] messages.
 //!
-//! Session life (STYLE.md §2): `Disconnected` → connect (clean start, token as username) →
+//! Session life (STYLE.md §2): `Disconnected` → connect (clean start, token as username; over
+//! TLS when configured, see [`tls`]: certificate failures are reported once and retried every
+//! `auth_retry`, and SIGHUP re-reads the certificates) →
 //! on CONNACK `Live`: subscribe, re-announce every known device, drain the store from the oldest
 //! unacked row with a cursor, one device per publish, at most `max_inflight` publishes awaiting
 //! PUBACK. Any connection error, or a PUBACK missing for `ack_timeout`, drops the session: the
