@@ -41,6 +41,7 @@ fn config(dir: &std::path::Path) -> StoreConfig {
         max_bytes: 64 * 1024 * 1024 * 1024,
         max_age: Duration::from_secs(365 * 24 * 3600),
         on_full: OnFull::DropOldest,
+        commit_interval: dlms_bridge::config::DEFAULT_COMMIT_INTERVAL,
     }
 }
 

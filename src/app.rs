@@ -10,7 +10,8 @@
 //! when its last sender is gone, then the uplink is cancelled and waits for outstanding PUBACKs,
 //! then the store checkpoints. Unacknowledged rows simply stay for the next start.
 //! Reload (SIGHUP): meters are diffed by name (removed/changed ones stopped, new/changed ones
-//! started) and the mapping set is swapped in the router; everything else needs a restart.
+//! started), the mapping set is swapped in the router and the uplink re-reads its TLS
+//! certificates (used from its next connection); everything else needs a restart.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,7 +31,8 @@ use crate::shutdown::Tasks;
 use crate::sources::dlms;
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
 use crate::store::{self, StoreHandle};
-use crate::uplink::{Uplink, UplinkStatus};
+use crate::uplink::tls::TlsSettings;
+use crate::uplink::{TlsReloader, Uplink, UplinkStatus};
 
 /// Capacity of uplink → router downlink messages (RPCs, attribute updates). The uplink never
 /// blocks on it: when full, the uplink drops and counts (its event loop must keep polling).
@@ -108,6 +110,8 @@ pub struct Running {
     sources_cancel: CancellationToken,
     /// Cancels the uplink after the router has drained.
     uplink_cancel: CancellationToken,
+    /// Makes the uplink re-read its TLS certificates on reload.
+    uplink_tls: TlsReloader,
     /// Cancels the simulated meters last, so pollers can release their associations.
     sim_cancel: CancellationToken,
     router_done: tokio::task::JoinHandle<()>,
@@ -252,6 +256,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx)
         .with_shutdown_grace(cfg.shutdown.grace / 2);
     let uplink_status = uplink.status();
+    let uplink_tls = uplink.tls_reloader();
     let uplink_cancel = CancellationToken::new();
     let uc = uplink_cancel.clone();
     tasks.spawn(
@@ -275,6 +280,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         reload_tx,
         sources_cancel,
         uplink_cancel,
+        uplink_tls,
         sim_cancel,
         router_done,
         tasks,
@@ -349,6 +355,8 @@ impl Running {
                 .insert(m.name.clone(), MeterSlot { cfg: m, cancel });
         }
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
+        self.uplink_tls
+            .reload(TlsSettings::from_config(&cfg.thingsboard));
         report.meters_started.sort();
         report.meters_stopped.sort();
         // The caller names the other changes (and what needs a restart); log only a change.

@@ -302,9 +302,7 @@ fn thingsboard_section(
             .ok_or_else(|| setting("thingsboard.port", "must be a port number"))?,
     };
     out.thingsboard.push(format!("port = {port}"));
-    if port == 8883 {
-        out.skip("thingsboard.port 8883 implies TLS in tb-gateway; dlms-bridge connects without TLS: check the port");
-    }
+    tls_security(tb.get("security").and_then(Value::as_object), port, out);
 
     match tb.get("security").and_then(Value::as_object) {
         Some(sec) => {
@@ -316,28 +314,15 @@ fn thingsboard_section(
             match (ty, token) {
                 ("accessToken", Some(tok)) | ("tlsAccessToken", Some(tok)) => {
                     out.thingsboard.push(format!("access_token = {}", toml_str(tok)));
-                    if ty == "tlsAccessToken" {
-                        out.skip("thingsboard.security tlsAccessToken: the token is carried, TLS (caCert) is not supported");
-                    }
                 }
+                // X.509 credentials: carried by `tls_security`, no token needed.
+                ("tlsPrivateKey", _) => {}
                 ("accessToken", None) | ("tlsAccessToken", None) => out.skip(
                     "thingsboard.security.accessToken is missing: set thingsboard.access_token",
                 ),
                 (other, _) => out.skip(format!(
-                    "thingsboard.security type {other}: dlms-bridge authenticates with an access token only; set thingsboard.access_token to the gateway device's token"
+                    "thingsboard.security type {other}: dlms-bridge authenticates with an access token (accessToken, tlsAccessToken) or an X.509 certificate (tlsPrivateKey); set thingsboard.access_token to the gateway device's token"
                 )),
-            }
-            for k in [
-                "caCert",
-                "cert",
-                "privateKey",
-                "insecure",
-                "checkCertPeriod",
-                "certificateDaysLeft",
-            ] {
-                if sec.contains_key(k) {
-                    out.skip(format!("thingsboard.security.{k}: TLS is not supported"));
-                }
             }
         }
         None => out.skip("thingsboard.security missing: set thingsboard.access_token"),
@@ -373,6 +358,43 @@ fn thingsboard_section(
         }
     }
     Ok(())
+}
+
+/// tb-gateway's TLS settings (spec §7.2) → `tls`, `ca_file`, `cert_file`, `key_file`, naming
+/// the same files. TLS is on with a `tls*` security type, a `caCert` or port 8883, as in
+/// tb-gateway; what cannot be kept the same is listed (dlms-bridge always verifies the server).
+fn tls_security(sec: Option<&Map<String, Value>>, port: u16, out: &mut Out) {
+    let empty = Map::new();
+    let sec = sec.unwrap_or(&empty);
+    let ty = sec.get("type").and_then(Value::as_str).unwrap_or("");
+    let file = |k: &str| sec.get(k).and_then(Value::as_str).filter(|f| !f.is_empty());
+    let tls = ty.starts_with("tls") || file("caCert").is_some() || port == 8883;
+    if !tls {
+        return;
+    }
+    out.thingsboard.push("tls = true".into());
+    match file("caCert") {
+        Some(ca) => out.thingsboard.push(format!("ca_file = {}", toml_str(ca))),
+        None => out.skip("thingsboard.security.caCert is not set: tb-gateway then skips server verification; dlms-bridge verifies ThingsBoard's certificate against the system CAs (set thingsboard.ca_file if a private CA issued it)"),
+    }
+    if ty == "tlsPrivateKey" {
+        match (file("cert"), file("privateKey")) {
+            (Some(cert), Some(key)) => {
+                out.thingsboard.push(format!("cert_file = {}", toml_str(cert)));
+                out.thingsboard.push(format!("key_file = {}", toml_str(key)));
+                out.skip(format!("thingsboard.security.privateKey: {key} must be readable by the dlms-bridge user only (chown dlms-bridge, chmod 600), or check-config refuses it"));
+            }
+            _ => out.skip("thingsboard.security tlsPrivateKey needs cert and privateKey: set thingsboard.cert_file and key_file"),
+        }
+    }
+    if sec.get("insecure").and_then(Value::as_bool) == Some(true) {
+        out.skip("thingsboard.security.insecure: dlms-bridge always checks ThingsBoard's certificate and host name");
+    }
+    for k in ["checkCertPeriod", "certificateDaysLeft"] {
+        if sec.contains_key(k) {
+            out.skip(format!("thingsboard.security.{k}: certificate expiry is not watched; an expired certificate is logged as an ERROR at connect"));
+        }
+    }
 }
 
 fn storage_section(st: &Map<String, Value>, out: &mut Out) {
@@ -774,5 +796,43 @@ mod tests {
         std::fs::write(d.path().join("tb_gateway.yaml"), "thingsboard: {}").expect("write");
         let e = import_tb_gateway(d.path(), None).expect_err("yaml");
         assert!(e.to_string().contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn tls_security_settings_carry_over_with_their_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let write = |security: &str| {
+            let main = format!(
+                r#"{{"thingsboard": {{"host": "tb.example", "port": 8883, "security": {security}}}}}"#
+            );
+            std::fs::write(d.path().join("tb_gateway.json"), main).expect("write");
+            import_tb_gateway(d.path(), None).expect("import")
+        };
+        let r = write(
+            r#"{"type": "tlsAccessToken", "accessToken": "T0K", "caCert": "/etc/tb/ca.pem"}"#,
+        );
+        assert!(r.toml.contains("tls = true"), "{}", r.toml);
+        assert!(
+            r.toml.contains("ca_file = \"/etc/tb/ca.pem\""),
+            "{}",
+            r.toml
+        );
+        assert!(r.toml.contains("access_token = \"T0K\""), "{}", r.toml);
+        let r = write(
+            r#"{"type": "tlsPrivateKey", "caCert": "/etc/tb/ca.pem", "cert": "/etc/tb/gw.pem", "privateKey": "/etc/tb/gw.key", "insecure": true}"#,
+        );
+        assert!(
+            r.toml.contains("cert_file = \"/etc/tb/gw.pem\""),
+            "{}",
+            r.toml
+        );
+        assert!(
+            r.toml.contains("key_file = \"/etc/tb/gw.key\""),
+            "{}",
+            r.toml
+        );
+        assert!(!r.toml.contains("access_token ="), "{}", r.toml);
+        assert!(r.not_carried.iter().any(|n| n.contains("chmod 600")));
+        assert!(r.not_carried.iter().any(|n| n.contains("insecure")));
     }
 }

@@ -28,6 +28,8 @@ fn config(dir: &Path) -> StoreConfig {
         max_bytes: 1 << 30,
         max_age: Duration::from_secs(3600),
         on_full: OnFull::DropOldest,
+        // The shipped default: every test runs with group commits on an interval.
+        commit_interval: dlms_bridge::config::DEFAULT_COMMIT_INTERVAL,
     }
 }
 
@@ -723,4 +725,94 @@ async fn errors_that_are_not_corruption_keep_the_file_where_it_is() {
         .filter_map(|e| e.ok())
         .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
     assert!(!renamed, "nothing was moved aside");
+}
+
+/// Copies the database and its WAL as they are on disk now (a power cut), opens the copy and
+/// returns the `seq` of every record in it.
+async fn crash_image(cfg: &StoreConfig, name: &str) -> Vec<u64> {
+    let crash_dir = cfg.path.with_file_name(name);
+    std::fs::create_dir_all(&crash_dir).expect("mkdir");
+    let copy = crash_dir.join("queue.db");
+    std::fs::copy(&cfg.path, &copy).expect("copy db");
+    if sidecar(&cfg.path, "-wal").exists() {
+        std::fs::copy(sidecar(&cfg.path, "-wal"), sidecar(&copy, "-wal")).expect("copy wal");
+    }
+    let crashed = store::open(&StoreConfig {
+        path: copy,
+        ..cfg.clone()
+    })
+    .expect("open the crash image");
+    let got = drain_all(&crashed).await;
+    within(crashed.close()).await.expect("close");
+    got.iter().map(|s| seq_of(&s.record)).collect()
+}
+
+#[tokio::test]
+async fn with_a_commit_interval_ok_never_precedes_the_commit() {
+    // A window far longer than the test: it only ends early (a group reaching
+    // COMMIT_EARLY_BYTES, or close), so "still pending" below is certain, not a race.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+
+    // Step 1: an enqueue is sent and waits for its group's commit.
+    let mut first = Box::pin(store.enqueue(vec![record(1)]));
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut first)
+            .await
+            .is_err(),
+        "no Ok before the commit"
+    );
+    // Served during the window, after the enqueue (one FIFO channel): the worker holds it.
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.depth, 0, "reads see only committed rows");
+    assert_eq!(crash_image(&cfg, "crash-1").await, Vec::<u64>::new());
+
+    // Step 2: a large enqueue fills the group: one commit for both, then both Ok.
+    let big: Vec<Record> = (2..80).map(|i| big_record(i, 1000)).collect();
+    within(store.enqueue(big)).await.expect("big enqueue");
+    within(&mut first).await.expect("first enqueue");
+    let after_commit = crash_image(&cfg, "crash-2").await;
+    assert_eq!(
+        after_commit,
+        (1..80).collect::<Vec<_>>(),
+        "every Ok is on disk"
+    );
+
+    // Step 3: an ack waits for a commit too; until then the row is still on disk.
+    let rows = drain_all(&store).await;
+    let mut ack = Box::pin(store.ack(vec![rows[0].id]));
+    assert!(tokio::time::timeout(Duration::ZERO, &mut ack)
+        .await
+        .is_err());
+    within(store.stats()).await.expect("stats");
+    assert_eq!(crash_image(&cfg, "crash-3").await, after_commit);
+
+    // Step 4: close ends the window: the ack is committed, then answered.
+    let closer = store.clone();
+    let close = tokio::spawn(async move { closer.close().await });
+    within(&mut ack).await.expect("ack");
+    within(close).await.expect("close task").expect("close");
+    assert_eq!(
+        crash_image(&cfg, "crash-4").await,
+        (2..80).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn without_a_commit_interval_each_group_commits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        commit_interval: Duration::ZERO,
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+    within(store.enqueue(vec![record(7)]))
+        .await
+        .expect("enqueue");
+    assert_eq!(crash_image(&cfg, "crash").await, vec![7]);
+    within(store.close()).await.expect("close");
 }

@@ -5,11 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::tb_emulator::{Recorded, TbEmulator};
+use common::tb_emulator::{Recorded, TbEmulator, TlsServer};
 use dlms_bridge::config::{MqttProtocol, Secret, StoreConfig, ThingsboardConfig};
 use dlms_bridge::model::{Downlink, Record, RecordKind};
 use dlms_bridge::store::{self, StoreHandle};
-use dlms_bridge::uplink::{Protocol, Uplink, UplinkStatus};
+use dlms_bridge::uplink::tls::TlsSettings;
+use dlms_bridge::uplink::{Protocol, TlsReloader, Uplink, UplinkStatus};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -33,6 +34,7 @@ struct Bridge {
     downlink_rx: mpsc::Receiver<Downlink>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    tls: TlsReloader,
     _dir: tempfile::TempDir,
 }
 
@@ -52,6 +54,7 @@ impl Bridge {
         let uplink = Uplink::new(cfg, store.clone(), downlink_tx)
             .with_shutdown_grace(Duration::from_secs(2));
         let status = uplink.status();
+        let tls = uplink.tls_reloader();
         let cancel = CancellationToken::new();
         let c = cancel.clone();
         let task = tokio::spawn(async move {
@@ -63,6 +66,7 @@ impl Bridge {
             downlink_rx,
             cancel,
             task,
+            tls,
             _dir: dir,
         }
     }
@@ -756,11 +760,316 @@ async fn thingsboard_down_at_start_then_up_delivers_the_queue() {
         .await;
     assert_in_order(&r, &["A", "B"], 0..30);
     assert!(r.connect_precedes_data());
+    // The backlog drains packed: one publish per device (per session, should one be lost).
+    assert!(
+        r.telemetry_publishes <= 2 * r.sessions,
+        "{} telemetry publishes in {} sessions for a 2-device backlog",
+        r.telemetry_publishes,
+        r.sessions
+    );
     let s = bridge.wait_status("acked", |s| s.acked_records == 60).await;
     assert_eq!(
         s.protocol,
         Some(Protocol::V5),
         "refused TCP is not a reason to leave MQTT 5"
     );
+    bridge.stop().await;
+}
+
+// ---- TLS to ThingsBoard (the emulator's TLS mode, certificates made here with rcgen) ----
+
+/// A CA and what it signs, as PEM.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_owned());
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).expect("self-signed CA");
+        Ca { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// `(certificate PEM, key PEM)` for `names` (DNS names or IP addresses), valid now unless
+    /// `expired`.
+    fn issue(&self, names: &[&str], client: bool, expired: bool) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut p = rcgen::CertificateParams::new(names).expect("leaf params");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "leaf".to_owned());
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = p
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signed leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// The emulator's identity: a server certificate for `names` from this CA.
+    fn server(&self, names: &[&str], expired: bool, client_ca: Option<&Ca>) -> TlsServer {
+        let (cert, key) = self.issue(names, false, expired);
+        TlsServer {
+            cert_chain_pem: cert,
+            key_pem: key,
+            client_ca_pem: client_ca.map(Ca::pem),
+        }
+    }
+}
+
+/// Writes a PEM file; keys get mode 0600 as the bridge demands.
+fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, pem).expect("write PEM");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// Uplink config for the TLS emulator: TLS on, trusting `ca_file`; a slow auth retry so a
+/// tight loop would show.
+fn tls_config(emu: &TbEmulator, ca_file: &std::path::Path) -> ThingsboardConfig {
+    ThingsboardConfig {
+        tls: Some(true),
+        ca_file: Some(ca_file.to_path_buf()),
+        auth_retry: Duration::from_secs(60),
+        ..emu.thingsboard_config()
+    }
+}
+
+/// Starts a bridge that should fail on a certificate: returns the error text once it is in
+/// the status, after checking nothing got through and nothing is retried in a loop.
+async fn tls_failure(emu: &TbEmulator, cfg: ThingsboardConfig) -> String {
+    let mut bridge = Bridge::start(cfg).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..3))
+        .await
+        .expect("enqueue");
+    let s = bridge
+        .wait_status("the TLS failure", |s| s.last_error.is_some())
+        .await;
+    assert!(!s.connected);
+    // Observation window: with reconnect_min = 50 ms a tight loop would make ~20 attempts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = bridge.status.borrow().clone();
+    assert_eq!(s.connect_attempts, 1, "retried only every auth_retry");
+    assert_eq!(emu.snapshot().sessions, 0);
+    assert_eq!(bridge.depth().await, 3, "nothing lost while refused");
+    bridge.stop().await;
+    s.last_error.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn tls_with_a_valid_chain_carries_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Test CA");
+    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], false, None)).await;
+    let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
+    for protocol in [MqttProtocol::V5, MqttProtocol::V311] {
+        let cfg = ThingsboardConfig {
+            protocol,
+            ..tls_config(&emu, &ca_file)
+        };
+        let mut bridge = Bridge::start(cfg).await;
+        let before = emu.snapshot();
+        let n = before.telemetry_ts("A").len() as i64;
+        bridge
+            .store
+            .enqueue(readings(&["A"], n..n + 10))
+            .await
+            .expect("enqueue");
+        let r = emu
+            .wait_for("readings over TLS", WAIT, |r| {
+                all_arrived(r, &["A"], (n + 10) as usize)
+            })
+            .await;
+        assert_in_order(&r, &["A"], 0..n + 10);
+        assert_eq!(r.auth_failures, 0, "the token was accepted over TLS");
+        assert_eq!(r.x509_sessions, 0);
+        bridge.wait_status("acked", |s| s.acked_records == 10).await;
+        bridge.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn tls_refuses_a_certificate_for_another_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Test CA");
+    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["thingsboard.example"], false, None)).await;
+    let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
+    let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
+    assert!(err.contains("wrong host"), "{err}");
+}
+
+#[tokio::test]
+async fn tls_refuses_an_expired_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Test CA");
+    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], true, None)).await;
+    let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
+    let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
+    assert!(err.contains("expired"), "{err}");
+}
+
+#[tokio::test]
+async fn tls_refuses_a_certificate_from_an_untrusted_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trusted = Ca::new("Trusted CA");
+    let other = Ca::new("Other CA");
+    let emu = TbEmulator::start_tls(TOKEN, &other.server(&["127.0.0.1"], false, None)).await;
+    let ca_file = write_pem(dir.path(), "ca.pem", &trusted.pem());
+    let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
+    assert!(err.contains("untrusted"), "{err}");
+}
+
+#[tokio::test]
+async fn x509_client_certificate_is_accepted_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_ca = Ca::new("Server CA");
+    let device_ca = Ca::new("Device CA");
+    let emu = TbEmulator::start_tls(
+        TOKEN,
+        &server_ca.server(&["127.0.0.1"], false, Some(&device_ca)),
+    )
+    .await;
+    let (cert, key) = device_ca.issue(&["gateway"], true, false);
+    let cfg = ThingsboardConfig {
+        access_token: Secret::new(""),
+        cert_file: Some(write_pem(dir.path(), "gw.pem", &cert)),
+        key_file: Some(write_pem(dir.path(), "gw.key", &key)),
+        ..tls_config(&emu, &write_pem(dir.path(), "ca.pem", &server_ca.pem()))
+    };
+    let mut bridge = Bridge::start(cfg).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..10))
+        .await
+        .expect("enqueue");
+    let r = emu
+        .wait_for("readings over X.509", WAIT, |r| all_arrived(r, &["A"], 10))
+        .await;
+    assert_in_order(&r, &["A"], 0..10);
+    assert_eq!(r.x509_sessions, 1, "authenticated by the certificate");
+    bridge.wait_status("acked", |s| s.acked_records == 10).await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn x509_client_certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_ca = Ca::new("Server CA");
+    let device_ca = Ca::new("Device CA");
+    let rogue_ca = Ca::new("Rogue CA");
+    let emu = TbEmulator::start_tls(
+        TOKEN,
+        &server_ca.server(&["127.0.0.1"], false, Some(&device_ca)),
+    )
+    .await;
+    let (cert, key) = rogue_ca.issue(&["gateway"], true, false);
+    let cfg = ThingsboardConfig {
+        access_token: Secret::new(""),
+        cert_file: Some(write_pem(dir.path(), "gw.pem", &cert)),
+        key_file: Some(write_pem(dir.path(), "gw.key", &key)),
+        ..tls_config(&emu, &write_pem(dir.path(), "ca.pem", &server_ca.pem()))
+    };
+    let err = tls_failure(&emu, cfg).await;
+    assert!(err.contains("refused our client certificate"), "{err}");
+    assert!(emu.snapshot().tls_handshake_failures >= 1);
+}
+
+#[tokio::test]
+async fn reload_reads_new_certificates_and_retries_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_ca = Ca::new("Old CA");
+    let new_ca = Ca::new("New CA");
+    // ThingsBoard moved to a certificate from a new CA; the bridge still trusts the old one.
+    let emu = TbEmulator::start_tls(TOKEN, &new_ca.server(&["127.0.0.1"], false, None)).await;
+    let ca_file = write_pem(dir.path(), "ca.pem", &old_ca.pem());
+    let cfg = tls_config(&emu, &ca_file);
+    let settings = TlsSettings::from_config(&cfg);
+    let mut bridge = Bridge::start(cfg).await;
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..5))
+        .await
+        .expect("enqueue");
+    let s = bridge
+        .wait_status("the untrusted certificate", |s| s.last_error.is_some())
+        .await;
+    assert!(s.last_error.unwrap_or_default().contains("untrusted"));
+    // The operator installs the new CA and sends SIGHUP; auth_retry (60 s) is not waited out.
+    write_pem(dir.path(), "ca.pem", &new_ca.pem());
+    bridge.tls.reload(settings);
+    let r = emu
+        .wait_for("readings after the reload", WAIT, |r| {
+            all_arrived(r, &["A"], 5)
+        })
+        .await;
+    assert_in_order(&r, &["A"], 0..5);
+    bridge.wait_status("acked", |s| s.acked_records == 5).await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn unreadable_certificates_block_connecting_until_a_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Test CA");
+    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], false, None)).await;
+    // The CA file vanished after check-config (or was never installed).
+    let ca_file = dir.path().join("ca.pem");
+    let cfg = tls_config(&emu, &ca_file);
+    let settings = TlsSettings::from_config(&cfg);
+    let mut bridge = Bridge::start(cfg).await;
+    let s = bridge
+        .wait_status("the TLS configuration error", |s| s.last_error.is_some())
+        .await;
+    assert!(
+        s.last_error
+            .unwrap_or_default()
+            .contains("TLS configuration"),
+        "reported as such"
+    );
+    // Observation window: never a plain-TCP fallback while the TLS material is missing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        bridge.status.borrow().connect_attempts,
+        0,
+        "no connection without TLS"
+    );
+    assert_eq!(emu.snapshot().connect_attempts, 0);
+
+    write_pem(dir.path(), "ca.pem", &ca.pem());
+    bridge.tls.reload(settings);
+    bridge
+        .store
+        .enqueue(readings(&["A"], 0..3))
+        .await
+        .expect("enqueue");
+    emu.wait_for("readings after the reload", WAIT, |r| {
+        all_arrived(r, &["A"], 3)
+    })
+    .await;
+    bridge.wait_status("acked", |s| s.acked_records == 3).await;
     bridge.stop().await;
 }

@@ -132,6 +132,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         ));
     }
 
+    errs.extend(check_tls(tb));
+
     if raw.store.path.as_os_str().is_empty() {
         errs.push(ConfigError::new("store.path", "must not be empty"));
     }
@@ -143,6 +145,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     if raw.store.max_age < Duration::from_secs(60) {
         errs.push(ConfigError::new("store.max_age", "must be at least 1m"));
+    }
+    if raw.store.commit_interval > MAX_COMMIT_INTERVAL {
+        errs.push(ConfigError::new(
+            "store.commit_interval",
+            "must be at most 1s (every enqueue waits up to one interval)",
+        ));
     }
 
     if raw.local.device_type.trim().is_empty() {
@@ -247,6 +255,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     if !errs.is_empty() {
         return Err(errs);
     }
+    let mut raw = raw;
+    raw.thingsboard.tls = Some(raw.thingsboard.tls_enabled());
     let mut broker = raw.broker;
     broker.persistence_file = raw
         .store
@@ -267,6 +277,58 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         meters: raw.meters,
         mappings: raw.mappings,
     })
+}
+
+/// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
+/// not by group or others), a token or a client certificate to authenticate with.
+fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
+    use crate::uplink::tls;
+    let mut errs = Vec::new();
+    let files = [
+        ("thingsboard.ca_file", &tb.ca_file),
+        ("thingsboard.cert_file", &tb.cert_file),
+        ("thingsboard.key_file", &tb.key_file),
+    ];
+    if !tb.tls_enabled() {
+        for (key, f) in files {
+            if f.is_some() {
+                errs.push(ConfigError::new(
+                    key,
+                    "is only used with TLS: set thingsboard.tls = true (or port 8883)",
+                ));
+            }
+        }
+        return errs;
+    }
+    if let Some(ca) = &tb.ca_file {
+        if let Err(e) = tls::read_certs(ca, "CA certificates") {
+            errs.push(ConfigError::new("thingsboard.ca_file", e.to_string()));
+        }
+    }
+    match (&tb.cert_file, &tb.key_file) {
+        (Some(cert), Some(key)) => {
+            if let Err(e) = tls::read_identity(cert, key) {
+                let k = match e {
+                    tls::Error::File {
+                        what: "client certificate",
+                        ..
+                    } => "thingsboard.cert_file",
+                    _ => "thingsboard.key_file",
+                };
+                errs.push(ConfigError::new(k, e.to_string()));
+            }
+        }
+        (Some(_), None) => errs.push(ConfigError::new(
+            "thingsboard.key_file",
+            "thingsboard.cert_file needs its private key in thingsboard.key_file",
+        )),
+        (None, Some(_)) => errs.push(ConfigError::new(
+            "thingsboard.cert_file",
+            "thingsboard.key_file needs its certificate in thingsboard.cert_file",
+        )),
+        (None, None) => {}
+    }
+    errs
 }
 
 /// Parse an OBIS code `a.b.c.d.e.f` (also `a-b:c.d.e*f`) into its six bytes.
@@ -381,6 +443,63 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn tls_defaults_to_port_8883_and_its_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = validate(load_str("[thingsboard]\nport = 8883\n").expect("parses")).expect("valid");
+        assert_eq!(c.thingsboard.tls, Some(true), "on by default on 8883");
+        let c = validate(RawConfig::default()).expect("valid");
+        assert_eq!(c.thingsboard.tls, Some(false), "off by default on 1883");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_pair = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["gw".to_string()])
+            .expect("params")
+            .self_signed(&key_pair)
+            .expect("cert");
+        let cert_file = dir.path().join("gw.pem");
+        let key_file = dir.path().join("gw.key");
+        std::fs::write(&cert_file, cert.pem()).expect("write");
+        std::fs::write(&key_file, key_pair.serialize_pem()).expect("write");
+        let toml = |extra: &str| {
+            format!(
+                "[thingsboard]\nport = 8883\ncert_file = {:?}\nkey_file = {:?}\n{extra}",
+                cert_file.display().to_string(),
+                key_file.display().to_string()
+            )
+        };
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let errs = validate(load_str(&toml("")).expect("parses")).expect_err("readable key");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "thingsboard.key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
+
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        validate(load_str(&toml("")).expect("parses")).expect("a private key is accepted");
+        let errs = validate(load_str(&toml("tls = false")).expect("parses")).expect_err("no tls");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["thingsboard.cert_file", "thingsboard.key_file"]);
+        let errs = validate(
+            load_str(&format!(
+                "[thingsboard]\ntls = true\ncert_file = {:?}\nca_file = \"/nonexistent/ca.pem\"\n",
+                cert_file.display().to_string()
+            ))
+            .expect("parses"),
+        )
+        .expect_err("missing key and CA file");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["thingsboard.ca_file", "thingsboard.key_file"]);
+    }
+
+    #[test]
+    fn commit_interval_is_bounded() {
+        let errs = validate(load_str("[store]\ncommit_interval = \"2s\"\n").expect("parses"))
+            .expect_err("too long");
+        assert_eq!(errs[0].key, "store.commit_interval");
+        let c = validate(RawConfig::default()).expect("valid");
+        assert_eq!(c.store.commit_interval, DEFAULT_COMMIT_INTERVAL);
     }
 
     #[test]

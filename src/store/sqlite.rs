@@ -1,5 +1,5 @@
 //! The only code that touches rusqlite: schema and migrations, the connection pragmas (WAL,
-//! `synchronous=FULL`, incremental auto-vacuum), the queue's SQL (group insert + ack, cursor
+//! `synchronous=FULL`, 1 KiB pages, incremental auto-vacuum), the queue's SQL (group insert + ack, cursor
 //! reads, evictions) and the size measurements behind the cap.
 //!
 //! It runs only on the store worker thread. It must not know about tokio, channels, policies or
@@ -37,6 +37,12 @@ const MIGRATIONS: &[&str] = &[
         payload     TEXT    NOT NULL
     );",
 ];
+
+/// Page size of a new database. Every commit rewrites whole pages (the partly filled last leaf,
+/// its parents, the sequence and header pages), so at ~25 records per commit 1 KiB pages write
+/// about half the bytes of SQLite's default 4 KiB (docs/ARCHITECTURE.md, "Durability and flash
+/// wear"). A database created with another page size keeps it.
+const PAGE_SIZE_BYTES: i64 = 1024;
 
 /// After a checkpoint, SQLite truncates the WAL file down to this size, so a burst (one big
 /// group or an eviction) does not leave a large `-wal` file behind.
@@ -123,7 +129,9 @@ impl Db {
     /// migrations.
     pub fn open(path: &Path) -> Result<Db, OpenError> {
         let conn = Connection::open(path)?;
-        // Must precede the first table: a no-op on an existing database.
+        // Both must precede the first table: no-ops on an existing database, which keeps the
+        // page size it was created with.
+        conn.pragma_update(None, "page_size", PAGE_SIZE_BYTES)?;
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;

@@ -3,7 +3,9 @@
 //! the gateway API, deletes rows only on a success PUBACK, and turns what ThingsBoard pushes down
 //! into [`Downlink`] messages.
 //!
-//! Session life (STYLE.md §2): `Disconnected` → connect (clean start, token as username) →
+//! Session life (STYLE.md §2): `Disconnected` → connect (clean start, token as username; over
+//! TLS when configured, see [`tls`]: certificate failures are reported once and retried every
+//! `auth_retry`, and SIGHUP re-reads the certificates) →
 //! on CONNACK `Live`: subscribe, re-announce every known device, drain the store from the oldest
 //! unacked row with a cursor, one device per publish, at most `max_inflight` publishes awaiting
 //! PUBACK. Any connection error, or a PUBACK missing for `ack_timeout`, drops the session: the
@@ -31,15 +33,18 @@
 
 pub mod inflight;
 pub mod thingsboard;
+pub mod tls;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -50,6 +55,7 @@ use crate::store::StoreHandle;
 
 use inflight::Inflight;
 use thingsboard as tb;
+use tls::TlsSettings;
 
 /// Rows read from the store at once; a full read means a backlog, read again without lingering.
 pub const READ_BATCH_ROWS: usize = 1000;
@@ -68,6 +74,9 @@ const SHORT_SESSIONS_FOR_TAKEOVER: u32 = 3;
 const REQUEST_CHANNEL_SLACK: usize = 16;
 /// Events handled per turn before acked rows are deleted in one store call.
 const MAX_EVENTS_PER_TURN: usize = 64;
+/// Store calls deleting acked rows that may wait for their commit at once; more would only
+/// queue in the store's request channel.
+const MAX_ACK_CALLS: usize = 64;
 /// Events buffered between the event-loop task and the session logic.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// How long a graceful stop waits for the DISCONNECT to be written.
@@ -131,9 +140,25 @@ pub struct Uplink {
     /// event loop must keep polling.
     downlink_tx: mpsc::Sender<Downlink>,
     /// Published for health/stats; the receivers are handed out by [`Uplink::status`].
-    status_tx: watch::Sender<UplinkStatus>,
+    status_tx: Arc<watch::Sender<UplinkStatus>>,
     /// How long a stop waits for outstanding PUBACKs.
     grace: Duration,
+    /// TLS settings, replaced on SIGHUP through [`TlsReloader`]; the files are read again then.
+    tls_rx: watch::Receiver<TlsSettings>,
+    /// The sending side, handed out by [`Uplink::tls_reloader`].
+    tls_tx: Arc<watch::Sender<TlsSettings>>,
+}
+
+/// Makes a running uplink re-read its certificates (SIGHUP). New certificates are used from the
+/// next connection; an uplink waiting after a certificate failure retries at once.
+#[derive(Clone)]
+pub struct TlsReloader(Arc<watch::Sender<TlsSettings>>);
+
+impl TlsReloader {
+    /// Re-read the files named in `settings` (even when they are the same paths as before).
+    pub fn reload(&self, settings: TlsSettings) {
+        self.0.send_replace(settings);
+    }
 }
 
 impl Uplink {
@@ -142,13 +167,21 @@ impl Uplink {
         store: StoreHandle,
         downlink_tx: mpsc::Sender<Downlink>,
     ) -> Self {
+        let (tls_tx, tls_rx) = watch::channel(TlsSettings::from_config(&cfg));
         Uplink {
             cfg,
             store,
             downlink_tx,
-            status_tx: watch::channel(UplinkStatus::default()).0,
+            status_tx: Arc::new(watch::channel(UplinkStatus::default()).0),
             grace: DEFAULT_SHUTDOWN_GRACE,
+            tls_rx,
+            tls_tx: Arc::new(tls_tx),
         }
+    }
+
+    /// The handle SIGHUP uses to make this uplink re-read its certificates.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader(Arc::clone(&self.tls_tx))
     }
 
     /// Set how long [`run`](Self::run) waits for outstanding PUBACKs once cancelled.
@@ -171,20 +204,68 @@ impl Uplink {
             protocol = ?self.cfg.protocol,
             "Uplink to ThingsBoard starting."
         );
+        let mut tls_rx = self.tls_rx.clone();
         while !cancel.is_cancelled() {
-            let end = self.session(&mut life, &cancel).await;
-            self.status_tx.send_modify(|s| s.connected = false);
-            let delay = match end {
-                SessionEnd::Stopped => break,
-                SessionEnd::Failed(f) => self.on_failure(&mut life, f),
+            let delay = match self.load_tls(&mut life, &mut tls_rx) {
+                Err(delay) => delay,
+                Ok(()) => {
+                    let end = self.session(&mut life, &cancel).await;
+                    self.status_tx.send_modify(|s| s.connected = false);
+                    match end {
+                        SessionEnd::Stopped => break,
+                        SessionEnd::Failed(f) => self.on_failure(&mut life, f),
+                    }
+                }
             };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
+                // New certificates (SIGHUP): try them now rather than after the backoff.
+                _ = tls_rx.changed() => tls_rx.mark_changed(),
             }
         }
+        while life.acks.join_next().await.is_some() {}
         info!("Uplink stopped.");
         Ok(())
+    }
+
+    /// (Re)builds the TLS configuration when the settings were sent again (start, SIGHUP).
+    /// On failure the previous configuration stays in use; with none to fall back on, `Err`
+    /// holds how long to wait (the settings may be fixed and reloaded meanwhile).
+    fn load_tls(
+        &self,
+        life: &mut Life,
+        tls_rx: &mut watch::Receiver<TlsSettings>,
+    ) -> Result<(), Duration> {
+        // Read at start, on every reload, and after each wait while nothing could be read yet.
+        if !life.tls_loaded || tls_rx.has_changed().unwrap_or(false) {
+            let settings = tls_rx.borrow_and_update().clone();
+            match tls::client_config(&settings) {
+                Ok(config) => {
+                    if life.tls_loaded {
+                        info!(tls = settings.enabled, "Re-read the TLS certificates.");
+                    }
+                    life.tls = config;
+                    life.tls_loaded = true;
+                    life.tls_reported = false;
+                }
+                Err(e) => {
+                    let text = format!("TLS configuration: {e}");
+                    self.status_tx
+                        .send_modify(|s| s.last_error = Some(text.clone()));
+                    if life.tls_loaded {
+                        error!(error = %e, "Cannot load the new TLS certificates; keeping the previous ones.");
+                    } else {
+                        error!(error = %e, retry_every = ?self.cfg.auth_retry, "Cannot load the TLS certificates; fix them and send SIGHUP.");
+                    }
+                }
+            }
+        }
+        if life.tls_loaded {
+            Ok(())
+        } else {
+            Err(self.cfg.auth_retry)
+        }
     }
 
     /// Decide how long to wait before the next attempt, and log the failure once at the right
@@ -210,6 +291,22 @@ impl Uplink {
                     );
                 } else {
                     debug!(code = %code, "ThingsBoard still refuses the access token.");
+                }
+                cfg.auth_retry
+            }
+            Failure::Connect(NetError::Tls(why)) => {
+                if !life.tls_reported {
+                    life.tls_reported = true;
+                    error!(
+                        host = %cfg.host,
+                        port = cfg.port,
+                        reason = %why,
+                        retry_every = ?cfg.auth_retry,
+                        "TLS connection to ThingsBoard failed on a certificate; retrying slowly \
+                         (send SIGHUP after replacing certificates to retry at once)."
+                    );
+                } else {
+                    debug!(reason = %why, "TLS to ThingsBoard still fails.");
                 }
                 cfg.auth_retry
             }
@@ -295,7 +392,7 @@ impl Uplink {
 
     /// One connection attempt and, if it connects, the live session until it ends.
     async fn session(&self, life: &mut Life, cancel: &CancellationToken) -> SessionEnd {
-        let (client, conn) = Conn::new(&self.cfg, life.protocol);
+        let (client, conn) = Conn::new(&self.cfg, life.protocol, life.tls.clone());
         // The event loop gets a task of its own: `EventLoop::poll` is not cancel-safe while it
         // connects or flushes, so it must never be a losing `select!` branch, and store I/O here
         // must not stall it. Dropping the guard aborts it, which closes the socket.
@@ -366,7 +463,7 @@ impl Uplink {
                             next = ev_rx.try_recv().ok();
                         }
                     }
-                    self.flush_acks(&mut s).await;
+                    self.flush_acks(life, &mut s).await;
                     if let Some(f) = failure {
                         return SessionEnd::Failed(f);
                     }
@@ -455,6 +552,10 @@ impl Uplink {
             }
             if !s.pending.is_empty() || !s.need_read || s.inflight.len() >= window {
                 return Ok(());
+            }
+            if s.cursor == 0 {
+                // Re-reading from the oldest row: let outstanding deletes land first.
+                while life.acks.join_next().await.is_some() {}
             }
             let rows = self
                 .store
@@ -586,7 +687,12 @@ impl Uplink {
     }
 
     /// Delete the rows of every success PUBACK handled since the last flush, in one store call.
-    async fn flush_acks(&self, s: &mut Session) {
+    ///
+    /// The call runs in a task of its own: the store answers it only after its next group
+    /// commit (up to `store.commit_interval`), and the session must go on reading PUBACKs
+    /// meanwhile. At most [`MAX_ACK_CALLS`] run at once; before the session re-reads from the
+    /// oldest row they are all awaited (see `pump`), so acked rows are not sent again.
+    async fn flush_acks(&self, life: &mut Life, s: &mut Session) {
         if s.acked.is_empty() && s.acked_publishes == 0 {
             return;
         }
@@ -598,14 +704,23 @@ impl Uplink {
                 .send_modify(|st| st.acked_publishes += publishes);
             return;
         }
-        if let Err(e) = self.store.ack(ids).await {
-            warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
-            return;
+        while life.acks.try_join_next().is_some() {}
+        if life.acks.len() >= MAX_ACK_CALLS {
+            life.acks.join_next().await;
         }
-        // Counted once deleted, so a reader of the status never sees rows it cannot find gone.
-        self.status_tx.send_modify(|st| {
-            st.acked_publishes += publishes;
-            st.acked_records += n;
+        let store = self.store.clone();
+        let status_tx = Arc::clone(&self.status_tx);
+        life.acks.spawn(async move {
+            if let Err(e) = store.ack(ids).await {
+                warn!(error = %e, "Deleting acknowledged rows failed; they will be sent again.");
+                return;
+            }
+            // Counted once deleted, so a reader of the status never sees rows it cannot find
+            // gone.
+            status_tx.send_modify(|st| {
+                st.acked_publishes += publishes;
+                st.acked_records += n;
+            });
         });
     }
 
@@ -663,6 +778,7 @@ impl Uplink {
                 );
                 life.unreachable_reported = false;
                 life.auth_reported = false;
+                life.tls_reported = false;
                 let protocol = life.protocol;
                 self.status_tx.send_modify(|st| {
                     st.connected = true;
@@ -796,6 +912,14 @@ struct Life {
     short_sessions: u32,
     /// Devices whose undeliverable rows were already logged at ERROR.
     invalid_reported: HashSet<String>,
+    /// Store calls deleting acked rows, still waiting for their commit (see `flush_acks`).
+    acks: JoinSet<()>,
+    /// The rustls configuration of every connection (`None`: plain TCP).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS settings were read successfully at least once.
+    tls_loaded: bool,
+    /// A certificate failure was logged at ERROR; later ones go to DEBUG until a connect works.
+    tls_reported: bool,
 }
 
 impl Life {
@@ -813,6 +937,10 @@ impl Life {
             takeover_reported: false,
             short_sessions: 0,
             invalid_reported: HashSet::new(),
+            acks: JoinSet::new(),
+            tls: None,
+            tls_loaded: false,
+            tls_reported: false,
         }
     }
 }
@@ -913,6 +1041,9 @@ enum Failure {
 enum NetError {
     #[error("access token refused (CONNACK {0})")]
     AuthRefused(String),
+    /// A certificate problem in the TLS handshake (ours or the server's).
+    #[error("{0}")]
+    Tls(String),
     #[error("protocol refused ({0})")]
     ProtocolRefused(String),
     #[error("connection refused (CONNACK {0})")]
@@ -993,7 +1124,15 @@ impl Client {
 }
 
 impl Conn {
-    fn new(cfg: &ThingsboardConfig, protocol: Protocol) -> (Client, Conn) {
+    fn new(
+        cfg: &ThingsboardConfig,
+        protocol: Protocol,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> (Client, Conn) {
+        let transport =
+            tls.map(|c| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c)));
+        // With X.509 credentials ThingsBoard authenticates the certificate; no username then.
+        let token = cfg.access_token.expose();
         let keep_alive = if cfg.keep_alive.is_zero() {
             Duration::ZERO
         } else {
@@ -1010,9 +1149,14 @@ impl Conn {
                 let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
                 o.set_keep_alive(keep_alive)
                     .set_clean_start(true)
-                    .set_credentials(cfg.access_token.expose(), "")
                     .set_max_packet_size(Some(u32::try_from(max).unwrap_or(u32::MAX)))
                     .set_outgoing_inflight_upper_limit(rumqtt_inflight);
+                if !token.is_empty() {
+                    o.set_credentials(token, "");
+                }
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
                 let (c, el) = rumqttc::v5::AsyncClient::new(o, cap);
                 (Client::V5(c), Conn::V5(Box::new(el)))
             }
@@ -1020,9 +1164,14 @@ impl Conn {
                 let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
                 o.set_keep_alive(keep_alive)
                     .set_clean_session(true)
-                    .set_credentials(cfg.access_token.expose(), "")
                     .set_max_packet_size(max, max)
                     .set_inflight(rumqtt_inflight);
+                if !token.is_empty() {
+                    o.set_credentials(token, "");
+                }
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
                 let (c, el) = rumqttc::AsyncClient::new(o, cap);
                 (Client::V4(c), Conn::V4(Box::new(el)))
             }
@@ -1108,6 +1257,9 @@ fn v4_event(ev: rumqttc::Event) -> NetEvent {
 fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C, DisconnectReasonCode as D};
     use rumqttc::v5::{ConnectionError as E, StateError as S};
+    if let Some(t) = tls::rustls_cause(&e) {
+        return tls_error(t);
+    }
     match e {
         E::ConnectionRefused(C::BadUserNamePassword) => {
             NetError::AuthRefused("0x86 bad user name or password".into())
@@ -1120,7 +1272,14 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
         }
         E::ConnectionRefused(c) => NetError::Refused(format!("{c:?}")),
         // rumqttc's v5 codec error type is private: a socket error inside it is only known by
-        // its text.
+        // its text. A TLS alert read after the handshake (TLS 1.3: the server checks our client
+        // certificate after we think the handshake is done) arrives this way.
+        E::MqttState(S::Deserialization(d)) if d.to_string().contains("received fatal alert") => {
+            NetError::Tls(format!(
+                "ThingsBoard refused our client certificate ({d}); check \
+                 thingsboard.cert_file/key_file and the device's X.509 credentials"
+            ))
+        }
         E::MqttState(S::Deserialization(d)) if d.to_string().starts_with("IO:") => {
             NetError::Closed(d.to_string())
         }
@@ -1146,6 +1305,9 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> NetError {
 
 fn v4_error(e: rumqttc::ConnectionError) -> NetError {
     use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError as S};
+    if let Some(t) = tls::rustls_cause(&e) {
+        return tls_error(t);
+    }
     match e {
         E::ConnectionRefused(C::BadUserNamePassword) => {
             NetError::AuthRefused("4 bad user name or password".into())
@@ -1160,6 +1322,17 @@ fn v4_error(e: rumqttc::ConnectionError) -> NetError {
         | E::Io(io)
         | E::MqttState(S::Deserialization(rumqttc::mqttbytes::Error::Io(io))) => io_error(io),
         other => NetError::Other(other.to_string()),
+    }
+}
+
+/// Certificate problems are permanent until someone replaces a certificate: reported once,
+/// retried slowly. Other TLS failures (a reset mid-handshake) are ordinary connection errors.
+fn tls_error(e: &rustls::Error) -> NetError {
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::AlertReceived(_)
+        | rustls::Error::NoCertificatesPresented => NetError::Tls(tls::describe(e)),
+        other => NetError::Other(format!("TLS: {other}")),
     }
 }
 

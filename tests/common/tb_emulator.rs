@@ -9,6 +9,9 @@
 //! v5); QoS 2 answered with a PUBACK; packets over 65 536 bytes close the connection.
 //! Switches: withhold PUBACKs, refuse MQTT 5 like a 3.1.1-only server, stop and restart on the
 //! same port, push RPCs and attribute updates to the connected gateway.
+//! TLS mode ([`TbEmulator::start_tls`]): a tokio-rustls acceptor in front of the same MQTT
+//! logic, optionally requiring a client certificate from a given CA; a session that presented
+//! one is authenticated by it (ThingsBoard's X.509 device credentials) and needs no token.
 //! It must not sleep to synchronise: waiters are woken by a watch channel on every change.
 
 use std::collections::HashMap;
@@ -23,7 +26,7 @@ use rumqttc::mqttbytes::{v4, QoS};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -90,6 +93,10 @@ pub struct Recorded {
     pub pubacks_withheld: u64,
     pub pubacks_sent: u64,
     pub events: Vec<Event>,
+    /// TLS mode: handshakes that failed (untrusted, refused client certificate, ...).
+    pub tls_handshake_failures: u64,
+    /// TLS mode: sessions accepted on a client certificate (X.509 credentials).
+    pub x509_sessions: u64,
 }
 
 impl Recorded {
@@ -143,6 +150,53 @@ struct Inner {
     /// The one live session for the token.
     current: Mutex<Option<Slot>>,
     next_id: AtomicU64,
+    /// TLS mode: the acceptor of new connections (replaceable, like a server's new certificate).
+    tls: Mutex<Option<tokio_rustls::TlsAcceptor>>,
+}
+
+/// The TLS identity of the emulator (PEM), and the CA its clients' certificates must chain to
+/// (`None`: no client certificate asked for).
+#[derive(Clone)]
+pub struct TlsServer {
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: Option<String>,
+}
+
+impl TlsServer {
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(self.cert_chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("emulator certificate PEM");
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("emulator key PEM");
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions");
+        let builder = match &self.client_ca_pem {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.expect("client CA PEM")).expect("client CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
+            .with_single_cert(chain, key)
+            .expect("emulator certificate and key");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 impl Inner {
@@ -186,6 +240,20 @@ impl Drop for TbEmulator {
 impl TbEmulator {
     /// Listen on an ephemeral loopback port, accepting `token` as the gateway access token.
     pub async fn start(token: &str) -> TbEmulator {
+        Self::start_with(token, None).await
+    }
+
+    /// [`start`](Self::start) speaking TLS with `server`'s certificate.
+    pub async fn start_tls(token: &str, server: &TlsServer) -> TbEmulator {
+        Self::start_with(token, Some(server.acceptor())).await
+    }
+
+    /// New connections get this TLS identity from now on (a server whose certificate changed).
+    pub fn set_tls(&self, server: &TlsServer) {
+        *self.inner.tls.lock().expect("emulator lock") = Some(server.acceptor());
+    }
+
+    async fn start_with(token: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> TbEmulator {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind emulator on loopback");
@@ -199,6 +267,7 @@ impl TbEmulator {
             reject_device: Mutex::new(None),
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            tls: Mutex::new(tls),
         });
         let run = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, inner.clone(), run.clone()));
@@ -235,6 +304,7 @@ impl TbEmulator {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_millis(400),
             auth_retry: Duration::from_secs(60),
+            ..ThingsboardConfig::default()
         }
     }
 
@@ -380,8 +450,8 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, run: Cancellation
         tokio::select! {
             _ = run.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => {
-                    tokio::spawn(serve(sock, inner.clone(), run.clone()));
+                Ok((sock, peer)) => {
+                    tokio::spawn(accept_one(sock, peer, inner.clone(), run.clone()));
                 }
                 Err(_) => return,
             },
@@ -588,7 +658,40 @@ fn puback(proto: Proto, pkid: u16, reason: v5::PubAckReason) -> BytesMut {
     )
 }
 
-async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
+/// Plain TCP, or the TLS handshake first in TLS mode (a failed one is counted and closes).
+async fn accept_one(sock: TcpStream, peer: SocketAddr, inner: Arc<Inner>, run: CancellationToken) {
+    let acceptor = inner.tls.lock().expect("emulator lock").clone();
+    match acceptor {
+        None => serve(sock, peer, false, inner, run).await,
+        Some(acceptor) => {
+            let handshake = tokio::select! {
+                _ = run.cancelled() => return,
+                r = acceptor.accept(sock) => r,
+            };
+            match handshake {
+                Ok(tls) => {
+                    let x509 = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    serve(tls, peer, x509, inner, run).await
+                }
+                Err(_) => {
+                    inner.update(|r| r.tls_handshake_failures += 1);
+                }
+            }
+        }
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    peer: SocketAddr,
+    x509: bool,
+    inner: Arc<Inner>,
+    run: CancellationToken,
+) {
     let mut buf = BytesMut::with_capacity(8192);
     let hello = loop {
         match read_connect(&mut buf) {
@@ -606,9 +709,6 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
         }
     };
     let proto = hello.proto;
-    let peer = sock
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     inner.update(|r| {
         r.connect_attempts += 1;
         r.clients.push((hello.client_id.clone(), peer));
@@ -620,7 +720,8 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
         let _ = sock.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
         return;
     }
-    if hello.username.as_deref() != Some(inner.token.as_str()) {
+    // A verified client certificate authenticates the device by itself (X.509 credentials).
+    if !x509 && hello.username.as_deref() != Some(inner.token.as_str()) {
         inner.update(|r| r.auth_failures += 1);
         let refused = encode(
             proto,
@@ -655,6 +756,7 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
     }
     let session = inner.update(|r| {
         r.sessions += 1;
+        r.x509_sessions += u64::from(x509);
         r.protocol_levels
             .push(if proto == Proto::V5 { 5 } else { 4 });
         r.sessions
@@ -681,8 +783,8 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
     inner.version.send_modify(|v| *v += 1);
 }
 
-async fn session_loop(
-    sock: &mut TcpStream,
+async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
     buf: &mut BytesMut,
     inner: &Inner,
     proto: Proto,

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Flash-wear benchmark: dlms-bridge at a steady rate through ../shared/bench (the Rust publisher,
+# QoS 1), measuring in the middle of the load, on the bridge process only:
+#   fsyncs/s          perf tracepoint counts of fsync + fdatasync (no overhead), and
+#                     `strace -f -c -e trace=fsync,fdatasync` in a second window (cross-check;
+#                     strace slows the traced process, so it runs after the CPU window)
+#   write amplification  /proc/PID/io write_bytes (bytes sent to the block layer) per payload
+#                     byte published (the loadgen's JSON payload, measured)
+#   CPU               utime+stime from /proc/PID/stat over the first window, % of one core
+#   p99               the harness's end-to-end latency over the whole run
+# Usage: bench/flash.sh [RATE=1000] [DEVICES=100] [SECONDS=45]
+# Env: BRIDGE_BIN (default target/release/dlms-bridge), LOADGEN (default
+#      target/release/examples/loadgen), DLMS_BRIDGE_STORE__COMMIT_INTERVAL (e.g. 0s, 25ms),
+#      WINDOW (s, default 10), FLASH_PORT_BASE (default 23883: TB, +1 local broker),
+#      BENCH_DIR (default /work/shared/bench), NO_STRACE=1 to skip the strace window.
+# Prints one summary line; the harness JSON is kept in the run directory it names.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+RATE="${1:-1000}"
+DEVICES="${2:-100}"
+SECONDS_LOAD="${3:-45}"
+WINDOW="${WINDOW:-10}"
+BENCH_DIR="${BENCH_DIR:-/work/shared/bench}"
+export BRIDGE_BIN="${BRIDGE_BIN:-$ROOT/target/release/dlms-bridge}"
+LOADGEN="${LOADGEN:-$ROOT/target/release/examples/loadgen}"
+PORT_BASE="${FLASH_PORT_BASE:-23883}"
+RUN_ROOT="$(mktemp -d /tmp/dlms-flash.XXXXXX)"
+OUT="$RUN_ROOT/result.json"
+
+[ -x "$BRIDGE_BIN" ] || { echo "no bridge binary at $BRIDGE_BIN (cargo build --release)" >&2; exit 2; }
+[ -x "$LOADGEN" ] || { echo "no loadgen at $LOADGEN (cargo build --release --example loadgen)" >&2; exit 2; }
+
+"$BENCH_DIR/run_bench.sh" --sut "$ROOT/bench/sut.sh" --loadgen "$LOADGEN" \
+  -D "$DEVICES" -R "$RATE" -T "$SECONDS_LOAD" --qos 1 \
+  --tb-port "$PORT_BASE" --local-port "$((PORT_BASE + 1))" \
+  --run-root "$RUN_ROOT" --out "$OUT" --label "flash" >"$RUN_ROOT/harness.log" 2>&1 &
+HARNESS=$!
+
+# The bridge's pid (from the SUT's pid file), then the publisher starting.
+PID=""
+for _ in $(seq 1 600); do
+  f="$(find "$RUN_ROOT" -name dlms-bridge.pid 2>/dev/null | head -n1)"
+  if [ -n "$f" ] && [ -s "$f" ]; then PID="$(cat "$f")"; break; fi
+  sleep 0.1
+done
+[ -n "$PID" ] || { echo "bridge did not start; see $RUN_ROOT/harness.log" >&2; wait "$HARNESS" || true; exit 1; }
+for _ in $(seq 1 600); do
+  pgrep -f -- "--port $((PORT_BASE + 1)) " >/dev/null 2>&1 && break
+  sleep 0.1
+done
+sleep 5 # past the start of the load: steady state
+
+io_write() { awk '/^write_bytes/ {print $2}' "/proc/$PID/io"; }
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$PID/stat"; }
+HZ="$(getconf CLK_TCK)"
+
+w0="$(io_write)"; c0="$(cpu_ticks)"; t0="$(date +%s.%N)"
+perf stat -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p "$PID" \
+  -o "$RUN_ROOT/perf.csv" -- sleep "$WINDOW" 2>/dev/null
+w1="$(io_write)"; c1="$(cpu_ticks)"; t1="$(date +%s.%N)"
+load="$(cut -d' ' -f1-3 /proc/loadavg)"
+fsyncs="$(awk -F, '/sys_enter_f/ {s += $1} END {print s + 0}' "$RUN_ROOT/perf.csv")"
+
+strace_fsyncs="-"
+if [ -z "${NO_STRACE:-}" ]; then
+  timeout -s INT "$WINDOW" strace -f -c -e trace=fsync,fdatasync -p "$PID" -o "$RUN_ROOT/strace.txt" \
+    >/dev/null 2>&1 || true
+  strace_fsyncs="$(awk '$NF == "fsync" || $NF == "fdatasync" {s += $4} END {print s + 0}' "$RUN_ROOT/strace.txt")"
+fi
+
+wait "$HARNESS" || true
+
+# Payload bytes per message: the loadgen's JSON for a device name of this length.
+PAYLOAD="$(printf '{"deviceName":"meter-0042","ts":1764480000000,"voltage_l1":230.2,"current_l1":4.5,"frequency":60.0,"active_power":957.1,"active_energy":124456.0,"seq":2000,"sent_us":1764480000000123}' | wc -c)"
+python3 - "$OUT" "$RATE" "$PAYLOAD" "$w0" "$w1" "$c0" "$c1" "$t0" "$t1" "$HZ" "$fsyncs" \
+  "$strace_fsyncs" "$WINDOW" "$load" "${DLMS_BRIDGE_STORE__COMMIT_INTERVAL:-default}" <<'PY'
+import json, sys
+(out, rate, payload, w0, w1, c0, c1, t0, t1, hz, fsyncs, strace_f, window, load, interval) = sys.argv[1:]
+dt = float(t1) - float(t0)
+r = {}
+try:
+    r = json.load(open(out))
+except Exception as e:
+    print(f"no harness result ({e})", file=sys.stderr)
+lat = r.get("lat_ms") or {}
+res = r.get("resources_load") or {}
+wps = (int(w1) - int(w0)) / dt
+pay = float(rate) * int(payload)
+cpu = (int(c1) - int(c0)) / int(hz) / dt * 100
+st = "-" if strace_f == "-" else f"{int(strace_f) / float(window):.1f}"
+print(f"commit_interval={interval} rate={rate} fsyncs/s={int(fsyncs) / dt:.1f} "
+      f"strace_fsyncs/s={st} write_bytes/s={wps:.0f} payload_bytes/s={pay:.0f} "
+      f"written/payload={wps / pay:.2f} cpu%={cpu:.1f} harness_cpu%={res.get('cpu_mean_pct')} "
+      f"p50_ms={lat.get('p50')} p99_ms={lat.get('p99')} lost={r.get('lost')} "
+      f"load=\"{load}\" result={out}")
+PY
