@@ -506,10 +506,13 @@ impl Uplink {
                     s.announced.remove(&device);
                     life.known.remove(&device);
                 } else {
-                    life.known.insert(device.clone(), first.device_type.clone());
-                    if kind != RecordKind::Connect && s.announced.insert(device.clone()) {
-                        s.pending
-                            .push_back(announcement(&device, &first.device_type));
+                    // Types are sticky: only data sources set one (replies never do).
+                    let ty = life.sticky_type(&device, kind, &first.device_type);
+                    if kind != RecordKind::Connect {
+                        if let Some(ty) = ty.filter(|_| !s.announced.contains(&device)) {
+                            s.announced.insert(device.clone());
+                            s.pending.push_back(announcement(&device, &ty));
+                        }
                     }
                 }
                 let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
@@ -544,9 +547,10 @@ impl Uplink {
                     }
                     RecordKind::Connect => {
                         s.announced.insert(device.clone());
+                        let ty = life.known.get(&device).cloned().unwrap_or_default();
                         vec![single(
                             tb::TOPIC_CONNECT,
-                            Ok(tb::connect_payload(&device, &first.device_type)),
+                            Ok(tb::connect_payload(&device, &ty)),
                         )
                         .map_err(|e| (run[0].id, e))]
                     }
@@ -799,6 +803,20 @@ struct Life {
 }
 
 impl Life {
+    /// The profile to announce `device` with. Data (telemetry, attributes, a local `connect`)
+    /// with a type sets it; replies and attribute requests carry none and never change it.
+    /// `None`: nothing is known about the device's type, so it is not announced.
+    fn sticky_type(&mut self, device: &str, kind: RecordKind, ty: &str) -> Option<String> {
+        let sets_type = matches!(
+            kind,
+            RecordKind::Telemetry | RecordKind::Attributes | RecordKind::Connect
+        );
+        if sets_type && !ty.is_empty() {
+            self.known.insert(device.to_owned(), ty.to_owned());
+        }
+        self.known.get(device).cloned()
+    }
+
     fn new(cfg: &ThingsboardConfig) -> Life {
         Life {
             protocol: match cfg.protocol {

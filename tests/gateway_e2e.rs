@@ -1,0 +1,143 @@
+//! Issue #10 end to end (`app::start`): the gateway as ThingsBoard operators use it, against the
+//! ThingsBoard emulator with a real broker, real SQLite files and simulated TCP meters.
+//! Loopback and ephemeral ports only; every wait is event-driven and bounded.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::tb_emulator::{Recorded, TbEmulator};
+use dlms_bridge::app::{self, Running};
+use dlms_bridge::config::{self, Config};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "gateway-e2e-token";
+/// Upper bound for any wait; the happy path takes milliseconds.
+const WAIT: Duration = Duration::from_secs(30);
+const METER_TYPE: &str = "DLMS Energy Meter";
+
+fn config(dir: &Path, tb_port: u16, extra: &str) -> Config {
+    let toml = format!(
+        r#"
+[broker]
+listen = "127.0.0.1:0"
+[thingsboard]
+port = {tb_port}
+access_token = "{TOKEN}"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+[store]
+path = "{}/queue.db"
+[shutdown]
+grace = "5s"
+{extra}
+"#,
+        dir.display()
+    );
+    config::validate(config::load_str(&toml).expect("test config parses")).expect("valid")
+}
+
+async fn start(dir: &Path, emu: &TbEmulator, extra: &str) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    app::start(config(dir, emu.port(), extra))
+        .await
+        .expect("bridge starts")
+}
+
+/// A local MQTT 3.1.1 client of the bridge's broker; incoming publishes go to the returned
+/// channel.
+async fn local_client(
+    running: &Running,
+    id: &str,
+    user: Option<&str>,
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) {
+    let addr = running.broker_addr.expect("broker enabled");
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    if let Some(u) = user {
+        opts.set_credentials(u, "");
+    }
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    let v = serde_json::from_slice(&p.payload)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into()));
+                    let _ = msg_tx.send((p.topic, v));
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, rx)
+        .await
+        .expect("local client connects in time")
+        .expect("connack");
+    (client, msg_rx)
+}
+
+async fn publish(c: &AsyncClient, topic: &str, payload: impl Into<Vec<u8>>) {
+    c.publish(topic, QoS::AtLeastOnce, false, payload.into())
+        .await
+        .expect("publish queued");
+}
+
+fn rpc_reply(r: &Recorded, id: i64) -> Option<Value> {
+    r.rpc_replies
+        .iter()
+        .find(|v| v["id"] == json!(id))
+        .cloned()
+}
+
+/// Requirement 1: a meter's type survives an RPC reply and is what every re-announcement after
+/// a reconnect carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_types_are_sticky_across_rpc_replies_and_reconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let running = start(
+        dir.path(),
+        &emu,
+        "[simulator]\nmeters = 1\ninterval = \"200ms\"\n",
+    )
+    .await;
+    let meter = "sim-meter-0001";
+    emu.wait_for("meter data", WAIT, |r| r.telemetry.contains_key(meter))
+        .await;
+    assert!(emu.push_rpc(meter, 7, "get", json!({"obis": "1.0.32.7.0.255"})).await);
+    emu.wait_for("rpc reply", WAIT, |r| rpc_reply(r, 7).is_some())
+        .await;
+    let before = emu.snapshot().connects.len();
+    emu.stop().await;
+    emu.restart().await;
+    let r = emu
+        .wait_for("re-announcement", WAIT, |r| {
+            r.sessions >= 2 && r.connects.len() > before
+        })
+        .await;
+    for (device, ty) in &r.connects {
+        assert_eq!(
+            ty.as_deref(),
+            Some(METER_TYPE),
+            "{device} announced with {ty:?}: {:?}",
+            r.connects
+        );
+    }
+    assert!(running.shutdown().await.expect("shutdown"));
+}
