@@ -55,7 +55,10 @@ async fn local_client(
     running: &Running,
     id: &str,
     user: Option<&str>,
-) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) {
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+) {
     let addr = running.broker_addr.expect("broker enabled");
     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     if let Some(u) = user {
@@ -76,8 +79,9 @@ async fn local_client(
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let v = serde_json::from_slice(&p.payload)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into()));
+                    let v = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&p.payload).into())
+                    });
                     let _ = msg_tx.send((p.topic, v));
                 }
                 Ok(_) => {}
@@ -99,10 +103,7 @@ async fn publish(c: &AsyncClient, topic: &str, payload: impl Into<Vec<u8>>) {
 }
 
 fn rpc_reply(r: &Recorded, id: i64) -> Option<Value> {
-    r.rpc_replies
-        .iter()
-        .find(|v| v["id"] == json!(id))
-        .cloned()
+    r.rpc_replies.iter().find(|v| v["id"] == json!(id)).cloned()
 }
 
 /// Requirement 1: a meter's type survives an RPC reply and is what every re-announcement after
@@ -120,7 +121,10 @@ async fn device_types_are_sticky_across_rpc_replies_and_reconnects() {
     let meter = "sim-meter-0001";
     emu.wait_for("meter data", WAIT, |r| r.telemetry.contains_key(meter))
         .await;
-    assert!(emu.push_rpc(meter, 7, "get", json!({"obis": "1.0.32.7.0.255"})).await);
+    assert!(
+        emu.push_rpc(meter, 7, "get", json!({"obis": "1.0.32.7.0.255"}))
+            .await
+    );
     emu.wait_for("rpc reply", WAIT, |r| rpc_reply(r, 7).is_some())
         .await;
     let before = emu.snapshot().connects.len();

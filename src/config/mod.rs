@@ -288,6 +288,9 @@ pub struct LocalConfig {
     pub device_name_source: DeviceNameSource,
     /// Accept the ThingsBoard gateway API (`v1/gateway/*`) from local clients and forward it.
     pub gateway_api: bool,
+    /// Refuse device-API messages whose device would be named after a client id the broker
+    /// generated (`auto-<uuid>`, the client sent none): a new device on every reconnect.
+    pub reject_generated_client_ids: bool,
 }
 
 impl Default for LocalConfig {
@@ -296,6 +299,7 @@ impl Default for LocalConfig {
             device_type: DEFAULT_DEVICE_TYPE.into(),
             device_name_source: DeviceNameSource::UsernameThenClientId,
             gateway_api: true,
+            reject_generated_client_ids: true,
         }
     }
 }

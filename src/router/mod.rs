@@ -8,6 +8,7 @@ pub mod builtin;
 pub mod convert;
 pub mod expr;
 pub mod mapping;
+pub mod warn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use crate::broker::BrokerHandle;
 use crate::config::LocalConfig;
 use crate::model::{now_ms, Downlink, Record, RecordKind, RpcRequest};
 use crate::router::mapping::MappingSet;
+use crate::router::warn::{Verdict, WarnLimiter};
 use crate::sources::dlms::MeterHandle;
 use crate::sources::{LocalPublish, SourceEvent};
 use crate::store::StoreHandle;
@@ -81,6 +83,8 @@ pub struct Router {
     /// New mapping sets from a configuration reload (SIGHUP).
     reload_rx: mpsc::Receiver<MappingSet>,
     stats: Arc<RouterStats>,
+    /// WARNs about bad local input, rate-limited per kind of problem.
+    warns: WarnLimiter,
 }
 
 impl Router {
@@ -102,6 +106,7 @@ impl Router {
             meters,
             reload_rx: inputs.reload_rx,
             stats: Arc::default(),
+            warns: WarnLimiter::default(),
         }
     }
 
@@ -149,7 +154,15 @@ impl Router {
         debug!("Router drained; all sources are gone.");
     }
 
-    fn log_stats(&self) {
+    fn log_stats(&mut self) {
+        for (kind, suppressed, total) in self.warns.due_summaries(std::time::Instant::now()) {
+            warn!(
+                kind,
+                suppressed_since_last = suppressed,
+                kind_total = total,
+                "Malformed local messages of this kind were dropped without a log line."
+            );
+        }
         let s = &self.stats;
         info!(
             local_messages = s.local_messages.load(Ordering::Relaxed),
@@ -177,9 +190,9 @@ impl Router {
 
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
         let res = match self.mappings.map(msg) {
-            Some(r) => r.map_err(|e| e.to_string()),
+            Some(r) => r.map_err(|e| (mapping_error_kind(&e), e.to_string())),
             None => match builtin::map(msg, &self.local) {
-                Some(r) => r.map_err(|e| e.to_string()),
+                Some(r) => r.map_err(|e| (e.kind(), e.to_string())),
                 None => {
                     self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -188,19 +201,28 @@ impl Router {
         };
         match res {
             Ok(records) => out.extend(records),
-            Err(error) => {
+            Err((kind, error)) => {
                 let n = self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // The first few, then every 1000th: a broken publisher must not flood the log.
-                if n <= 10 || n % 1000 == 0 {
+                // Rate-limited per kind: one broken publisher must neither flood the log nor
+                // hide another kind of problem.
+                if let Verdict::Log { suppressed, total } =
+                    self.warns.hit(kind, std::time::Instant::now())
+                {
                     let snippet: String = String::from_utf8_lossy(&msg.payload)
                         .chars()
                         .take(LOG_SNIPPET)
                         .collect();
+                    let topic: String = msg.topic.chars().take(LOG_SNIPPET).collect();
+                    let client: String = msg.client_id.chars().take(LOG_SNIPPET).collect();
+                    let error: String = error.chars().take(4 * LOG_SNIPPET).collect();
                     warn!(
-                        topic = %msg.topic,
-                        client = %msg.client_id,
+                        kind,
+                        %topic,
+                        %client,
                         %error,
                         payload = %snippet,
+                        suppressed_since_last = suppressed,
+                        kind_total = total,
                         dropped_total = n,
                         "Dropped a malformed local message."
                     );
@@ -309,6 +331,17 @@ impl Router {
                 });
             }
         }
+    }
+}
+
+/// The warning kind of a mapping error (see [`warn`]).
+fn mapping_error_kind(e: &mapping::Error) -> &'static str {
+    match e {
+        mapping::Error::Json { .. } => "not_json",
+        mapping::Error::BadDeviceName { .. } => "bad_device_name",
+        mapping::Error::MissingField { .. } => "mapping_missing_field",
+        mapping::Error::TopicNoMatch { .. } => "mapping_topic_no_match",
+        mapping::Error::NoAttributeNames { .. } => "mapping_no_attribute_names",
     }
 }
 

@@ -548,11 +548,10 @@ impl Uplink {
                     RecordKind::Connect => {
                         s.announced.insert(device.clone());
                         let ty = life.known.get(&device).cloned().unwrap_or_default();
-                        vec![single(
-                            tb::TOPIC_CONNECT,
-                            Ok(tb::connect_payload(&device, &ty)),
-                        )
-                        .map_err(|e| (run[0].id, e))]
+                        vec![
+                            single(tb::TOPIC_CONNECT, Ok(tb::connect_payload(&device, &ty)))
+                                .map_err(|e| (run[0].id, e)),
+                        ]
                     }
                     RecordKind::Disconnect => {
                         vec![
