@@ -196,7 +196,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.local.clone(),
         broker.clone(),
         meters.clone(),
-    );
+    )
+    .with_max_packet_size(cfg.thingsboard.max_packet_size);
     let router_done = tasks.spawn("router", router.run());
 
     // The uplink's wait for outstanding PUBACKs gets half the shutdown grace: the other half is

@@ -145,3 +145,57 @@ async fn device_types_are_sticky_across_rpc_replies_and_reconnects() {
     }
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+/// Requirement 4: one 206 KB local message with 9,000 keys reaches ThingsBoard key-complete in
+/// several publishes under the packet limit, all under its timestamp; a value larger than a
+/// packet alone is the only thing refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_delivered_key_complete_in_several_publishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let running = start(dir.path(), &emu, "").await;
+    let (c, _rx) = local_client(&running, "big-publisher", None).await;
+    let mut values = serde_json::Map::new();
+    for i in 0..9_000 {
+        values.insert(format!("register_{i:05}"), json!(i * 1_000 + 7));
+    }
+    let ts = 1_700_000_000_000i64;
+    let body = json!({"deviceName": "Big", "ts": ts, "values": values}).to_string();
+    assert!(body.len() > 200_000, "{} bytes", body.len());
+    publish(&c, "v1/devices/me/telemetry", body).await;
+    let mut with_huge = serde_json::Map::new();
+    with_huge.insert("small".into(), json!(1));
+    with_huge.insert("huge".into(), json!("x".repeat(70_000)));
+    let body = json!({"deviceName": "Huge", "ts": ts, "values": with_huge}).to_string();
+    publish(&c, "v1/devices/me/telemetry", body).await;
+    let r = emu
+        .wait_for("all 9000 keys and the small value", WAIT, |r| {
+            let big: usize = r
+                .telemetry
+                .get("Big")
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["values"].as_object().map(|m| m.len()))
+                .sum();
+            big >= 9_000 && r.telemetry.contains_key("Huge")
+        })
+        .await;
+    let mut got = serde_json::Map::new();
+    for e in &r.telemetry["Big"] {
+        assert_eq!(e["ts"], json!(ts), "every part keeps the timestamp");
+        got.extend(e["values"].as_object().expect("values").clone());
+    }
+    assert!(
+        got == values,
+        "key-complete: {} of {} keys",
+        got.len(),
+        values.len()
+    );
+    assert!(r.telemetry["Big"].len() >= 4, "split into several entries");
+    assert_eq!(r.oversize_packets, 0);
+    assert_eq!(r.invalid_payloads, 0);
+    let huge: Vec<&Value> = r.telemetry["Huge"].iter().collect();
+    assert_eq!(huge.len(), 1);
+    assert_eq!(huge[0]["values"], json!({"small": 1}));
+    assert!(running.shutdown().await.expect("shutdown"));
+}

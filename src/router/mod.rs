@@ -56,6 +56,10 @@ pub struct RouterStats {
     /// Records the store refused (full with drop_newest, or failing).
     pub store_rejected: AtomicU64,
     pub rpc_requests: AtomicU64,
+    /// Values refused because one alone needs a larger packet than ThingsBoard accepts.
+    pub oversize_values_dropped: AtomicU64,
+    /// Records split into several because they did not fit one ThingsBoard packet.
+    pub records_split: AtomicU64,
 }
 
 /// The channels the router reads.
@@ -85,6 +89,8 @@ pub struct Router {
     stats: Arc<RouterStats>,
     /// WARNs about bad local input, rate-limited per kind of problem.
     warns: WarnLimiter,
+    /// Largest publish ThingsBoard accepts: larger records are split before they are queued.
+    max_packet_size: usize,
 }
 
 impl Router {
@@ -107,7 +113,14 @@ impl Router {
             reload_rx: inputs.reload_rx,
             stats: Arc::default(),
             warns: WarnLimiter::default(),
+            max_packet_size: crate::config::ThingsboardConfig::default().max_packet_size,
         }
+    }
+
+    /// Split records that would not fit one publish of `max` bytes (`thingsboard.max_packet_size`).
+    pub fn with_max_packet_size(mut self, max: usize) -> Self {
+        self.max_packet_size = max;
+        self
     }
 
     pub fn stats(&self) -> Arc<RouterStats> {
@@ -130,6 +143,7 @@ impl Router {
                         break;
                     }
                     let records = self.map_events(batch.drain(..));
+                    let records = self.fit_packets(records);
                     self.enqueue(records).await;
                 }
                 dl = self.downlink_rx.recv(), if downlink_open => match dl {
@@ -145,6 +159,7 @@ impl Router {
                 },
                 _ = due.tick() => {
                     let records = self.mappings.due(now_ms());
+                    let records = self.fit_packets(records);
                     self.enqueue(records).await;
                 }
                 _ = stats_tick.tick() => self.log_stats(),
@@ -229,6 +244,40 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Split records larger than one ThingsBoard publish (keys of one timestamp stay under that
+    /// timestamp); refuse, with a WARN naming device and key, only values too large alone.
+    fn fit_packets(&mut self, records: Vec<Record>) -> Vec<Record> {
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let (parts, oversize) = crate::uplink::split::split_record(rec, self.max_packet_size);
+            if parts.len() > 1 {
+                self.stats.records_split.fetch_add(1, Ordering::Relaxed);
+            }
+            out.extend(parts);
+            for o in oversize {
+                let n = self
+                    .stats
+                    .oversize_values_dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Verdict::Log { suppressed, .. } =
+                    self.warns.hit("oversize_value", std::time::Instant::now())
+                {
+                    warn!(
+                        device = %o.device,
+                        key = %o.key,
+                        needed_bytes = o.needed,
+                        max_packet_size = o.max,
+                        suppressed_since_last = suppressed,
+                        oversize_values_dropped = n,
+                        "Dropped a value larger than one ThingsBoard packet; the device's other values are sent."
+                    );
+                }
+            }
+        }
+        out
     }
 
     async fn enqueue(&self, records: Vec<Record>) {

@@ -30,6 +30,7 @@
 //! access token; retry a refused token in a tight loop.
 
 pub mod inflight;
+pub mod split;
 pub mod thingsboard;
 
 use std::borrow::Cow;
