@@ -198,12 +198,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         meters.clone(),
     )
     .with_max_packet_size(cfg.thingsboard.max_packet_size);
+    let router_stats = router.stats();
     let router_done = tasks.spawn("router", router.run());
 
     // The uplink's wait for outstanding PUBACKs gets half the shutdown grace: the other half is
     // for the sources and the router before it, and the store checkpoint after it.
+    let (registry, names) = crate::store::devices::DeviceRegistry::open_beside(&cfg.store.path)
+        .context("opening the device registry beside the queue")?;
     let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx)
-        .with_shutdown_grace(cfg.shutdown.grace / 2);
+        .with_shutdown_grace(cfg.shutdown.grace / 2)
+        .with_device_registry(registry, names)
+        .with_gateway(
+            cfg.gateway.clone(),
+            gateway_info(router_stats, meters.clone(), broker.clone()),
+        );
     let uplink_status = uplink.status();
     let uplink_cancel = CancellationToken::new();
     let uc = uplink_cancel.clone();
@@ -231,6 +239,34 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         tasks,
         grace: cfg.shutdown.grace,
     })
+}
+
+/// What the uplink borrows for gateway RPCs and statistics: router counters, which devices are
+/// meters.
+fn gateway_info(
+    router: Arc<crate::router::RouterStats>,
+    meters: MeterMap,
+    _broker: Option<BrokerHandle>,
+) -> crate::uplink::gateway_rpc::GatewayInfo {
+    let m2 = meters.clone();
+    crate::uplink::gateway_rpc::GatewayInfo {
+        extra_stats: Some(Arc::new(move || {
+            let mut s = router.gateway_stats();
+            s.insert(
+                "meters".into(),
+                meters.read().map(|m| m.len()).unwrap_or(0).into(),
+            );
+            // TODO(#10): broker clients once the broker core exposes `client_count()`.
+            s
+        })),
+        source_of: Some(Arc::new(move |name: &str| {
+            if m2.read().is_ok_and(|m| m.contains_key(name)) {
+                "meter"
+            } else {
+                "local"
+            }
+        })),
+    }
 }
 
 /// What a reload changed.

@@ -199,3 +199,96 @@ async fn an_oversized_message_is_delivered_key_complete_in_several_publishes() {
     assert_eq!(huge[0]["values"], json!({"small": 1}));
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+fn values_of(r: &Recorded, device: &str, key: &str) -> Vec<i64> {
+    r.telemetry
+        .get(device)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["values"][key].as_i64())
+        .collect()
+}
+
+/// Requirement 5: a rename made in ThingsBoard is applied and survives a restart; rows queued
+/// for the old name follow it; the rule that names the device keeps producing the old name and
+/// is translated; a deleted device is forgotten and re-created only by new data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_and_delete_apply_persist_across_restart_and_move_queued_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let running = start(dir.path(), &emu, "").await;
+    let (c, _rx) = local_client(&running, "pump-client", None).await;
+    let send = |k: i64| json!({"deviceName": "Pump", "k": k}).to_string();
+    publish(&c, "v1/devices/me/telemetry", send(0)).await;
+    emu.wait_for("Pump created", WAIT, |r| values_of(r, "Pump", "k") == [0])
+        .await;
+
+    // ThingsBoard keeps these without acknowledging them: they stay queued under "Pump".
+    emu.set_withhold_pubacks(true);
+    for k in 1..=3 {
+        publish(&c, "v1/devices/me/telemetry", send(k)).await;
+    }
+    emu.wait_for("unacked rows seen", WAIT, |r| {
+        values_of(r, "Pump", "k").len() >= 4
+    })
+    .await;
+    assert!(running.store.stats().await.expect("stats").depth >= 3);
+    assert!(emu.push_device_renamed(1, "Pump", "Pump 7").await);
+    emu.wait_for("rename answered", WAIT, |r| {
+        r.gateway_rpc_response(1).is_some()
+    })
+    .await;
+    let _ = running.shutdown().await.expect("shutdown");
+    drop(c);
+
+    // Restart: the rename was persisted; the queued rows go out under the new name.
+    emu.set_withhold_pubacks(false);
+    let sessions_before = emu.snapshot().sessions;
+    let running = start(dir.path(), &emu, "").await;
+    let (c, _rx) = local_client(&running, "pump-client", None).await;
+    publish(&c, "v1/devices/me/telemetry", send(4)).await;
+    let r = emu
+        .wait_for("queued and new rows under the new name", WAIT, |r| {
+            let v = values_of(r, "Pump 7", "k");
+            (1..=4).all(|k| v.contains(&k))
+        })
+        .await;
+    assert!(
+        r.events
+            .iter()
+            .all(|e| e.session <= sessions_before || e.device != "Pump"),
+        "nothing under the old name after the restart: {:?}",
+        r.events
+    );
+    assert!(r
+        .connects
+        .iter()
+        .any(|(d, t)| d == "Pump 7" && t.as_deref() == Some(METER_TYPE)));
+
+    // Delete: forgotten (not re-announced on reconnect) until the source sends new data.
+    assert!(emu.push_device_deleted(2, "Pump 7").await);
+    emu.wait_for("delete answered", WAIT, |r| {
+        r.gateway_rpc_response(2).is_some()
+    })
+    .await;
+    let connects_before = emu.snapshot().connects.len();
+    emu.stop().await;
+    emu.restart().await;
+    let sessions = emu.snapshot().sessions;
+    emu.wait_for("reconnected", WAIT, |r| r.sessions > sessions)
+        .await;
+    publish(&c, "v1/devices/me/telemetry", send(5)).await;
+    let r = emu
+        .wait_for("re-created by new data", WAIT, |r| {
+            values_of(r, "Pump", "k").contains(&5)
+        })
+        .await;
+    let later: Vec<&String> = r.connects[connects_before..]
+        .iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert!(!later.iter().any(|d| *d == "Pump 7"), "{later:?}");
+    assert!(later.iter().any(|d| *d == "Pump"), "{later:?}");
+    assert!(!values_of(&r, "Pump 7", "k").contains(&5));
+    assert!(running.shutdown().await.expect("shutdown"));
+}

@@ -124,6 +124,39 @@ pub struct RawConfig {
     pub meters: Vec<MeterConfig>,
     /// Mapping rules for local MQTT messages (tb-gateway MQTT connector semantics).
     pub mappings: Vec<MappingConfig>,
+    /// The gateway device itself: statistics, RPC deadline, rate limits.
+    pub gateway: GatewayConfig,
+}
+
+/// How the bridge behaves as a ThingsBoard gateway device (docs/GATEWAY.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Period of the gateway's statistics telemetry; 0 = never sent.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+    /// Every RPC from ThingsBoard is answered within this (ThingsBoard gives up after 10 s).
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+    /// Ask ThingsBoard for its limits (`getSessionLimits`) after every connect.
+    pub request_session_limits: bool,
+    /// Own cap on publishes, ThingsBoard's format `capacity:seconds[,..]`, e.g. `"20:1,600:60"`;
+    /// empty = only what ThingsBoard reports.
+    pub messages_rate_limit: String,
+    /// Own cap on telemetry data points (key/value pairs), same format.
+    pub data_points_rate_limit: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            stats_interval: Duration::from_secs(60),
+            rpc_timeout: Duration::from_secs(8),
+            request_session_limits: true,
+            messages_rate_limit: String::new(),
+            data_points_rate_limit: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub meters: Vec<MeterConfig>,
     pub mappings: Vec<MappingConfig>,
+    pub gateway: GatewayConfig,
 }
 
 /// Check everything; return every problem found, each naming its key.
@@ -200,6 +201,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         errs.extend(e);
     }
 
+    errs.extend(crate::uplink::limits::validate_gateway(&raw.gateway));
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -214,6 +217,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         simulator: raw.simulator,
         meters: raw.meters,
         mappings: raw.mappings,
+        gateway: raw.gateway,
     })
 }
 

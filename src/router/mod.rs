@@ -60,6 +60,32 @@ pub struct RouterStats {
     pub oversize_values_dropped: AtomicU64,
     /// Records split into several because they did not fit one ThingsBoard packet.
     pub records_split: AtomicU64,
+    /// Batches of records from meters (one per poll or connectivity change).
+    pub meter_messages: AtomicU64,
+    /// Meters whose last poll succeeded / failed (from their `poll_ok` health telemetry).
+    pub meters_ok: AtomicU64,
+    pub meters_failing: AtomicU64,
+}
+
+impl RouterStats {
+    /// The router's share of the gateway statistics telemetry (docs/GATEWAY.md).
+    pub fn gateway_stats(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        let get = |a: &AtomicU64| json!(a.load(Ordering::Relaxed));
+        m.insert("messages_in_local".into(), get(&self.local_messages));
+        m.insert("messages_in_meters".into(), get(&self.meter_messages));
+        m.insert("records_queued".into(), get(&self.records_queued));
+        m.insert("malformed_dropped".into(), get(&self.malformed_dropped));
+        m.insert(
+            "oversize_values_dropped".into(),
+            get(&self.oversize_values_dropped),
+        );
+        m.insert("records_refused_by_queue".into(), get(&self.store_rejected));
+        m.insert("rpc_requests".into(), get(&self.rpc_requests));
+        m.insert("meters_ok".into(), get(&self.meters_ok));
+        m.insert("meters_failing".into(), get(&self.meters_failing));
+        m
+    }
 }
 
 /// The channels the router reads.
@@ -91,6 +117,8 @@ pub struct Router {
     warns: WarnLimiter,
     /// Largest publish ThingsBoard accepts: larger records are split before they are queued.
     max_packet_size: usize,
+    /// Meter → whether its last poll succeeded, for the ok/failing counts.
+    meter_health: HashMap<String, bool>,
 }
 
 impl Router {
@@ -114,6 +142,7 @@ impl Router {
             stats: Arc::default(),
             warns: WarnLimiter::default(),
             max_packet_size: crate::config::ThingsboardConfig::default().max_packet_size,
+            meter_health: HashMap::new(),
         }
     }
 
@@ -193,7 +222,11 @@ impl Router {
         let mut out = Vec::new();
         for ev in events {
             match ev {
-                SourceEvent::Records(rs) => out.extend(rs),
+                SourceEvent::Records(rs) => {
+                    self.stats.meter_messages.fetch_add(1, Ordering::Relaxed);
+                    self.track_meter_health(&rs);
+                    out.extend(rs);
+                }
                 SourceEvent::Local(msg) => {
                     self.stats.local_messages.fetch_add(1, Ordering::Relaxed);
                     self.map_local(&msg, &mut out);
@@ -201,6 +234,18 @@ impl Router {
             }
         }
         out
+    }
+
+    fn track_meter_health(&mut self, records: &[Record]) {
+        for r in records.iter().filter(|r| r.kind == RecordKind::Telemetry) {
+            if let Some(ok) = r.payload["values"].get("poll_ok").and_then(Value::as_bool) {
+                self.meter_health.insert(r.device.clone(), ok);
+            }
+        }
+        let ok = self.meter_health.values().filter(|v| **v).count() as u64;
+        let failing = self.meter_health.len() as u64 - ok;
+        self.stats.meters_ok.store(ok, Ordering::Relaxed);
+        self.stats.meters_failing.store(failing, Ordering::Relaxed);
     }
 
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {

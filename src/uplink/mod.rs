@@ -29,7 +29,9 @@
 //! anything but QoS 1; put two devices in one publish; delete a row before its PUBACK; log the
 //! access token; retry a refused token in a tight loop.
 
+pub mod gateway_rpc;
 pub mod inflight;
+pub mod limits;
 pub mod split;
 pub mod thingsboard;
 
@@ -45,9 +47,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{MqttProtocol, ThingsboardConfig};
+use crate::config::{GatewayConfig, MqttProtocol, ThingsboardConfig};
 use crate::model::{check_device_name, Downlink, RecordKind, StoredRecord};
+use crate::store::devices::{DeviceNames, DeviceRegistry, Route};
 use crate::store::StoreHandle;
+
+use gateway_rpc::GatewayInfo;
 
 use inflight::Inflight;
 use thingsboard as tb;
@@ -135,6 +140,14 @@ pub struct Uplink {
     status_tx: watch::Sender<UplinkStatus>,
     /// How long a stop waits for outstanding PUBACKs.
     grace: Duration,
+    /// Where renames/deletions made in ThingsBoard are persisted (`None`: memory only).
+    registry: Option<DeviceRegistry>,
+    /// The renames/deletions loaded at start.
+    initial_names: DeviceNames,
+    /// Counters and device sources lent by the rest of the bridge (gateway RPCs, statistics).
+    info: GatewayInfo,
+    /// Statistics period, RPC deadline, rate caps.
+    gw: GatewayConfig,
 }
 
 impl Uplink {
@@ -149,7 +162,29 @@ impl Uplink {
             downlink_tx,
             status_tx: watch::channel(UplinkStatus::default()).0,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            registry: None,
+            initial_names: DeviceNames::default(),
+            info: GatewayInfo::default(),
+            gw: GatewayConfig {
+                stats_interval: Duration::ZERO,
+                ..GatewayConfig::default()
+            },
         }
+    }
+
+    /// Persist device renames/deletions in `registry`, starting from `names` (loaded from it).
+    pub fn with_device_registry(mut self, registry: DeviceRegistry, names: DeviceNames) -> Self {
+        self.registry = Some(registry);
+        self.initial_names = names;
+        self
+    }
+
+    /// Gateway behaviour (statistics period, rate caps) and what the rest of the bridge lends
+    /// for gateway RPCs and statistics.
+    pub fn with_gateway(mut self, gw: GatewayConfig, info: GatewayInfo) -> Self {
+        self.gw = gw;
+        self.info = info;
+        self
     }
 
     /// Set how long [`run`](Self::run) waits for outstanding PUBACKs once cancelled.
@@ -166,6 +201,7 @@ impl Uplink {
     /// disconnect. Unacked rows stay in the store for the next start.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut life = Life::new(&self.cfg);
+        life.names = self.initial_names.clone();
         info!(
             host = %self.cfg.host,
             port = self.cfg.port,
@@ -308,6 +344,9 @@ impl Uplink {
         let mut store_open = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stats_every = self.gw.stats_interval;
+        let mut stats_tick = tokio::time::interval(stats_every.max(Duration::from_secs(1)));
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             if s.connected_at.is_some() && s.stopping.is_none() {
@@ -388,6 +427,9 @@ impl Uplink {
                     if let Err(f) = self.housekeeping(&mut s) {
                         return SessionEnd::Failed(f);
                     }
+                }
+                _ = stats_tick.tick(), if live && !stats_every.is_zero() => {
+                    self.send_stats(life, &mut s).await;
                 }
                 _ = cancel.cancelled(), if s.stopping.is_none() => {
                     if s.connected_at.is_none() {
@@ -477,13 +519,41 @@ impl Uplink {
         let max = self.cfg.max_packet_size;
         let mut order: Vec<String> = Vec::new();
         let mut per: HashMap<String, Vec<StoredRecord>> = HashMap::new();
-        for row in rows {
+        // Renamed devices are sent under their ThingsBoard name, rows of deleted ones dropped.
+        let mut forgotten = Vec::new();
+        let mut recreated = Vec::new();
+        for mut row in rows {
+            match life.names.route(&row.record.device, row.id) {
+                (Route::Drop, _) => {
+                    forgotten.push(row.id);
+                    continue;
+                }
+                (Route::Send(name), again) => {
+                    if again {
+                        info!(device = %name, "A device deleted in ThingsBoard sends new data; it is created again.");
+                        recreated.push(row.record.device.clone());
+                    }
+                    row.record.device = name;
+                }
+            }
             per.entry(row.record.device.clone())
                 .or_insert_with(|| {
                     order.push(row.record.device.clone());
                     Vec::new()
                 })
                 .push(row);
+        }
+        if !recreated.is_empty() {
+            self.persist_names(life, recreated).await;
+        }
+        if !forgotten.is_empty() {
+            debug!(
+                rows = forgotten.len(),
+                "Dropping rows of devices deleted in ThingsBoard."
+            );
+            if let Err(e) = self.store.ack(forgotten).await {
+                warn!(error = %e, "Deleting rows of deleted devices failed; they will be read again.");
+            }
         }
         let mut rejected: Vec<(String, i64, String)> = Vec::new();
         for device in order {
@@ -719,17 +789,12 @@ impl Uplink {
                 }
             }
             NetEvent::Publish { topic, payload } => {
-                if let Some((reply_topic, body)) = tb::gateway_rpc_reply(&topic, &payload) {
-                    // Fire-and-forget like an announcement: no rows, no dead-link deadline.
+                if let Some(id) = gateway_rpc::request_id(&topic) {
+                    // The reply is fire-and-forget like an announcement: no rows.
                     debug!(topic = %topic, "Answering an RPC to the gateway device itself.");
-                    s.pending.push_front(Out {
-                        topic: Cow::Owned(reply_topic),
-                        payload: Bytes::from(body),
-                        ids: Vec::new(),
-                        device: String::new(),
-                    });
+                    self.gateway_rpc(id, &payload, life, s).await;
                 } else {
-                    self.on_downlink(&topic, &payload);
+                    self.on_downlink(&topic, &payload, &life.names);
                 }
             }
             NetEvent::SentDisconnect | NetEvent::Other => {}
@@ -737,9 +802,9 @@ impl Uplink {
         Ok(())
     }
 
-    fn on_downlink(&self, topic: &str, payload: &[u8]) {
+    fn on_downlink(&self, topic: &str, payload: &[u8], names: &DeviceNames) {
         match tb::parse_downlink(topic, payload) {
-            Ok(Some(msg)) => match self.downlink_tx.try_send(msg) {
+            Ok(Some(msg)) => match self.downlink_tx.try_send(to_source_names(msg, names)) {
                 Ok(()) => self.status_tx.send_modify(|st| st.downlink_forwarded += 1),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.status_tx.send_modify(|st| st.downlink_dropped += 1);
@@ -767,6 +832,30 @@ impl Uplink {
                 warn!(topic, error = %e, "Dropping a malformed message from ThingsBoard.");
             }
         }
+    }
+}
+
+/// ThingsBoard names a renamed device by its new name; meters and local routes know the source.
+fn to_source_names(msg: Downlink, names: &DeviceNames) -> Downlink {
+    let src = |d: String| names.source_name(&d).to_owned();
+    match msg {
+        Downlink::Rpc(mut r) => {
+            r.device = src(r.device);
+            Downlink::Rpc(r)
+        }
+        Downlink::Attributes(mut a) => {
+            a.device = src(a.device);
+            Downlink::Attributes(a)
+        }
+        Downlink::AttributeResponse { device, id, values } => Downlink::AttributeResponse {
+            device: src(device),
+            id,
+            values,
+        },
+        Downlink::DeviceDisconnected { device, reason } => Downlink::DeviceDisconnected {
+            device: src(device),
+            reason,
+        },
     }
 }
 
@@ -800,6 +889,12 @@ struct Life {
     short_sessions: u32,
     /// Devices whose undeliverable rows were already logged at ERROR.
     invalid_reported: HashSet<String>,
+    /// Renames and deletions made in ThingsBoard (persisted by the registry).
+    names: DeviceNames,
+    /// For `uptime_s`.
+    started: Instant,
+    /// For `cpu_percent`.
+    cpu: gateway_rpc::CpuSampler,
 }
 
 impl Life {
@@ -831,6 +926,9 @@ impl Life {
             takeover_reported: false,
             short_sessions: 0,
             invalid_reported: HashSet::new(),
+            names: DeviceNames::default(),
+            started: Instant::now(),
+            cpu: gateway_rpc::CpuSampler::default(),
         }
     }
 }

@@ -94,6 +94,15 @@ pub struct Recorded {
 
 impl Recorded {
     /// Distinct telemetry `ts` values of a device, in first-arrival order.
+    /// The reply to the gateway-device RPC `id`, if it came.
+    pub fn gateway_rpc_response(&self, id: i64) -> Option<&Value> {
+        let id = id.to_string();
+        self.gateway_rpc_responses
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| v)
+    }
+
     pub fn telemetry_ts(&self, device: &str) -> Vec<i64> {
         let mut seen = std::collections::HashSet::new();
         self.telemetry
@@ -372,6 +381,29 @@ impl TbEmulator {
             json!({"device": device, "data": data}),
         )
         .await
+    }
+
+    /// RPC to the gateway device itself (`v1/devices/me/rpc/request/{id}`).
+    pub async fn push_gateway_rpc(&self, id: i64, method: &str, params: Value) -> bool {
+        self.push(
+            &format!("v1/devices/me/rpc/request/{id}"),
+            json!({"method": method, "params": params}),
+        )
+        .await
+    }
+
+    /// ThingsBoard's rename notification (spec §2.8): `{"Old":"New"}`.
+    pub async fn push_device_renamed(&self, id: i64, old: &str, new: &str) -> bool {
+        let mut params = Map::new();
+        params.insert(old.to_owned(), json!(new));
+        self.push_gateway_rpc(id, "gateway_device_renamed", Value::Object(params))
+            .await
+    }
+
+    /// ThingsBoard's delete notification (spec §2.8): params is the name.
+    pub async fn push_device_deleted(&self, id: i64, name: &str) -> bool {
+        self.push_gateway_rpc(id, "gateway_device_deleted", json!(name))
+            .await
     }
 }
 
