@@ -292,3 +292,89 @@ async fn rename_and_delete_apply_persist_across_restart_and_move_queued_rows() {
     assert!(!values_of(&r, "Pump 7", "k").contains(&5));
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+/// Requirement 6: gateway RPCs and the periodic statistics telemetry, with counts equal to what
+/// the test sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_rpcs_and_statistics_telemetry_count_what_was_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let running = start(
+        dir.path(),
+        &emu,
+        "[gateway]\nstats_interval = \"1s\"\n[simulator]\nmeters = 1\ninterval = \"200ms\"\n",
+    )
+    .await;
+    let (c, _rx) = local_client(&running, "stats-client", None).await;
+    for k in 0..7 {
+        publish(
+            &c,
+            "v1/devices/me/telemetry",
+            json!({"deviceName": "Counted", "k": k}).to_string(),
+        )
+        .await;
+    }
+    publish(&c, "v1/devices/me/telemetry", "not json").await;
+    publish(&c, "v1/devices/me/telemetry", "[1]").await;
+    emu.wait_for("7 readings and the meter", WAIT, |r| {
+        values_of(r, "Counted", "k").len() == 7 && r.telemetry.contains_key("sim-meter-0001")
+    })
+    .await;
+    assert!(emu.push_gateway_rpc(11, "gateway_ping", json!({})).await);
+    assert!(emu.push_gateway_rpc(12, "gateway_version", json!({})).await);
+    assert!(emu.push_gateway_rpc(13, "gateway_devices", json!({})).await);
+    assert!(emu.push_gateway_rpc(14, "gateway_stats", json!({})).await);
+    assert!(emu.push_gateway_rpc(15, "gateway_reboot", json!({})).await);
+    let r = emu
+        .wait_for("five replies", WAIT, |r| {
+            (11..=15).all(|id| r.gateway_rpc_response(id).is_some())
+        })
+        .await;
+    assert_eq!(
+        r.gateway_rpc_response(11),
+        Some(&json!({"code": 200, "resp": "pong"}))
+    );
+    let version = r.gateway_rpc_response(12).expect("version");
+    assert_eq!(version["resp"]["version"], json!(env!("CARGO_PKG_VERSION")));
+    let devices = &r.gateway_rpc_response(13).expect("devices")["resp"];
+    assert_eq!(
+        devices["Counted"],
+        json!({"type": METER_TYPE, "source": "local", "status": "connected"})
+    );
+    assert_eq!(devices["sim-meter-0001"]["source"], json!("meter"));
+    let stats = &r.gateway_rpc_response(14).expect("stats")["resp"];
+    assert_eq!(stats["messages_in_local"], json!(9), "{stats}");
+    assert_eq!(stats["malformed_dropped"], json!(2), "{stats}");
+    assert!(stats["messages_in_meters"].as_u64() > Some(0), "{stats}");
+    assert_eq!(stats["meters_ok"], json!(1), "{stats}");
+    assert_eq!(stats["meters_failing"], json!(0), "{stats}");
+    assert_eq!(r.gateway_rpc_response(15).expect("404")["code"], json!(404));
+
+    // The periodic telemetry carries the same counters and the tb-gateway dashboard keys.
+    let r = emu
+        .wait_for("two statistics messages", WAIT, |r| {
+            r.gateway_telemetry.len() >= 2
+        })
+        .await;
+    let last = r.gateway_telemetry.last().expect("stats");
+    assert_eq!(last["messages_in_local"], json!(9), "{last}");
+    for key in [
+        "queue_depth",
+        "queue_oldest_age_s",
+        "records_sent",
+        "records_acknowledged",
+        "records_dropped",
+        "uptime_s",
+        "rss_bytes",
+        "meters_ok",
+        "meters_failing",
+    ] {
+        assert!(last.get(key).is_some(), "{key} in {last}");
+    }
+    assert!(last["machineStats"]["msgsSentToPlatform"].as_u64() > Some(0));
+    assert_eq!(
+        last["connectorsStats"]["local"]["connectorMsgsReceived"],
+        json!(9)
+    );
+    assert!(running.shutdown().await.expect("shutdown"));
+}

@@ -84,6 +84,8 @@ pub struct Recorded {
     pub attribute_requests: Vec<Value>,
     /// `(request id, body)` of replies to RPCs addressed to the gateway device itself.
     pub gateway_rpc_responses: Vec<(String, Value)>,
+    /// Telemetry of the gateway device itself (`v1/devices/me/telemetry`), one per publish.
+    pub gateway_telemetry: Vec<Value>,
     pub invalid_payloads: u64,
     pub oversize_packets: u64,
     /// PUBACKs not sent because withholding was on.
@@ -976,6 +978,9 @@ fn accept(
             }
             event(&device, "attribute_request");
             r.attribute_requests.push(Value::Object(m));
+        }
+        "v1/devices/me/telemetry" => {
+            r.gateway_telemetry.push(Value::Object(m));
         }
         t if t.starts_with("v1/devices/me/rpc/response/") => {
             let id = &t["v1/devices/me/rpc/response/".len()..];
