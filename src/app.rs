@@ -197,7 +197,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         broker.clone(),
         meters.clone(),
     )
-    .with_max_packet_size(cfg.thingsboard.max_packet_size);
+    .with_max_packet_size(cfg.thingsboard.max_packet_size)
+    .with_rpc_timeout(cfg.gateway.rpc_timeout);
     let router_stats = router.stats();
     let router_done = tasks.spawn("router", router.run());
 

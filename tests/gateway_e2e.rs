@@ -378,3 +378,131 @@ async fn gateway_rpcs_and_statistics_telemetry_count_what_was_sent() {
     );
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+/// A simulated meter on loopback, outside the bridge, so a `[[meters]]` entry can name it.
+async fn sim_meter() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let addrs = spawn_meters(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        0,
+        1,
+        &SimOptions::default(),
+        &tracker,
+        cancel.clone(),
+    )
+    .await
+    .expect("simulated meter");
+    (addrs[0], cancel)
+}
+
+/// Requirement 7: `get` on a register is scaled with its unit; `set`/`action` only where
+/// `rpc_write` allows, else refused with the reason; a meter that does not answer still gets the
+/// RPC answered within `rpc_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meter_rpcs_are_scaled_guarded_and_answered_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let (addr, sim_cancel) = sim_meter().await;
+    // A "meter" that accepts TCP and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    let extra = format!(
+        r#"
+[gateway]
+rpc_timeout = "1s"
+[[meters]]
+name = "Guarded"
+host = "127.0.0.1"
+port = {}
+interval = "200ms"
+rpc_write = ["0.0.96.3.10.255"]
+[[meters]]
+name = "Silent"
+host = "127.0.0.1"
+port = {}
+timeout = "30s"
+"#,
+        addr.port(),
+        silent_addr.port()
+    );
+    let running = start(dir.path(), &emu, &extra).await;
+    emu.wait_for("meter online", WAIT, |r| {
+        r.telemetry.contains_key("Guarded")
+    })
+    .await;
+    let rpc = |id: i64, method: &'static str, params: Value| {
+        let emu = &emu;
+        async move { assert!(emu.push_rpc("Guarded", id, method, params).await) }
+    };
+    rpc(1, "get", json!({"obis": "1.0.32.7.0.255"})).await;
+    rpc(
+        2,
+        "set",
+        json!({"obis": "0.0.1.0.0.255", "class_id": 8, "value": 1}),
+    )
+    .await;
+    rpc(
+        3,
+        "action",
+        json!({"obis": "0.0.1.0.0.255", "class_id": 8, "method": 1, "value": 0, "type": "i8"}),
+    )
+    .await;
+    rpc(
+        4,
+        "set",
+        json!({"obis": "0.0.96.3.10.255", "class_id": 70, "attribute": 3, "value": 1, "type": "enum"}),
+    )
+    .await;
+    assert!(
+        emu.push_rpc("Silent", 5, "get", json!({"obis": "1.0.32.7.0.255"}))
+            .await
+    );
+    let r = emu
+        .wait_for("five replies", WAIT, |r| {
+            (1..=5).all(|id| rpc_reply(r, id).is_some())
+        })
+        .await;
+    let get = rpc_reply(&r, 1).expect("get")["data"].clone();
+    assert_eq!(get["success"], json!(true), "{get}");
+    assert_eq!(get["unit"], json!("V"), "{get}");
+    let (value, raw) = (
+        get["value"].as_f64().expect("value"),
+        get["raw"].as_f64().expect("raw"),
+    );
+    assert!(value < raw, "scaled below the raw register value: {get}");
+    for id in [2, 3] {
+        let d = rpc_reply(&r, id).expect("reply")["data"].clone();
+        assert_eq!(d["success"], json!(false), "{d}");
+        assert!(
+            d["error"].as_str().unwrap_or("").contains("not allowed"),
+            "{d}"
+        );
+    }
+    // The allowed OBIS code passes the guard (the meter's own answer follows).
+    let allowed = rpc_reply(&r, 4).expect("reply")["data"].clone();
+    assert!(
+        !allowed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rpc_write"),
+        "{allowed}"
+    );
+    let late = rpc_reply(&r, 5).expect("reply")["data"].clone();
+    assert_eq!(late["success"], json!(false), "{late}");
+    assert!(
+        late["error"].as_str().unwrap_or("").contains("rpc_timeout"),
+        "{late}"
+    );
+    assert!(running.shutdown().await.expect("shutdown"));
+    sim_cancel.cancel();
+}

@@ -453,6 +453,23 @@ pub struct MeterConfig {
     pub profile: String,
     /// Explicit registers; replace the profile's when non-empty.
     pub registers: Vec<RegisterConfig>,
+    /// Which RPC `set`/`action` ThingsBoard may run on this meter: `false` (none, the
+    /// default), `true` (all), or a list of allowed OBIS codes.
+    pub rpc_write: RpcWrite,
+}
+
+/// `rpc_write`: `true`/`false`, or the OBIS codes `set`/`action` may touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RpcWrite {
+    All(bool),
+    Obis(Vec<String>),
+}
+
+impl Default for RpcWrite {
+    fn default() -> Self {
+        RpcWrite::All(false)
+    }
 }
 
 impl Default for MeterConfig {
@@ -474,6 +491,7 @@ impl Default for MeterConfig {
             device_type: None,
             profile: "default".into(),
             registers: Vec::new(),
+            rpc_write: RpcWrite::default(),
         }
     }
 }

@@ -170,6 +170,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         if m.timeout.is_zero() {
             errs.push(ConfigError::new(key("timeout"), "must be above 0"));
         }
+        errs.extend(crate::downlink::validate_rpc_write(
+            &m.rpc_write,
+            &key("rpc_write"),
+        ));
         if m.registers.is_empty() && m.profile != "default" {
             errs.push(ConfigError::new(
                 key("profile"),

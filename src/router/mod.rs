@@ -119,6 +119,8 @@ pub struct Router {
     max_packet_size: usize,
     /// Meter → whether its last poll succeeded, for the ok/failing counts.
     meter_health: HashMap<String, bool>,
+    /// Every RPC is answered within this (`gateway.rpc_timeout`).
+    rpc_timeout: Duration,
 }
 
 impl Router {
@@ -143,7 +145,14 @@ impl Router {
             warns: WarnLimiter::default(),
             max_packet_size: crate::config::ThingsboardConfig::default().max_packet_size,
             meter_health: HashMap::new(),
+            rpc_timeout: crate::config::GatewayConfig::default().rpc_timeout,
         }
+    }
+
+    /// Answer every RPC within `timeout` (`gateway.rpc_timeout`), with an error if need be.
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.rpc_timeout = timeout;
+        self
     }
 
     /// Split records that would not fit one publish of `max` bytes (`thingsboard.max_packet_size`).
@@ -396,9 +405,15 @@ impl Router {
             .read()
             .ok()
             .and_then(|m| m.get(&req.device).cloned());
+        let deadline = self.rpc_timeout;
+        let late = move || {
+            crate::downlink::rpc_error(format!("no answer within rpc_timeout ({deadline:?})"))
+        };
         if let Some(meter) = meter {
             tokio::spawn(async move {
-                let data = crate::downlink::meter_rpc(&meter, &req).await;
+                let data = tokio::time::timeout(deadline, crate::downlink::meter_rpc(&meter, &req))
+                    .await
+                    .unwrap_or_else(|_| late());
                 queue_reply(&store, &req, data).await;
             });
             return;
@@ -406,7 +421,10 @@ impl Router {
         match (self.mappings.rpc_route(&req), self.broker.clone()) {
             (Some(route), Some(broker)) => {
                 tokio::spawn(async move {
-                    let data = crate::downlink::local_rpc(&broker, route).await;
+                    let data =
+                        tokio::time::timeout(deadline, crate::downlink::local_rpc(&broker, route))
+                            .await
+                            .unwrap_or_else(|_| late());
                     queue_reply(&store, &req, data).await;
                 });
             }

@@ -39,12 +39,19 @@ pub struct MeterHandle {
     name: Arc<str>,
     /// To the meter actor; closed when it stops.
     cmd_tx: mpsc::Sender<Command>,
+    /// Which `set`/`action` RPCs ThingsBoard may run (checked by `downlink`).
+    rpc_write: Arc<crate::config::RpcWrite>,
 }
 
 impl MeterHandle {
     /// The meter's device name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The meter's `rpc_write` setting.
+    pub fn rpc_write(&self) -> &crate::config::RpcWrite {
+        &self.rpc_write
     }
 
     async fn call<T>(
@@ -111,9 +118,14 @@ pub fn spawn_meter_with(
 ) -> MeterHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let name: Arc<str> = cfg.name.as_str().into();
+    let rpc_write = Arc::new(cfg.rpc_write.clone());
     let meter = Meter::new(cfg, events_tx, cmd_rx, cancel).with_max_receive_pdu(max_receive_pdu);
     tracker.spawn(meter.run());
-    MeterHandle { name, cmd_tx }
+    MeterHandle {
+        name,
+        cmd_tx,
+        rpc_write,
+    }
 }
 
 /// Expand a `[[meters]]` entry with `database = "..."` into one meter per row of the original
