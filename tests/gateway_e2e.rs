@@ -506,3 +506,48 @@ timeout = "30s"
     assert!(running.shutdown().await.expect("shutdown"));
     sim_cancel.cancel();
 }
+
+/// Requirement 9: `getSessionLimits` is asked after connect and the bridge stays under the
+/// limits it answers; ThingsBoard (enforcing like the real one: PUBACK 0x97 and close) never
+/// closes the session and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_limits_are_learned_and_the_session_is_never_closed_for_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    emu.set_session_limits(Some(json!({
+        "maxPayloadSize": 65536,
+        "maxInflightMessages": 100,
+        "rateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
+        "gatewayRateLimits": {"messages": "10:1", "telemetryMessages": null, "telemetryDataPoints": "200:1"},
+    })));
+    emu.set_rate_limit(Some((20, Duration::from_secs(1))));
+    let running = start(dir.path(), &emu, "").await;
+    let (c, _rx) = local_client(&running, "burst", None).await;
+    let devices: Vec<String> = (0..10).map(|i| format!("Burst {i}")).collect();
+    for (i, d) in devices.iter().enumerate() {
+        publish(
+            &c,
+            "v1/devices/me/telemetry",
+            json!({"deviceName": d, "k": i}).to_string(),
+        )
+        .await;
+    }
+    let r = emu
+        .wait_for("every device's data", WAIT, |r| {
+            devices.iter().all(|d| values_of(r, d, "k").len() == 1)
+        })
+        .await;
+    assert_eq!(r.rate_limit_closes, 0, "never closed for rate");
+    assert_eq!(r.sessions, 1);
+    assert!(r
+        .client_rpc_requests
+        .iter()
+        .any(|(_, v)| v["method"] == json!("getSessionLimits")));
+    let st = running.uplink_status.borrow().clone();
+    assert!(st.session_limits_known, "{st:?}");
+    assert!(
+        st.rate_limited > 0,
+        "the limiter held publishes back: {st:?}"
+    );
+    assert!(running.shutdown().await.expect("shutdown"));
+}

@@ -23,8 +23,15 @@ use crate::config::{ConfigError, GatewayConfig};
 /// Share of ThingsBoard's reported capacity we use (its SDK keeps 80 %).
 pub const TB_LIMIT_SHARE_PERCENT: u64 = 80;
 
-/// Topic prefix and method of the session limits request.
+/// Method of the session limits request.
 pub const SESSION_LIMITS_METHOD: &str = "getSessionLimits";
+
+/// How long data waits for the answer after a connect (the SDK's 5 s); older ThingsBoard never
+/// answers.
+pub const SESSION_LIMITS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers to our own client-side RPCs (`getSessionLimits`).
+pub const TOPIC_ME_RPC_RESPONSE_FILTER: &str = "v1/devices/me/rpc/response/+";
 
 /// One `capacity:seconds` window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -118,6 +118,10 @@ pub struct UplinkStatus {
     pub downlink_malformed: u64,
     /// Last connection problem, without secrets.
     pub last_error: Option<String>,
+    /// Times a publish waited for room under the rate limits (ThingsBoard's or configured).
+    pub rate_limited: u64,
+    /// ThingsBoard answered `getSessionLimits` in the current (or last) session.
+    pub session_limits_known: bool,
 }
 
 /// Failures that end `run` (none today: every session error is retried).
@@ -167,6 +171,7 @@ impl Uplink {
             info: GatewayInfo::default(),
             gw: GatewayConfig {
                 stats_interval: Duration::ZERO,
+                request_session_limits: false,
                 ..GatewayConfig::default()
             },
         }
@@ -202,6 +207,11 @@ impl Uplink {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut life = Life::new(&self.cfg);
         life.names = self.initial_names.clone();
+        // Validated with the configuration; a bad string here means no cap.
+        life.cfg_messages =
+            limits::parse_rate_limit(&self.gw.messages_rate_limit).unwrap_or_default();
+        life.cfg_points =
+            limits::parse_rate_limit(&self.gw.data_points_rate_limit).unwrap_or_default();
         info!(
             host = %self.cfg.host,
             port = self.cfg.port,
@@ -423,6 +433,13 @@ impl Uplink {
                     s.read_at = None;
                     s.need_read = true;
                 }
+                _ = sleep_until_opt(s.rate_wait), if s.rate_wait.is_some() => {
+                    s.rate_wait = None;
+                }
+                _ = sleep_until_opt(s.limits_wait), if s.limits_wait.is_some() => {
+                    s.limits_wait = None;
+                    debug!("No getSessionLimits answer (ThingsBoard older than 3.8?); configured caps apply.");
+                }
                 _ = tick.tick() => {
                     if let Err(f) = self.housekeeping(&mut s) {
                         return SessionEnd::Failed(f);
@@ -476,12 +493,32 @@ impl Uplink {
 
     /// Fill the window: send pending publishes, read and plan more rows when they run out.
     async fn pump(&self, client: &Client, life: &mut Life, s: &mut Session) -> Result<(), Failure> {
-        let window = usize::from(self.cfg.max_inflight.max(1));
+        let window = usize::from(life.max_inflight(&self.cfg));
+        if s.limits_wait.is_some() {
+            // Nothing goes out before ThingsBoard said its limits (or did not in time).
+            return Ok(());
+        }
         loop {
             while s.inflight.len() < window {
                 let Some(out) = s.pending.pop_front() else {
                     break;
                 };
+                // Stay under ThingsBoard's rate limits: the publish waits, its rows stay queued.
+                let now = std::time::Instant::now();
+                let telemetry = out.topic == tb::TOPIC_TELEMETRY;
+                let points = if telemetry && !life.limiter.is_unlimited() {
+                    limits::data_points(&out.payload)
+                } else {
+                    0
+                };
+                let ready = life.limiter.ready_at(now, telemetry, points);
+                if ready > now {
+                    s.pending.push_front(out);
+                    s.rate_wait = Some(Instant::from_std(ready));
+                    self.status_tx.send_modify(|st| st.rate_limited += 1);
+                    return Ok(());
+                }
+                life.limiter.take(now, telemetry, points);
                 if let Err(e) = client.publish(&out.topic, out.payload.clone()) {
                     return Err(Failure::Client(e));
                 }
@@ -516,7 +553,7 @@ impl Uplink {
     /// Turn rows into publishes: per device in order, `connect` first if not yet announced in
     /// this session, consecutive telemetry/attribute rows coalesced, split to fit a packet.
     async fn plan(&self, rows: Vec<StoredRecord>, life: &mut Life, s: &mut Session) {
-        let max = self.cfg.max_packet_size;
+        let max = life.max_packet_size(&self.cfg);
         let mut order: Vec<String> = Vec::new();
         let mut per: HashMap<String, Vec<StoredRecord>> = HashMap::new();
         // Renamed devices are sent under their ThingsBoard name, rows of deleted ones dropped.
@@ -719,6 +756,13 @@ impl Uplink {
                 for filter in tb::SUBSCRIPTIONS {
                     client.subscribe(filter).map_err(Failure::Client)?;
                 }
+                life.limiter = limits::RateLimiter::new(&life.cfg_messages, &life.cfg_points, None);
+                life.session_limits = None;
+                self.status_tx
+                    .send_modify(|st| st.session_limits_known = false);
+                if self.gw.request_session_limits {
+                    self.request_session_limits(client, life, &mut *s)?;
+                }
                 // ThingsBoard forgot every sub-device with the old session (spec §2.3).
                 let mut known: Vec<(&String, &String)> = life.known.iter().collect();
                 known.sort();
@@ -789,7 +833,9 @@ impl Uplink {
                 }
             }
             NetEvent::Publish { topic, payload } => {
-                if let Some(id) = gateway_rpc::request_id(&topic) {
+                if topic.starts_with(tb::TOPIC_ME_RPC_RESPONSE_PREFIX) {
+                    self.on_rpc_response(&payload, life, s);
+                } else if let Some(id) = gateway_rpc::request_id(&topic) {
                     // The reply is fire-and-forget like an announcement: no rows.
                     debug!(topic = %topic, "Answering an RPC to the gateway device itself.");
                     self.gateway_rpc(id, &payload, life, s).await;
@@ -832,6 +878,64 @@ impl Uplink {
                 warn!(topic, error = %e, "Dropping a malformed message from ThingsBoard.");
             }
         }
+    }
+}
+
+impl Uplink {
+    /// Ask ThingsBoard for its session limits (spec §3.2); data waits for the answer.
+    fn request_session_limits(
+        &self,
+        client: &Client,
+        life: &mut Life,
+        s: &mut Session,
+    ) -> Result<(), Failure> {
+        client
+            .subscribe(limits::TOPIC_ME_RPC_RESPONSE_FILTER)
+            .map_err(Failure::Client)?;
+        life.limits_request_id += 1;
+        let topic = format!(
+            "{}{}",
+            tb::TOPIC_ME_RPC_REQUEST_PREFIX,
+            life.limits_request_id
+        );
+        let body = serde_json::json!({
+            "method": limits::SESSION_LIMITS_METHOD,
+            "params": {"timeout": limits::SESSION_LIMITS_TIMEOUT.as_millis() as u64},
+        });
+        client
+            .publish(&topic, Bytes::from(body.to_string()))
+            .map_err(Failure::Client)?;
+        let now = Instant::now();
+        s.inflight.push_request(
+            Tag {
+                ids: Vec::new(),
+                device: String::new(),
+            },
+            now.into_std(),
+            false,
+        );
+        s.limits_wait = Some(now + limits::SESSION_LIMITS_TIMEOUT);
+        Ok(())
+    }
+
+    /// An answer to one of our own client-side RPCs: today only `getSessionLimits`.
+    fn on_rpc_response(&self, payload: &[u8], life: &mut Life, s: &mut Session) {
+        let Some(l) = limits::parse_session_limits(payload) else {
+            debug!("Ignoring an RPC response that is not a session limits answer.");
+            return;
+        };
+        info!(
+            max_payload_size = ?l.max_payload_size,
+            max_inflight = ?l.max_inflight,
+            message_windows = l.messages.len(),
+            data_point_windows = l.data_points.len(),
+            "ThingsBoard session limits received; staying under them."
+        );
+        life.limiter = limits::RateLimiter::new(&life.cfg_messages, &life.cfg_points, Some(&l));
+        life.session_limits = Some(l);
+        s.limits_wait = None;
+        self.status_tx
+            .send_modify(|st| st.session_limits_known = true);
     }
 }
 
@@ -895,9 +999,34 @@ struct Life {
     started: Instant,
     /// For `cpu_percent`.
     cpu: gateway_rpc::CpuSampler,
+    /// Configured caps (`gateway.messages_rate_limit`, `data_points_rate_limit`).
+    cfg_messages: Vec<limits::Window>,
+    cfg_points: Vec<limits::Window>,
+    /// What ThingsBoard said in this session, and the limiter built from it and the caps.
+    session_limits: Option<limits::SessionLimits>,
+    limiter: limits::RateLimiter,
+    /// Ids of our `getSessionLimits` requests.
+    limits_request_id: u64,
 }
 
 impl Life {
+    /// Packet limit: configured, lowered to what ThingsBoard reported.
+    fn max_packet_size(&self, cfg: &ThingsboardConfig) -> usize {
+        let learned = self
+            .session_limits
+            .as_ref()
+            .and_then(|l| l.max_payload_size);
+        learned.map_or(cfg.max_packet_size, |m| m.min(cfg.max_packet_size))
+    }
+
+    /// Publish window: configured, lowered to 80 % of what ThingsBoard reported.
+    fn max_inflight(&self, cfg: &ThingsboardConfig) -> u16 {
+        let learned = self.session_limits.as_ref().and_then(|l| l.max_inflight);
+        learned
+            .map_or(cfg.max_inflight, |m| m.min(cfg.max_inflight))
+            .max(1)
+    }
+
     /// The profile to announce `device` with. Data (telemetry, attributes, a local `connect`)
     /// with a type sets it; replies and attribute requests carry none and never change it.
     /// `None`: nothing is known about the device's type, so it is not announced.
@@ -929,6 +1058,11 @@ impl Life {
             names: DeviceNames::default(),
             started: Instant::now(),
             cpu: gateway_rpc::CpuSampler::default(),
+            cfg_messages: Vec::new(),
+            cfg_points: Vec::new(),
+            session_limits: None,
+            limiter: limits::RateLimiter::default(),
+            limits_request_id: 0,
         }
     }
 }
@@ -981,6 +1115,10 @@ struct Session {
     resend_at: Option<Instant>,
     /// Cancelled: stop sending, wait for PUBACKs until then.
     stopping: Option<Instant>,
+    /// Waiting for the `getSessionLimits` answer until then; nothing else is sent meanwhile.
+    limits_wait: Option<Instant>,
+    /// A publish waits for room under the rate limits until then.
+    rate_wait: Option<Instant>,
     /// Rows whose publish got a success PUBACK, not yet deleted (see `flush_acks`), and how
     /// many publishes those PUBACKs were.
     acked: Vec<i64>,

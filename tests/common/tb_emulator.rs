@@ -86,6 +86,10 @@ pub struct Recorded {
     pub gateway_rpc_responses: Vec<(String, Value)>,
     /// Telemetry of the gateway device itself (`v1/devices/me/telemetry`), one per publish.
     pub gateway_telemetry: Vec<Value>,
+    /// Client-side RPCs of the gateway (`v1/devices/me/rpc/request/{id}`): id and body.
+    pub client_rpc_requests: Vec<(String, Value)>,
+    /// Sessions closed because the gateway exceeded the rate limit.
+    pub rate_limit_closes: u64,
     pub invalid_payloads: u64,
     pub oversize_packets: u64,
     /// PUBACKs not sent because withholding was on.
@@ -154,6 +158,12 @@ struct Inner {
     /// The one live session for the token.
     current: Mutex<Option<Slot>>,
     next_id: AtomicU64,
+    /// The answer to `getSessionLimits` (TB ≥ 3.8 answers it itself); `None`: never answered,
+    /// like older ThingsBoard.
+    session_limits: Mutex<Option<Value>>,
+    /// Enforced like ThingsBoard: more than `capacity` gateway publishes within `period` →
+    /// PUBACK 0x97 (v5) and the session is closed.
+    rate_limit: Mutex<Option<(usize, Duration)>>,
 }
 
 impl Inner {
@@ -210,6 +220,8 @@ impl TbEmulator {
             reject_device: Mutex::new(None),
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            session_limits: Mutex::new(Some(default_session_limits())),
+            rate_limit: Mutex::new(None),
         });
         let run = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, inner.clone(), run.clone()));
@@ -312,6 +324,18 @@ impl TbEmulator {
     /// close), or stop refusing with `None`.
     pub fn set_reject_device(&self, device: Option<&str>) {
         *self.inner.reject_device.lock().expect("emulator lock") = device.map(str::to_owned);
+    }
+
+    /// What `getSessionLimits` answers (`None`: no answer at all, like ThingsBoard < 3.8).
+    pub fn set_session_limits(&self, limits: Option<Value>) {
+        *self.inner.session_limits.lock().expect("emulator lock") = limits;
+    }
+
+    /// Enforce a message rate limit like ThingsBoard: a publish beyond `capacity` within
+    /// `period` gets PUBACK 0x97 (v5) and the session is closed (counted in
+    /// `rate_limit_closes`).
+    pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
+        *self.inner.rate_limit.lock().expect("emulator lock") = limit;
     }
 
     /// Whether a gateway session is currently open.
@@ -715,6 +739,32 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
     inner.version.send_modify(|v| *v += 1);
 }
 
+/// What ThingsBoard 3.8+ answers with no tenant limits configured.
+pub fn default_session_limits() -> Value {
+    json!({
+        "maxPayloadSize": MAX_PACKET_SIZE,
+        "maxInflightMessages": 100,
+        "rateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
+        "gatewayRateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
+    })
+}
+
+fn encode_publish(proto: Proto, topic: &str, payload: &[u8], pkid: u16) -> BytesMut {
+    encode(
+        proto,
+        || {
+            let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+            p.pkid = pkid;
+            v4::Packet::Publish(p)
+        },
+        || {
+            let mut p = v5::Publish::new(topic, QoS5::AtLeastOnce, payload.to_vec(), None);
+            p.pkid = pkid;
+            v5::Packet::Publish(p)
+        },
+    )
+}
+
 async fn session_loop(
     sock: &mut TcpStream,
     buf: &mut BytesMut,
@@ -725,6 +775,8 @@ async fn session_loop(
     run: &CancellationToken,
 ) {
     let mut next_pkid: u16 = 0;
+    // Accepted gateway publishes in the current rate window.
+    let mut recent: std::collections::VecDeque<std::time::Instant> = Default::default();
     loop {
         loop {
             let packet = match read_in(proto, buf) {
@@ -793,26 +845,70 @@ async fn session_loop(
                     qos,
                     pkid,
                     payload,
-                } => match inner.accept_publish(session, &topic, &payload) {
-                    Ok(()) if qos == 0 => None,
-                    Ok(()) => {
-                        if inner.withhold.load(Ordering::SeqCst) {
-                            inner.update(|r| r.pubacks_withheld += 1);
-                            None
-                        } else {
-                            inner.update(|r| r.pubacks_sent += 1);
-                            // QoS 2 gets a PUBACK too: ThingsBoard does not implement QoS 2.
-                            Some(puback(proto, pkid, v5::PubAckReason::Success))
+                } => {
+                    let limit = *inner.rate_limit.lock().expect("emulator lock");
+                    if let Some((capacity, period)) = limit {
+                        let now = std::time::Instant::now();
+                        while recent
+                            .front()
+                            .is_some_and(|t| now.duration_since(*t) >= period)
+                        {
+                            recent.pop_front();
                         }
-                    }
-                    Err(reason) => {
-                        inner.update(|r| r.invalid_payloads += 1);
-                        if proto == Proto::V4 || qos == 0 {
+                        if recent.len() >= capacity {
+                            inner.update(|r| r.rate_limit_closes += 1);
+                            if proto == Proto::V5 && qos > 0 {
+                                let _ = sock
+                                    .write_all(&puback(
+                                        proto,
+                                        pkid,
+                                        v5::PubAckReason::QuotaExceeded,
+                                    ))
+                                    .await;
+                            }
                             return;
                         }
-                        Some(puback(proto, pkid, reason))
+                        recent.push_back(now);
                     }
-                },
+                    if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/") {
+                        let is_limits = obj(&payload).is_some_and(|m| {
+                            m.get("method").and_then(Value::as_str) == Some("getSessionLimits")
+                        });
+                        let answer = inner.session_limits.lock().expect("emulator lock").clone();
+                        if let (true, Some(answer)) = (is_limits, answer) {
+                            next_pkid = next_pkid % u16::MAX + 1;
+                            let bytes = encode_publish(
+                                proto,
+                                &format!("v1/devices/me/rpc/response/{id}"),
+                                answer.to_string().as_bytes(),
+                                next_pkid,
+                            );
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    match inner.accept_publish(session, &topic, &payload) {
+                        Ok(()) if qos == 0 => None,
+                        Ok(()) => {
+                            if inner.withhold.load(Ordering::SeqCst) {
+                                inner.update(|r| r.pubacks_withheld += 1);
+                                None
+                            } else {
+                                inner.update(|r| r.pubacks_sent += 1);
+                                // QoS 2 gets a PUBACK too: ThingsBoard does not implement QoS 2.
+                                Some(puback(proto, pkid, v5::PubAckReason::Success))
+                            }
+                        }
+                        Err(reason) => {
+                            inner.update(|r| r.invalid_payloads += 1);
+                            if proto == Proto::V4 || qos == 0 {
+                                return;
+                            }
+                            Some(puback(proto, pkid, reason))
+                        }
+                    }
+                }
             };
             if let Some(bytes) = reply {
                 if sock.write_all(&bytes).await.is_err() {
@@ -981,6 +1077,11 @@ fn accept(
         }
         "v1/devices/me/telemetry" => {
             r.gateway_telemetry.push(Value::Object(m));
+        }
+        t if t.starts_with("v1/devices/me/rpc/request/") => {
+            let id = &t["v1/devices/me/rpc/request/".len()..];
+            r.client_rpc_requests
+                .push((id.to_owned(), Value::Object(m)));
         }
         t if t.starts_with("v1/devices/me/rpc/response/") => {
             let id = &t["v1/devices/me/rpc/response/".len()..];
