@@ -551,3 +551,57 @@ async fn session_limits_are_learned_and_the_session_is_never_closed_for_rate() {
     );
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+/// Requirement 10, up to the per-session delivery seam: two device-API clients; an RPC for one
+/// device is routed to its own client's session only. Until the broker core can deliver to one
+/// session (`BrokerHandle::publish_to`), the RPC is answered with an error saying so, and
+/// nothing is broadcast to the clients that share the `v1/devices/me/...` topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_api_downlink_is_routed_per_client_and_never_broadcast() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let running = start(dir.path(), &emu, "").await;
+    let (a, mut a_rx) = local_client(&running, "client-a", Some("Pump A")).await;
+    let (b, mut b_rx) = local_client(&running, "client-b", Some("Pump B")).await;
+    for c in [&a, &b] {
+        for f in ["v1/devices/me/rpc/request/+", "v1/devices/me/attributes"] {
+            c.subscribe(f, QoS::AtLeastOnce).await.expect("subscribe");
+        }
+        publish(c, "v1/devices/me/telemetry", json!({"t": 1}).to_string()).await;
+    }
+    emu.wait_for("both devices", WAIT, |r| {
+        r.telemetry.contains_key("Pump A") && r.telemetry.contains_key("Pump B")
+    })
+    .await;
+    assert!(
+        emu.push_rpc("Pump A", 9, "setRelay", json!({"on": true}))
+            .await
+    );
+    assert!(emu.push_attributes("Pump B", json!({"tariff": "T2"})).await);
+    let r = emu
+        .wait_for("the RPC reply", WAIT, |r| rpc_reply(r, 9).is_some())
+        .await;
+    let reply = rpc_reply(&r, 9).expect("reply");
+    assert_eq!(reply["device"], json!("Pump A"));
+    let why = reply["data"]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("publish_to"),
+        "routed to the device-API seam: {reply}"
+    );
+    // A client's RPC response for an id nobody asked is consumed, not forwarded anywhere.
+    publish(
+        &b,
+        "v1/devices/me/rpc/response/9",
+        json!({"ok": 1}).to_string(),
+    )
+    .await;
+    publish(&a, "v1/devices/me/telemetry", json!({"t": 2}).to_string()).await;
+    emu.wait_for("later data", WAIT, |r| {
+        values_of(r, "Pump A", "t").contains(&2)
+    })
+    .await;
+    assert!(a_rx.try_recv().is_err(), "no broadcast to client A");
+    assert!(b_rx.try_recv().is_err(), "no broadcast to client B");
+    assert_eq!(emu.snapshot().rpc_replies.len(), 1);
+    assert!(running.shutdown().await.expect("shutdown"));
+}

@@ -181,14 +181,7 @@ fn device_api(
             ))
         }
     };
-    let fallback = || match local.device_name_source {
-        DeviceNameSource::UsernameThenClientId => msg
-            .username
-            .clone()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| msg.client_id.clone()),
-        DeviceNameSource::ClientId => msg.client_id.clone(),
-    };
+    let fallback = || device_api_name(msg, local);
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let Value::Object(mut obj) = item else {
@@ -221,6 +214,19 @@ fn device_api(
         }
     }
     Ok(out)
+}
+
+/// The device a device-API client (`v1/devices/me/*` without `deviceName`) stands for: its
+/// MQTT username, else its client id (per `local.device_name_source`).
+pub fn device_api_name(msg: &LocalPublish, local: &LocalConfig) -> String {
+    match local.device_name_source {
+        DeviceNameSource::UsernameThenClientId => msg
+            .username
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| msg.client_id.clone()),
+        DeviceNameSource::ClientId => msg.client_id.clone(),
+    }
 }
 
 /// One telemetry entry: `{"ts":..,"values":{..}}`, or flat values with an optional `ts`.

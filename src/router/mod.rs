@@ -6,6 +6,7 @@
 
 pub mod builtin;
 pub mod convert;
+pub mod device_api;
 pub mod expr;
 pub mod mapping;
 pub mod warn;
@@ -121,6 +122,8 @@ pub struct Router {
     meter_health: HashMap<String, bool>,
     /// Every RPC is answered within this (`gateway.rpc_timeout`).
     rpc_timeout: Duration,
+    /// Device-API clients (`v1/devices/me/*`) and their pending RPCs and attribute requests.
+    device_api: device_api::DeviceApi,
 }
 
 impl Router {
@@ -146,6 +149,7 @@ impl Router {
             max_packet_size: crate::config::ThingsboardConfig::default().max_packet_size,
             meter_health: HashMap::new(),
             rpc_timeout: crate::config::GatewayConfig::default().rpc_timeout,
+            device_api: device_api::DeviceApi::default(),
         }
     }
 
@@ -245,6 +249,29 @@ impl Router {
         out
     }
 
+    /// A device-API client answering an RPC or asking for attributes; `true` if consumed.
+    fn device_api_downlink(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) -> bool {
+        let t = msg.topic.as_str();
+        if t.starts_with(device_api::TOPIC_RPC_RESPONSE_PREFIX) {
+            let me = builtin::device_api_name(msg, &self.local);
+            if !self.device_api.rpc_response(&me, t, &msg.payload) {
+                debug!(topic = %t, client = %msg.client_id, "RPC response for no pending RPC.");
+            }
+            return true;
+        }
+        if t.starts_with(device_api::TOPIC_ATTRIBUTE_REQUEST_PREFIX) {
+            let me = builtin::device_api_name(msg, &self.local);
+            if let Some(recs) =
+                self.device_api
+                    .attribute_request(&me, &msg.client_id, t, &msg.payload)
+            {
+                out.extend(recs);
+            }
+            return true;
+        }
+        false
+    }
+
     fn track_meter_health(&mut self, records: &[Record]) {
         for r in records.iter().filter(|r| r.kind == RecordKind::Telemetry) {
             if let Some(ok) = r.payload["values"].get("poll_ok").and_then(Value::as_bool) {
@@ -260,8 +287,20 @@ impl Router {
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
         let res = match self.mappings.map(msg) {
             Some(r) => r.map_err(|e| (mapping_error_kind(&e), e.to_string())),
+            None if self.device_api_downlink(msg, out) => return,
             None => match builtin::map(msg, &self.local) {
-                Some(r) => r.map_err(|e| (e.kind(), e.to_string())),
+                Some(r) => {
+                    if matches!(
+                        msg.topic.as_str(),
+                        builtin::TOPIC_DEVICE_TELEMETRY | builtin::TOPIC_DEVICE_ATTRIBUTES
+                    ) {
+                        let me = builtin::device_api_name(msg, &self.local);
+                        if r.as_ref().is_ok_and(|rs| rs.iter().any(|x| x.device == me)) {
+                            self.device_api.seen(&me, &msg.client_id);
+                        }
+                    }
+                    r.map_err(|e| (e.kind(), e.to_string()))
+                }
                 None => {
                     self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -359,6 +398,12 @@ impl Router {
         match dl {
             Downlink::Rpc(req) => self.rpc(req),
             Downlink::Attributes(upd) => {
+                if let Some((client, payload)) =
+                    self.device_api.attribute_update(&upd.device, &upd.data)
+                {
+                    self.deliver(&client, device_api::TOPIC_ATTRIBUTES, payload)
+                        .await;
+                }
                 let outs = self.mappings.attribute_update_publishes(&upd);
                 if outs.is_empty() {
                     debug!(device = %upd.device, "Shared attribute update matches no attributeUpdates rule.");
@@ -368,6 +413,12 @@ impl Router {
                 }
             }
             Downlink::AttributeResponse { device, id, values } => {
+                if let Some(done) = self.device_api.attribute_response(id, &values) {
+                    if let Some((client, topic, payload)) = done {
+                        self.deliver(&client, &topic, payload).await;
+                    }
+                    return;
+                }
                 match self
                     .mappings
                     .attribute_response_publish(&device, id, &values)
@@ -381,6 +432,16 @@ impl Router {
             Downlink::DeviceDisconnected { device, reason } => {
                 info!(%device, ?reason, "ThingsBoard closed a device session.");
             }
+        }
+    }
+
+    /// Put a message into one device-API client's session (see [`device_api`]).
+    async fn deliver(&self, client: &str, topic: &str, payload: bytes::Bytes) {
+        let Some(b) = &self.broker else {
+            return;
+        };
+        if let Err(e) = device_api::deliver_to_client(b, client, topic, payload).await {
+            debug!(%client, %topic, error = %e, "Device-API downlink not delivered.");
         }
     }
 
@@ -425,6 +486,31 @@ impl Router {
                         tokio::time::timeout(deadline, crate::downlink::local_rpc(&broker, route))
                             .await
                             .unwrap_or_else(|_| late());
+                    queue_reply(&store, &req, data).await;
+                });
+            }
+            (None, Some(broker)) if self.device_api.client_of(&req.device).is_some() => {
+                let client = self
+                    .device_api
+                    .client_of(&req.device)
+                    .unwrap_or_default()
+                    .to_owned();
+                let (topic, payload, answer) =
+                    self.device_api
+                        .rpc_request(&req.device, req.id, &req.method, &req.params);
+                tokio::spawn(async move {
+                    let data = match device_api::deliver_to_client(
+                        &broker, &client, &topic, payload,
+                    )
+                    .await
+                    {
+                        Err(e) => crate::downlink::rpc_error(e),
+                        Ok(()) => match tokio::time::timeout(deadline, answer).await {
+                            Ok(Ok(v)) => v,
+                            Ok(Err(_)) => crate::downlink::rpc_error("RPC forgotten"),
+                            Err(_) => late(),
+                        },
+                    };
                     queue_reply(&store, &req, data).await;
                 });
             }
