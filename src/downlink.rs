@@ -27,6 +27,7 @@ pub fn rpc_error(why: impl std::fmt::Display) -> Value {
 /// | `get` | `obis`, `class_id` (3), `attribute` (2) | `{"success":true,"value":..}`; a register's value (class 3–5, attribute 2) is scaled, with `unit` and the unscaled `raw` |
 /// | `set` | `obis`, `class_id` (1), `attribute` (2), `value`, `type`? | `{"success":true}` |
 /// | `action` | `obis`, `class_id`, `method`, `value`?, `type`? | `{"success":true,"result":..}` |
+/// | `poll_now` | — | `{"success":true,"values":{..}}` (also sent as telemetry) |
 ///
 /// `type` names the DLMS type of `value` (`bool`, `i8`, `u8`, `i16`, `u16`, `i32`, `u32`, `i64`,
 /// `u64`, `f32`, `f64`, `enum`, `string`, `octets` (hex)); without it a bool is a boolean, an
@@ -62,8 +63,13 @@ pub async fn meter_rpc(meter: &MeterHandle, req: &RpcRequest) -> Value {
                 .map_err(|e| e.to_string()),
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
+        "poll_now" => meter
+            .poll_now()
+            .await
+            .map(|v| json!({ "success": true, "values": v }))
+            .map_err(|e| e.to_string()),
         other => Err(format!(
-            "unknown meter RPC method `{other}` (known: get, set, action)"
+            "unknown meter RPC method `{other}` (known: get, set, action, poll_now)"
         )),
     };
     res.unwrap_or_else(rpc_error)
@@ -121,6 +127,21 @@ pub fn write_allowed(w: &RpcWrite, meter: &str, params: &Value) -> Result<(), St
             }
         }
     }
+}
+
+/// The shared attribute `poll_interval` (seconds, a number or a numeric string) as a period;
+/// `None` with the reason when it is unusable.
+pub fn poll_interval(v: &Value) -> Result<std::time::Duration, String> {
+    let secs = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| format!("poll_interval `{v}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!("poll_interval {secs} s is outside 0.1 s ..= 1 day"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// Config check for a meter's `rpc_write` list.

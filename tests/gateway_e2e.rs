@@ -605,3 +605,74 @@ async fn device_api_downlink_is_routed_per_client_and_never_broadcast() {
     assert_eq!(emu.snapshot().rpc_replies.len(), 1);
     assert!(running.shutdown().await.expect("shutdown"));
 }
+
+fn polls(r: &Recorded, device: &str) -> usize {
+    r.telemetry
+        .get(device)
+        .into_iter()
+        .flatten()
+        .filter(|e| e["values"]["poll_ok"] == json!(true))
+        .count()
+}
+
+/// Requirement 8 (and `poll_now` of 7): shared attributes are requested after every connect,
+/// and `poll_interval` is applied live, both from the answer and from an update. The meters
+/// are configured to poll once an hour, so any stream of readings comes from `poll_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_interval_shared_attribute_is_synced_on_connect_and_applied_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    let (addr, sim_cancel) = sim_meter().await;
+    emu.set_shared_attribute("Synced", "poll_interval", json!(0.2));
+    let extra = ["Synced", "Updated", "Lazy"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[meters]]\nname = \"{n}\"\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"1h\"\n",
+                addr.port()
+            )
+        })
+        .collect::<String>();
+    let running = start(dir.path(), &emu, &extra).await;
+    // Synced: its poll_interval came with the answer to the request sent on connect.
+    emu.wait_for("Synced polls every 200 ms", WAIT, |r| {
+        polls(r, "Synced") >= 3
+    })
+    .await;
+    // Updated: a live shared attribute update.
+    assert!(
+        emu.push_attributes("Updated", json!({"poll_interval": "0.2"}))
+            .await
+    );
+    emu.wait_for("Updated polls every 200 ms", WAIT, |r| {
+        polls(r, "Updated") >= 3
+    })
+    .await;
+    // Lazy: poll_now polls at once and answers with the readings.
+    assert!(emu.push_rpc("Lazy", 3, "poll_now", json!({})).await);
+    let r = emu
+        .wait_for("poll_now reply", WAIT, |r| rpc_reply(r, 3).is_some())
+        .await;
+    let reply = rpc_reply(&r, 3).expect("reply")["data"].clone();
+    assert_eq!(reply["success"], json!(true), "{reply}");
+    assert!(reply["values"]["voltage_l1"].is_number(), "{reply}");
+    emu.wait_for("the readings as telemetry too", WAIT, |r| {
+        polls(r, "Lazy") >= 1
+    })
+    .await;
+    // After a reconnect the shared attributes are requested again.
+    let asked = |r: &Recorded| {
+        r.attribute_requests
+            .iter()
+            .filter(|q| q["device"] == json!("Synced"))
+            .count()
+    };
+    let before = asked(&emu.snapshot());
+    assert!(before >= 1);
+    emu.stop().await;
+    emu.restart().await;
+    emu.wait_for("requested again", WAIT, |r| asked(r) > before)
+        .await;
+    assert!(running.shutdown().await.expect("shutdown"));
+    sim_cancel.cancel();
+}

@@ -145,6 +145,9 @@ pub struct GatewayConfig {
     pub messages_rate_limit: String,
     /// Own cap on telemetry data points (key/value pairs), same format.
     pub data_points_rate_limit: String,
+    /// Shared attributes requested for every known device after every (re)connect and applied
+    /// like updates (ThingsBoard pushes only changes, spec §2.7).
+    pub shared_attributes_on_connect: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -155,6 +158,7 @@ impl Default for GatewayConfig {
             request_session_limits: true,
             messages_rate_limit: String::new(),
             data_points_rate_limit: String::new(),
+            shared_attributes_on_connect: vec!["poll_interval".into()],
         }
     }
 }

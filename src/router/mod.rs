@@ -398,6 +398,7 @@ impl Router {
         match dl {
             Downlink::Rpc(req) => self.rpc(req),
             Downlink::Attributes(upd) => {
+                self.meter_attributes(&upd);
                 if let Some((client, payload)) =
                     self.device_api.attribute_update(&upd.device, &upd.data)
                 {
@@ -431,6 +432,33 @@ impl Router {
             }
             Downlink::DeviceDisconnected { device, reason } => {
                 info!(%device, ?reason, "ThingsBoard closed a device session.");
+            }
+        }
+    }
+
+    /// Shared attributes a meter acts on: `poll_interval` (seconds), applied live.
+    fn meter_attributes(&self, upd: &crate::model::AttributeUpdate) {
+        let Some(v) = upd.data.get("poll_interval") else {
+            return;
+        };
+        let meter = self
+            .meters
+            .read()
+            .ok()
+            .and_then(|m| m.get(&upd.device).cloned());
+        let Some(meter) = meter else {
+            return;
+        };
+        match crate::downlink::poll_interval(v) {
+            Ok(period) => {
+                tokio::spawn(async move {
+                    if let Err(e) = meter.set_interval(period).await {
+                        warn!(meter = %meter.name(), error = %e, "Could not change the poll interval.");
+                    }
+                });
+            }
+            Err(why) => {
+                warn!(meter = %upd.device, %why, "Ignoring the shared attribute poll_interval.")
             }
         }
     }

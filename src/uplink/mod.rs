@@ -172,6 +172,7 @@ impl Uplink {
             gw: GatewayConfig {
                 stats_interval: Duration::ZERO,
                 request_session_limits: false,
+                shared_attributes_on_connect: Vec::new(),
                 ..GatewayConfig::default()
             },
         }
@@ -766,9 +767,25 @@ impl Uplink {
                 // ThingsBoard forgot every sub-device with the old session (spec §2.3).
                 let mut known: Vec<(&String, &String)> = life.known.iter().collect();
                 known.sort();
-                for (device, device_type) in known {
-                    s.announced.insert(device.clone());
+                for (device, device_type) in &known {
+                    s.announced.insert((*device).clone());
                     s.pending.push_back(announcement(device, device_type));
+                }
+                // ThingsBoard pushes only changes: ask for the current values again.
+                // Configured meters too, before their first poll (for `poll_interval`).
+                let mut devices: Vec<String> = known.iter().map(|(d, _)| (*d).clone()).collect();
+                if let Some(f) = &self.info.meter_names {
+                    for m in f() {
+                        let tb_name = life.names.tb_name(&m).to_owned();
+                        if !life.known.contains_key(&tb_name) {
+                            devices.push(tb_name);
+                        }
+                    }
+                }
+                for device in devices {
+                    if let Some(out) = self.sync_request(life, &device) {
+                        s.pending.push_back(out);
+                    }
                 }
                 s.cursor = 0;
                 s.need_read = true;
@@ -849,7 +866,10 @@ impl Uplink {
     }
 
     fn on_downlink(&self, topic: &str, payload: &[u8], names: &DeviceNames) {
-        match tb::parse_downlink(topic, payload) {
+        let parsed = tb::parse_downlink(topic, payload).map(|m| {
+            m.and_then(|m| sync_answer_as_update(m, &self.gw.shared_attributes_on_connect))
+        });
+        match parsed {
             Ok(Some(msg)) => match self.downlink_tx.try_send(to_source_names(msg, names)) {
                 Ok(()) => self.status_tx.send_modify(|st| st.downlink_forwarded += 1),
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -882,6 +902,25 @@ impl Uplink {
 }
 
 impl Uplink {
+    /// A request for the shared attributes in `gateway.shared_attributes_on_connect`; its answer
+    /// is applied like an update (see [`sync_answer_as_update`]).
+    fn sync_request(&self, life: &mut Life, device: &str) -> Option<Out> {
+        let keys = &self.gw.shared_attributes_on_connect;
+        if keys.is_empty() {
+            return None;
+        }
+        life.sync_request_id += 1;
+        let id = SYNC_ATTRIBUTE_ID_BASE + life.sync_request_id;
+        let req = serde_json::json!({"id": id, "client": false, "keys": keys});
+        let p = tb::attribute_request_payload(device, &req).ok()?;
+        Some(Out {
+            topic: Cow::Borrowed(tb::TOPIC_ATTRIBUTES_REQUEST),
+            payload: Bytes::from(p),
+            ids: Vec::new(),
+            device: device.to_owned(),
+        })
+    }
+
     /// Ask ThingsBoard for its session limits (spec §3.2); data waits for the answer.
     fn request_session_limits(
         &self,
@@ -936,6 +975,34 @@ impl Uplink {
         s.limits_wait = None;
         self.status_tx
             .send_modify(|st| st.session_limits_known = true);
+    }
+}
+
+/// Ids of the attribute requests sent after a connect start above this (mappings and device-API
+/// clients use ids far below).
+const SYNC_ATTRIBUTE_ID_BASE: i64 = 1 << 50;
+
+/// The answer to a post-connect attribute request becomes a shared attribute update, so the
+/// router applies it like one.
+fn sync_answer_as_update(msg: Downlink, keys: &[String]) -> Option<Downlink> {
+    match msg {
+        Downlink::AttributeResponse { device, id, values } if id > SYNC_ATTRIBUTE_ID_BASE => {
+            let data = match values {
+                Value::Object(m) => m,
+                Value::Null => return None,
+                v if keys.len() == 1 => {
+                    let mut m = serde_json::Map::new();
+                    m.insert(keys[0].clone(), v);
+                    m
+                }
+                _ => return None,
+            };
+            (!data.is_empty()).then_some(Downlink::Attributes(crate::model::AttributeUpdate {
+                device,
+                data,
+            }))
+        }
+        other => Some(other),
     }
 }
 
@@ -1007,6 +1074,8 @@ struct Life {
     limiter: limits::RateLimiter,
     /// Ids of our `getSessionLimits` requests.
     limits_request_id: u64,
+    /// Ids of the post-connect shared attribute requests (above `SYNC_ATTRIBUTE_ID_BASE`).
+    sync_request_id: i64,
 }
 
 impl Life {
@@ -1063,6 +1132,7 @@ impl Life {
             session_limits: None,
             limiter: limits::RateLimiter::default(),
             limits_request_id: 0,
+            sync_request_id: 0,
         }
     }
 }

@@ -164,6 +164,8 @@ struct Inner {
     /// Enforced like ThingsBoard: more than `capacity` gateway publishes within `period` →
     /// PUBACK 0x97 (v5) and the session is closed.
     rate_limit: Mutex<Option<(usize, Duration)>>,
+    /// Shared attributes per device, answered to `v1/gateway/attributes/request`.
+    shared: Mutex<HashMap<String, Map<String, Value>>>,
 }
 
 impl Inner {
@@ -222,6 +224,7 @@ impl TbEmulator {
             next_id: AtomicU64::new(1),
             session_limits: Mutex::new(Some(default_session_limits())),
             rate_limit: Mutex::new(None),
+            shared: Mutex::new(HashMap::new()),
         });
         let run = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, inner.clone(), run.clone()));
@@ -336,6 +339,18 @@ impl TbEmulator {
     /// `rate_limit_closes`).
     pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
         *self.inner.rate_limit.lock().expect("emulator lock") = limit;
+    }
+
+    /// Set a shared attribute of `device`, answered to the gateway's attribute requests (not
+    /// pushed: use [`push_attributes`](Self::push_attributes) for an update).
+    pub fn set_shared_attribute(&self, device: &str, key: &str, value: Value) {
+        self.inner
+            .shared
+            .lock()
+            .expect("emulator lock")
+            .entry(device.to_owned())
+            .or_default()
+            .insert(key.to_owned(), value);
     }
 
     /// Whether a gateway session is currently open.
@@ -739,6 +754,35 @@ async fn serve(mut sock: TcpStream, inner: Arc<Inner>, run: CancellationToken) {
     inner.version.send_modify(|v| *v += 1);
 }
 
+/// ThingsBoard's answer to a shared-scope gateway attribute request (spec §2.6).
+fn attribute_answer(inner: &Inner, payload: &[u8]) -> Option<Value> {
+    let m = obj(payload)?;
+    let id = m.get("id")?.as_i64()?;
+    let device = device_field(&m)?;
+    if m.get("client") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    let keys: Vec<String> = match (m.get("key"), m.get("keys")) {
+        (Some(Value::String(k)), _) => vec![k.clone()],
+        (_, Some(Value::Array(a))) => a
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect(),
+        _ => return None,
+    };
+    let shared = inner.shared.lock().expect("emulator lock");
+    let attrs = shared.get(&device).cloned().unwrap_or_default();
+    let found: Map<String, Value> = attrs
+        .into_iter()
+        .filter(|(k, _)| keys.is_empty() || keys.contains(k))
+        .collect();
+    Some(match (keys.len(), found.iter().next()) {
+        (_, None) => json!({"id": id, "device": device}),
+        (1, Some((_, v))) => json!({"id": id, "device": device, "value": v}),
+        _ => json!({"id": id, "device": device, "values": found}),
+    })
+}
+
 /// What ThingsBoard 3.8+ answers with no tenant limits configured.
 pub fn default_session_limits() -> Value {
     json!({
@@ -880,6 +924,20 @@ async fn session_loop(
                             let bytes = encode_publish(
                                 proto,
                                 &format!("v1/devices/me/rpc/response/{id}"),
+                                answer.to_string().as_bytes(),
+                                next_pkid,
+                            );
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if topic == "v1/gateway/attributes/request" {
+                        if let Some(answer) = attribute_answer(inner, &payload) {
+                            next_pkid = next_pkid % u16::MAX + 1;
+                            let bytes = encode_publish(
+                                proto,
+                                "v1/gateway/attributes/response",
                                 answer.to_string().as_bytes(),
                                 next_pkid,
                             );

@@ -67,6 +67,17 @@ impl MeterHandle {
     }
 
     /// Read one attribute.
+    /// Poll now; the readings also go out as telemetry. Replies with the telemetry values.
+    pub async fn poll_now(&self) -> Result<serde_json::Value, CommandError> {
+        self.call(|reply| Command::PollNow { reply }).await
+    }
+
+    /// Change the poll interval live (shared attribute `poll_interval`).
+    pub async fn set_interval(&self, period: std::time::Duration) -> Result<(), CommandError> {
+        self.call(|reply| Command::SetInterval { period, reply })
+            .await
+    }
+
     pub async fn get(&self, attr: AttrRef) -> Result<Data, CommandError> {
         self.call(|reply| Command::Get { attr, reply }).await
     }
