@@ -676,3 +676,53 @@ async fn poll_interval_shared_attribute_is_synced_on_connect_and_applied_live() 
     assert!(running.shutdown().await.expect("shutdown"));
     sim_cancel.cancel();
 }
+
+/// Requirement 7 (connectivity): a meter failing `disconnect_after` polls in a row is
+/// `disconnect`ed with its health telemetry saying why, and `connect`ed again once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_that_stops_answering_is_disconnected_then_connected_again() {
+    use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = TbEmulator::start(TOKEN).await;
+    // A port with nothing listening yet.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let extra = format!(
+        "[[meters]]\nname = \"Flaky\"\nhost = \"127.0.0.1\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\ndisconnect_after = 2\n"
+    );
+    let running = start(dir.path(), &emu, &extra).await;
+    let r = emu
+        .wait_for("disconnect", WAIT, |r| {
+            r.disconnects.iter().any(|d| d == "Flaky")
+        })
+        .await;
+    let entries = &r.telemetry["Flaky"];
+    let last = entries.last().expect("health")["values"].clone();
+    assert_eq!(last["poll_ok"], json!(false), "{last}");
+    assert_eq!(last["consecutive_failures"], json!(2), "{last}");
+    assert!(last["disconnect_reason"].as_str().is_some(), "{last}");
+    assert!(last["last_error"].as_str().is_some(), "{last}");
+    // The meter comes up on that port: connected again with readings.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    spawn_meters(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        port,
+        1,
+        &SimOptions::default(),
+        &tracker,
+        cancel.clone(),
+    )
+    .await
+    .expect("meter on the port");
+    let connects_before = r.connects.iter().filter(|(d, _)| d == "Flaky").count();
+    emu.wait_for("connected again with readings", WAIT, |r| {
+        r.connects.iter().filter(|(d, _)| d == "Flaky").count() > connects_before
+            && polls(r, "Flaky") >= 1
+    })
+    .await;
+    assert!(running.shutdown().await.expect("shutdown"));
+    cancel.cancel();
+}

@@ -460,6 +460,9 @@ pub struct MeterConfig {
     /// Which RPC `set`/`action` ThingsBoard may run on this meter: `false` (none, the
     /// default), `true` (all), or a list of allowed OBIS codes.
     pub rpc_write: RpcWrite,
+    /// Consecutive failed polls after which the meter is reported `disconnect`ed (with the
+    /// reason in its health telemetry); it is `connect`ed again when it answers.
+    pub disconnect_after: u32,
 }
 
 /// `rpc_write`: `true`/`false`, or the OBIS codes `set`/`action` may touch.
@@ -496,6 +499,7 @@ impl Default for MeterConfig {
             profile: "default".into(),
             registers: Vec::new(),
             rpc_write: RpcWrite::default(),
+            disconnect_after: 3,
         }
     }
 }

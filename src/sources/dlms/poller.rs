@@ -28,9 +28,9 @@ use crate::sources::SourceEvent;
 /// Device profile used when the meter config names none.
 pub const DEFAULT_DEVICE_TYPE: &str = "DLMS Energy Meter";
 
-/// Consecutive failed polls after which the meter is reported down (`Disconnect`) and goes
-/// silent until it answers again. A single dropped connection that reconnects at once is not an
-/// outage.
+/// Default of `disconnect_after`: consecutive failed polls after which the meter is reported
+/// down (`Disconnect`) and goes silent until it answers again. A single dropped connection that
+/// reconnects at once is not an outage.
 pub const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// First backoff step after the immediate retry.
@@ -504,7 +504,7 @@ impl Meter {
                 self.last_poll = Some(Err(text.clone()));
                 if permanent {
                     error!(error = %text, "Meter refused the association; check address and password.");
-                } else if failures == DOWN_AFTER_FAILURES {
+                } else if failures == self.cfg.disconnect_after.max(1) {
                     warn!(error = %text, failures, "Meter is down; backing off.");
                 } else {
                     debug!(error = %text, failures, "Poll failed.");
@@ -512,7 +512,8 @@ impl Meter {
                 // Health goes up while the meter is failing but not yet down. Once down, the
                 // meter stays silent until it answers again: any record would make the uplink
                 // announce the device as connected again, undoing the Disconnect.
-                if failures <= DOWN_AFTER_FAILURES {
+                let down_after = self.cfg.disconnect_after.max(1);
+                if failures <= down_after {
                     if !self.announced {
                         records.push(self.record(RecordKind::Connect));
                         self.announced = true;
@@ -527,7 +528,16 @@ impl Meter {
                         ts,
                         values,
                     ));
-                    if failures == DOWN_AFTER_FAILURES {
+                    if failures == down_after {
+                        if let Some(v) = records
+                            .last_mut()
+                            .and_then(|r| r.payload["values"].as_object_mut())
+                        {
+                            v.insert(
+                                "disconnect_reason".into(),
+                                format!("{failures} consecutive failed polls; reported disconnected until it answers").into(),
+                            );
+                        }
                         records.push(self.record(RecordKind::Disconnect));
                         self.announced = false;
                     }
