@@ -250,7 +250,6 @@ fn gateway_info(
     _broker: Option<BrokerHandle>,
 ) -> crate::uplink::gateway_rpc::GatewayInfo {
     let m2 = meters.clone();
-    let m3 = meters.clone();
     crate::uplink::gateway_rpc::GatewayInfo {
         extra_stats: Some(Arc::new(move || {
             let mut s = router.gateway_stats();
@@ -260,11 +259,6 @@ fn gateway_info(
             );
             // TODO(#10): broker clients once the broker core exposes `client_count()`.
             s
-        })),
-        meter_names: Some(Arc::new(move || {
-            m3.read()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default()
         })),
         source_of: Some(Arc::new(move |name: &str| {
             if m2.read().is_ok_and(|m| m.contains_key(name)) {

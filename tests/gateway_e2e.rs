@@ -634,7 +634,11 @@ async fn poll_interval_shared_attribute_is_synced_on_connect_and_applied_live() 
         })
         .collect::<String>();
     let running = start(dir.path(), &emu, &extra).await;
-    // Synced: its poll_interval came with the answer to the request sent on connect.
+    // Synced: one poll on demand announces it; its poll_interval comes with the answer to the
+    // request sent right after the announcement.
+    emu.wait_for("gateway connected", WAIT, |r| r.sessions >= 1)
+        .await;
+    assert!(emu.push_rpc("Synced", 1, "poll_now", json!({})).await);
     emu.wait_for("Synced polls every 200 ms", WAIT, |r| {
         polls(r, "Synced") >= 3
     })
@@ -669,6 +673,10 @@ async fn poll_interval_shared_attribute_is_synced_on_connect_and_applied_live() 
     };
     let before = asked(&emu.snapshot());
     assert!(before >= 1);
+    assert!(
+        emu.snapshot().connect_precedes_data(),
+        "announced before anything else"
+    );
     emu.stop().await;
     emu.restart().await;
     emu.wait_for("requested again", WAIT, |r| asked(r) > before)

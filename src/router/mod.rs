@@ -503,7 +503,7 @@ impl Router {
                 let data = tokio::time::timeout(deadline, crate::downlink::meter_rpc(&meter, &req))
                     .await
                     .unwrap_or_else(|_| late());
-                queue_reply(&store, &req, data).await;
+                queue_typed_reply(&store, &req, data, meter.device_type()).await;
             });
             return;
         }
@@ -572,9 +572,15 @@ fn mapping_error_kind(e: &mapping::Error) -> &'static str {
 }
 
 async fn queue_reply(store: &StoreHandle, req: &RpcRequest, data: Value) {
+    queue_typed_reply(store, req, data, "").await
+}
+
+/// A reply that knows the device's profile (a meter's): it announces the device with it if the
+/// reply is the first record of the device, and never changes a known type.
+async fn queue_typed_reply(store: &StoreHandle, req: &RpcRequest, data: Value, device_type: &str) {
     let rec = Record {
         device: req.device.clone(),
-        device_type: String::new(),
+        device_type: device_type.to_owned(),
         kind: RecordKind::RpcReply,
         payload: json!({ "id": req.id, "data": data }),
     };

@@ -37,16 +37,11 @@ pub type ExtraStats = Arc<dyn Fn() -> Map<String, Value> + Send + Sync>;
 /// Where a device's data comes from (`"meter"` or `"local"`), for `gateway_devices`.
 pub type SourceOf = Arc<dyn Fn(&str) -> &'static str + Send + Sync>;
 
-/// The configured meters' device names (their shared attributes are requested on connect,
-/// before their first poll).
-pub type MeterNames = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
-
 /// What the rest of the bridge lends the uplink for gateway RPCs and statistics.
 #[derive(Clone, Default)]
 pub struct GatewayInfo {
     pub extra_stats: Option<ExtraStats>,
     pub source_of: Option<SourceOf>,
-    pub meter_names: Option<MeterNames>,
 }
 
 /// A parsed RPC to the gateway device.

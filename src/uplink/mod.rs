@@ -611,6 +611,8 @@ impl Uplink {
                 }
                 let run = &rows[i..j];
                 let first = &run[0].record;
+                // A `connect` row announced the device in this session.
+                let mut fresh = false;
                 if kind == RecordKind::Disconnect {
                     s.announced.remove(&device);
                     life.known.remove(&device);
@@ -621,6 +623,9 @@ impl Uplink {
                         if let Some(ty) = ty.filter(|_| !s.announced.contains(&device)) {
                             s.announced.insert(device.clone());
                             s.pending.push_back(announcement(&device, &ty));
+                            if let Some(out) = self.sync_request(life, &device) {
+                                s.pending.push_back(out);
+                            }
                         }
                     }
                 }
@@ -655,7 +660,7 @@ impl Uplink {
                             .collect()
                     }
                     RecordKind::Connect => {
-                        s.announced.insert(device.clone());
+                        fresh = s.announced.insert(device.clone());
                         let ty = life.known.get(&device).cloned().unwrap_or_default();
                         vec![
                             single(tb::TOPIC_CONNECT, Ok(tb::connect_payload(&device, &ty)))
@@ -683,6 +688,11 @@ impl Uplink {
                     match b {
                         Ok(out) => s.pending.push_back(out),
                         Err((id, e)) => rejected.push((device.clone(), id, e.to_string())),
+                    }
+                }
+                if fresh {
+                    if let Some(out) = self.sync_request(life, &device) {
+                        s.pending.push_back(out);
                     }
                 }
                 i = j;
@@ -772,16 +782,9 @@ impl Uplink {
                     s.pending.push_back(announcement(device, device_type));
                 }
                 // ThingsBoard pushes only changes: ask for the current values again.
-                // Configured meters too, before their first poll (for `poll_interval`).
-                let mut devices: Vec<String> = known.iter().map(|(d, _)| (*d).clone()).collect();
-                if let Some(f) = &self.info.meter_names {
-                    for m in f() {
-                        let tb_name = life.names.tb_name(&m).to_owned();
-                        if !life.known.contains_key(&tb_name) {
-                            devices.push(tb_name);
-                        }
-                    }
-                }
+                // After each announcement, never before it: any publish naming an unknown
+                // device creates it with the profile `default` (spec §2.2).
+                let devices: Vec<String> = known.iter().map(|(d, _)| (*d).clone()).collect();
                 for device in devices {
                     if let Some(out) = self.sync_request(life, &device) {
                         s.pending.push_back(out);
@@ -1097,14 +1100,15 @@ impl Life {
     }
 
     /// The profile to announce `device` with. Data (telemetry, attributes, a local `connect`)
-    /// with a type sets it; replies and attribute requests carry none and never change it.
-    /// `None`: nothing is known about the device's type, so it is not announced.
+    /// with a type sets it; a reply never changes a known type (a meter's reply carries its
+    /// profile, used only while the device is unknown). `None`: nothing is known about the
+    /// device's type, so it is not announced.
     fn sticky_type(&mut self, device: &str, kind: RecordKind, ty: &str) -> Option<String> {
         let sets_type = matches!(
             kind,
             RecordKind::Telemetry | RecordKind::Attributes | RecordKind::Connect
         );
-        if sets_type && !ty.is_empty() {
+        if !ty.is_empty() && (sets_type || !self.known.contains_key(device)) {
             self.known.insert(device.to_owned(), ty.to_owned());
         }
         self.known.get(device).cloned()

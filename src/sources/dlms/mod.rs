@@ -41,12 +41,19 @@ pub struct MeterHandle {
     cmd_tx: mpsc::Sender<Command>,
     /// Which `set`/`action` RPCs ThingsBoard may run (checked by `downlink`).
     rpc_write: Arc<crate::config::RpcWrite>,
+    /// The meter's ThingsBoard profile (an RPC reply may be the first record of the device).
+    device_type: Arc<str>,
 }
 
 impl MeterHandle {
     /// The meter's device name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The meter's ThingsBoard profile.
+    pub fn device_type(&self) -> &str {
+        &self.device_type
     }
 
     /// The meter's `rpc_write` setting.
@@ -130,12 +137,19 @@ pub fn spawn_meter_with(
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let name: Arc<str> = cfg.name.as_str().into();
     let rpc_write = Arc::new(cfg.rpc_write.clone());
+    let device_type: Arc<str> = cfg
+        .device_type
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .unwrap_or(poller::DEFAULT_DEVICE_TYPE)
+        .into();
     let meter = Meter::new(cfg, events_tx, cmd_rx, cancel).with_max_receive_pdu(max_receive_pdu);
     tracker.spawn(meter.run());
     MeterHandle {
         name,
         cmd_tx,
         rpc_write,
+        device_type,
     }
 }
 
