@@ -341,8 +341,9 @@ impl TbEmulator {
         *self.inner.rate_limit.lock().expect("emulator lock") = limit;
     }
 
-    /// Set a shared attribute of `device`, answered to the gateway's attribute requests (not
-    /// pushed: use [`push_attributes`](Self::push_attributes) for an update).
+    /// Set a shared attribute of `device`; from then on the gateway's shared-scope attribute
+    /// requests for `device` are answered like ThingsBoard does (not pushed: use
+    /// [`push_attributes`](Self::push_attributes) for an update).
     pub fn set_shared_attribute(&self, device: &str, key: &str, value: Value) {
         self.inner
             .shared
@@ -771,7 +772,9 @@ fn attribute_answer(inner: &Inner, payload: &[u8]) -> Option<Value> {
         _ => return None,
     };
     let shared = inner.shared.lock().expect("emulator lock");
-    let attrs = shared.get(&device).cloned().unwrap_or_default();
+    // Only devices given shared attributes are answered, so tests that answer by hand (with
+    // `push`) keep control of the answer.
+    let attrs = shared.get(&device)?.clone();
     let found: Map<String, Value> = attrs
         .into_iter()
         .filter(|(k, _)| keys.is_empty() || keys.contains(k))
