@@ -261,6 +261,12 @@ impl Router {
         }
         if t.starts_with(device_api::TOPIC_ATTRIBUTE_REQUEST_PREFIX) {
             let me = builtin::device_api_name(msg, &self.local);
+            let generated =
+                self.local.reject_generated_client_ids && builtin::is_generated_client_id(&me);
+            if generated || crate::model::check_device_name(&me).is_err() {
+                debug!(client = %msg.client_id, "Attribute request from a client with no usable device name; ignored.");
+                return true;
+            }
             if let Some(recs) =
                 self.device_api
                     .attribute_request(&me, &msg.client_id, t, &msg.payload)
