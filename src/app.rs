@@ -248,13 +248,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.local.clone(),
         broker.clone(),
         meters.clone(),
-    );
+    )
+    .with_max_packet_size(cfg.thingsboard.max_packet_size)
+    .with_rpc_timeout(cfg.gateway.rpc_timeout);
+    let router_stats = router.stats();
     let router_done = tasks.spawn("router", fail_fast("router", router.run()));
 
     // The uplink's wait for outstanding PUBACKs gets half the shutdown grace: the other half is
     // for the sources and the router before it, and the store checkpoint after it.
+    let (registry, names) = crate::store::devices::DeviceRegistry::open_beside(&cfg.store.path)
+        .context("opening the device registry beside the queue")?;
     let uplink = Uplink::new(cfg.thingsboard.clone(), store.clone(), downlink_tx)
-        .with_shutdown_grace(cfg.shutdown.grace / 2);
+        .with_shutdown_grace(cfg.shutdown.grace / 2)
+        .with_device_registry(registry, names)
+        .with_gateway(
+            cfg.gateway.clone(),
+            gateway_info(router_stats, meters.clone(), broker.clone()),
+        );
     let uplink_status = uplink.status();
     let uplink_tls = uplink.tls_reloader();
     let uplink_cancel = CancellationToken::new();
@@ -286,6 +296,36 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         tasks,
         grace: cfg.shutdown.grace,
     })
+}
+
+/// What the uplink borrows for gateway RPCs and statistics: router counters, which devices are
+/// meters.
+fn gateway_info(
+    router: Arc<crate::router::RouterStats>,
+    meters: MeterMap,
+    broker: Option<BrokerHandle>,
+) -> crate::uplink::gateway_rpc::GatewayInfo {
+    let m2 = meters.clone();
+    crate::uplink::gateway_rpc::GatewayInfo {
+        extra_stats: Some(Arc::new(move || {
+            let mut s = router.gateway_stats();
+            s.insert(
+                "meters".into(),
+                meters.read().map(|m| m.len()).unwrap_or(0).into(),
+            );
+            if let Some(b) = &broker {
+                s.insert("broker_clients".into(), b.client_count().into());
+            }
+            s
+        })),
+        source_of: Some(Arc::new(move |name: &str| {
+            if m2.read().is_ok_and(|m| m.contains_key(name)) {
+                "meter"
+            } else {
+                "local"
+            }
+        })),
+    }
 }
 
 /// What a reload changed.

@@ -7,9 +7,10 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use crate::broker::BrokerHandle;
+use crate::config::{ConfigError, RpcWrite};
 use crate::model::RpcRequest;
 use crate::router::mapping::RpcRoute;
-use crate::sources::dlms::apdu::{AttrRef, Data, MethodRef};
+use crate::sources::dlms::apdu::{self, AttrRef, Data, MethodRef};
 use crate::sources::dlms::obis::ObisCode;
 use crate::sources::dlms::poller::data_to_json;
 use crate::sources::dlms::MeterHandle;
@@ -23,21 +24,26 @@ pub fn rpc_error(why: impl std::fmt::Display) -> Value {
 ///
 /// | method | params | reply |
 /// |---|---|---|
-/// | `get` | `obis`, `class_id` (3), `attribute` (2) | `{"success":true,"value":..}` |
+/// | `get` | `obis`, `class_id` (3), `attribute` (2) | `{"success":true,"value":..}`; a register's value (class 3–5, attribute 2) is scaled, with `unit` and the unscaled `raw` |
 /// | `set` | `obis`, `class_id` (1), `attribute` (2), `value`, `type`? | `{"success":true}` |
 /// | `action` | `obis`, `class_id`, `method`, `value`?, `type`? | `{"success":true,"result":..}` |
+/// | `poll_now` | — | `{"success":true,"values":{..}}` (also sent as telemetry) |
 ///
 /// `type` names the DLMS type of `value` (`bool`, `i8`, `u8`, `i16`, `u16`, `i32`, `u32`, `i64`,
 /// `u64`, `f32`, `f64`, `enum`, `string`, `octets` (hex)); without it a bool is a boolean, an
 /// integer an i32 (u32 above i32), a float an f64 and a string a visible-string.
+///
+/// `set` and `action` change the meter (an `action` on the disconnect control cuts a customer's
+/// power): they are refused unless the meter's `rpc_write` allows the OBIS code.
 pub async fn meter_rpc(meter: &MeterHandle, req: &RpcRequest) -> Value {
+    if matches!(req.method.as_str(), "set" | "action") {
+        if let Err(why) = write_allowed(meter.rpc_write(), meter.name(), &req.params) {
+            return rpc_error(why);
+        }
+    }
     let res = match req.method.as_str() {
         "get" => match attr_ref(&req.params, 3) {
-            Ok(a) => meter
-                .get(a)
-                .await
-                .map(|d| json!({ "success": true, "value": data_to_json(&d) }))
-                .map_err(|e| e.to_string()),
+            Ok(a) => scaled_get(meter, a).await,
             Err(e) => Err(e),
         },
         "set" => match (attr_ref(&req.params, 1), value_param(&req.params)) {
@@ -57,11 +63,100 @@ pub async fn meter_rpc(meter: &MeterHandle, req: &RpcRequest) -> Value {
                 .map_err(|e| e.to_string()),
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
+        "poll_now" => meter
+            .poll_now()
+            .await
+            .map(|v| json!({ "success": true, "values": v }))
+            .map_err(|e| e.to_string()),
         other => Err(format!(
-            "unknown meter RPC method `{other}` (known: get, set, action)"
+            "unknown meter RPC method `{other}` (known: get, set, action, poll_now)"
         )),
     };
     res.unwrap_or_else(rpc_error)
+}
+
+/// Read an attribute; a register value comes back scaled by its scaler_unit, with its unit.
+async fn scaled_get(meter: &MeterHandle, a: AttrRef) -> Result<Value, String> {
+    let d = meter.get(a).await.map_err(|e| e.to_string())?;
+    if !(matches!(a.class_id, 3..=5) && a.attribute == 2) {
+        return Ok(json!({ "success": true, "value": data_to_json(&d) }));
+    }
+    let Some(raw) = d.as_f64() else {
+        return Ok(json!({ "success": true, "value": data_to_json(&d) }));
+    };
+    let su = meter
+        .get(AttrRef::new(a.class_id, a.obis, 3))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (scaler, unit) =
+        apdu::parse_scaler_unit(&su).map_err(|e| format!("bad scaler_unit: {e}"))?;
+    let value = raw * 10f64.powi(i32::from(scaler));
+    // Decimal digits the scaler implies, so 2297 × 10^-1 reads 229.7, not 229.70000000000002.
+    let digits = (-i32::from(scaler)).clamp(0, 15);
+    let p = 10f64.powi(digits);
+    let value = (value * p).round() / p;
+    Ok(json!({
+        "success": true,
+        "value": value,
+        "unit": apdu::unit_symbol(unit),
+        "raw": data_to_json(&d),
+    }))
+}
+
+/// Whether `rpc_write` lets ThingsBoard change `params.obis` on this meter; the error says why
+/// not and how to allow it.
+pub fn write_allowed(w: &RpcWrite, meter: &str, params: &Value) -> Result<(), String> {
+    match w {
+        RpcWrite::All(true) => Ok(()),
+        RpcWrite::All(false) => Err(format!(
+            "set/action are disabled for meter `{meter}`; enable them with rpc_write = true or a \
+             list of allowed OBIS codes in its [[meters]] entry"
+        )),
+        RpcWrite::Obis(list) => {
+            let obis = obis_param(params)?;
+            if list
+                .iter()
+                .any(|o| o.parse::<ObisCode>().is_ok_and(|a| a == obis))
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "set/action on {obis} is not allowed for meter `{meter}` (rpc_write lists \
+                     the OBIS codes that are)"
+                ))
+            }
+        }
+    }
+}
+
+/// The shared attribute `poll_interval` (seconds, a number or a numeric string) as a period;
+/// `None` with the reason when it is unusable.
+pub fn poll_interval(v: &Value) -> Result<std::time::Duration, String> {
+    let secs = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| format!("poll_interval `{v}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!("poll_interval {secs} s is outside 0.1 s ..= 1 day"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Config check for a meter's `rpc_write` list.
+pub fn validate_rpc_write(w: &RpcWrite, key: &str) -> Vec<ConfigError> {
+    match w {
+        RpcWrite::All(_) => Vec::new(),
+        RpcWrite::Obis(list) => list
+            .iter()
+            .filter_map(|o| {
+                o.parse::<ObisCode>()
+                    .err()
+                    .map(|e| ConfigError::new(key, format!("`{o}` is not an OBIS code: {e}")))
+            })
+            .collect(),
+    }
 }
 
 fn obis_param(p: &Value) -> Result<ObisCode, String> {
@@ -237,6 +332,18 @@ mod tests {
         assert!(attr_ref(&json!({"obis": "nope"}), 3).is_err());
         assert!(attr_ref(&json!({"obis": "1.0.32.7.0.255", "attribute": 999}), 3).is_err());
         assert!(method_ref(&json!({"obis": "0.0.96.3.10.255", "method": 1})).is_err());
+    }
+
+    #[test]
+    fn writes_need_rpc_write() {
+        let p = json!({"obis": "0.0.96.3.10.255", "method": 1, "class_id": 70});
+        let why = write_allowed(&RpcWrite::All(false), "M", &p).unwrap_err();
+        assert!(why.contains("rpc_write"), "{why}");
+        assert!(write_allowed(&RpcWrite::All(true), "M", &p).is_ok());
+        let list = RpcWrite::Obis(vec!["0.0.1.0.0.255".into()]);
+        assert!(write_allowed(&list, "M", &p).is_err());
+        assert!(write_allowed(&list, "M", &json!({"obis": "0.0.1.0.0.255"})).is_ok());
+        assert!(validate_rpc_write(&RpcWrite::Obis(vec!["nope".into()]), "k").len() == 1);
     }
 
     #[test]

@@ -112,6 +112,43 @@ pub struct RawConfig {
     pub meters: Vec<MeterConfig>,
     /// Mapping rules for local MQTT messages (tb-gateway MQTT connector semantics).
     pub mappings: Vec<MappingConfig>,
+    /// The gateway device itself: statistics, RPC deadline, rate limits.
+    pub gateway: GatewayConfig,
+}
+
+/// How the bridge behaves as a ThingsBoard gateway device (docs/GATEWAY.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Period of the gateway's statistics telemetry; 0 = never sent.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+    /// Every RPC from ThingsBoard is answered within this (ThingsBoard gives up after 10 s).
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+    /// Ask ThingsBoard for its limits (`getSessionLimits`) after every connect.
+    pub request_session_limits: bool,
+    /// Own cap on publishes, ThingsBoard's format `capacity:seconds[,..]`, e.g. `"20:1,600:60"`;
+    /// empty = only what ThingsBoard reports.
+    pub messages_rate_limit: String,
+    /// Own cap on telemetry data points (key/value pairs), same format.
+    pub data_points_rate_limit: String,
+    /// Shared attributes requested for every known device after every (re)connect and applied
+    /// like updates (ThingsBoard pushes only changes, spec §2.7).
+    pub shared_attributes_on_connect: Vec<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            stats_interval: Duration::from_secs(60),
+            rpc_timeout: Duration::from_secs(8),
+            request_session_limits: true,
+            messages_rate_limit: String::new(),
+            data_points_rate_limit: String::new(),
+            shared_attributes_on_connect: vec!["poll_interval".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -341,6 +378,9 @@ pub struct LocalConfig {
     pub device_name_source: DeviceNameSource,
     /// Accept the ThingsBoard gateway API (`v1/gateway/*`) from local clients and forward it.
     pub gateway_api: bool,
+    /// Refuse device-API messages whose device would be named after a client id the broker
+    /// generated (`auto-<uuid>`, the client sent none): a new device on every reconnect.
+    pub reject_generated_client_ids: bool,
 }
 
 impl Default for LocalConfig {
@@ -349,6 +389,7 @@ impl Default for LocalConfig {
             device_type: DEFAULT_DEVICE_TYPE.into(),
             device_name_source: DeviceNameSource::UsernameThenClientId,
             gateway_api: true,
+            reject_generated_client_ids: true,
         }
     }
 }
@@ -473,6 +514,26 @@ pub struct MeterConfig {
     pub profile: String,
     /// Explicit registers; replace the profile's when non-empty.
     pub registers: Vec<RegisterConfig>,
+    /// Which RPC `set`/`action` ThingsBoard may run on this meter: `false` (none, the
+    /// default), `true` (all), or a list of allowed OBIS codes.
+    pub rpc_write: RpcWrite,
+    /// Consecutive failed polls after which the meter is reported `disconnect`ed (with the
+    /// reason in its health telemetry); it is `connect`ed again when it answers.
+    pub disconnect_after: u32,
+}
+
+/// `rpc_write`: `true`/`false`, or the OBIS codes `set`/`action` may touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RpcWrite {
+    All(bool),
+    Obis(Vec<String>),
+}
+
+impl Default for RpcWrite {
+    fn default() -> Self {
+        RpcWrite::All(false)
+    }
 }
 
 impl Default for MeterConfig {
@@ -494,6 +555,8 @@ impl Default for MeterConfig {
             device_type: None,
             profile: "default".into(),
             registers: Vec::new(),
+            rpc_write: RpcWrite::default(),
+            disconnect_after: 3,
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub meters: Vec<MeterConfig>,
     pub mappings: Vec<MappingConfig>,
+    pub gateway: GatewayConfig,
 }
 
 /// Check everything; return every problem found, each naming its key.
@@ -221,6 +222,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         if m.timeout.is_zero() {
             errs.push(ConfigError::new(key("timeout"), "must be above 0"));
         }
+        errs.extend(crate::downlink::validate_rpc_write(
+            &m.rpc_write,
+            &key("rpc_write"),
+        ));
         if m.registers.is_empty() && m.profile != "default" {
             errs.push(ConfigError::new(
                 key("profile"),
@@ -252,6 +257,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         errs.extend(e);
     }
 
+    errs.extend(crate::uplink::limits::validate_gateway(&raw.gateway));
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -276,6 +283,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         simulator: raw.simulator,
         meters: raw.meters,
         mappings: raw.mappings,
+        gateway: raw.gateway,
     })
 }
 

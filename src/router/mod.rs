@@ -6,8 +6,10 @@
 
 pub mod builtin;
 pub mod convert;
+pub mod device_api;
 pub mod expr;
 pub mod mapping;
+pub mod warn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +24,7 @@ use crate::broker::BrokerHandle;
 use crate::config::LocalConfig;
 use crate::model::{now_ms, Downlink, Record, RecordKind, RpcRequest};
 use crate::router::mapping::MappingSet;
+use crate::router::warn::{Verdict, WarnLimiter};
 use crate::sources::dlms::MeterHandle;
 use crate::sources::{Durable, LocalPublish, SourceEvent};
 use crate::store::StoreHandle;
@@ -54,6 +57,36 @@ pub struct RouterStats {
     /// Records the store refused (full with drop_newest, or failing).
     pub store_rejected: AtomicU64,
     pub rpc_requests: AtomicU64,
+    /// Values refused because one alone needs a larger packet than ThingsBoard accepts.
+    pub oversize_values_dropped: AtomicU64,
+    /// Records split into several because they did not fit one ThingsBoard packet.
+    pub records_split: AtomicU64,
+    /// Batches of records from meters (one per poll or connectivity change).
+    pub meter_messages: AtomicU64,
+    /// Meters whose last poll succeeded / failed (from their `poll_ok` health telemetry).
+    pub meters_ok: AtomicU64,
+    pub meters_failing: AtomicU64,
+}
+
+impl RouterStats {
+    /// The router's share of the gateway statistics telemetry (docs/GATEWAY.md).
+    pub fn gateway_stats(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        let get = |a: &AtomicU64| json!(a.load(Ordering::Relaxed));
+        m.insert("messages_in_local".into(), get(&self.local_messages));
+        m.insert("messages_in_meters".into(), get(&self.meter_messages));
+        m.insert("records_queued".into(), get(&self.records_queued));
+        m.insert("malformed_dropped".into(), get(&self.malformed_dropped));
+        m.insert(
+            "oversize_values_dropped".into(),
+            get(&self.oversize_values_dropped),
+        );
+        m.insert("records_refused_by_queue".into(), get(&self.store_rejected));
+        m.insert("rpc_requests".into(), get(&self.rpc_requests));
+        m.insert("meters_ok".into(), get(&self.meters_ok));
+        m.insert("meters_failing".into(), get(&self.meters_failing));
+        m
+    }
 }
 
 /// The channels the router reads.
@@ -81,6 +114,16 @@ pub struct Router {
     /// New mapping sets from a configuration reload (SIGHUP).
     reload_rx: mpsc::Receiver<MappingSet>,
     stats: Arc<RouterStats>,
+    /// WARNs about bad local input, rate-limited per kind of problem.
+    warns: WarnLimiter,
+    /// Largest publish ThingsBoard accepts: larger records are split before they are queued.
+    max_packet_size: usize,
+    /// Meter → whether its last poll succeeded, for the ok/failing counts.
+    meter_health: HashMap<String, bool>,
+    /// Every RPC is answered within this (`gateway.rpc_timeout`).
+    rpc_timeout: Duration,
+    /// Device-API clients (`v1/devices/me/*`) and their pending RPCs and attribute requests.
+    device_api: device_api::DeviceApi,
 }
 
 impl Router {
@@ -102,7 +145,24 @@ impl Router {
             meters,
             reload_rx: inputs.reload_rx,
             stats: Arc::default(),
+            warns: WarnLimiter::default(),
+            max_packet_size: crate::config::ThingsboardConfig::default().max_packet_size,
+            meter_health: HashMap::new(),
+            rpc_timeout: crate::config::GatewayConfig::default().rpc_timeout,
+            device_api: device_api::DeviceApi::default(),
         }
+    }
+
+    /// Answer every RPC within `timeout` (`gateway.rpc_timeout`), with an error if need be.
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.rpc_timeout = timeout;
+        self
+    }
+
+    /// Split records that would not fit one publish of `max` bytes (`thingsboard.max_packet_size`).
+    pub fn with_max_packet_size(mut self, max: usize) -> Self {
+        self.max_packet_size = max;
+        self
     }
 
     pub fn stats(&self) -> Arc<RouterStats> {
@@ -125,6 +185,7 @@ impl Router {
                         break;
                     }
                     let (records, acks) = self.map_events(batch.drain(..));
+                    let records = self.fit_packets(records);
                     // Local QoS 1/2 publishers are acknowledged once this batch is durable
                     // (acks fire when dropped), or never when the store refused it.
                     if !self.enqueue(records).await {
@@ -145,6 +206,7 @@ impl Router {
                 },
                 _ = due.tick() => {
                     let records = self.mappings.due(now_ms());
+                    let records = self.fit_packets(records);
                     self.enqueue(records).await;
                 }
                 _ = stats_tick.tick() => self.log_stats(),
@@ -154,7 +216,15 @@ impl Router {
         debug!("Router drained; all sources are gone.");
     }
 
-    fn log_stats(&self) {
+    fn log_stats(&mut self) {
+        for (kind, suppressed, total) in self.warns.due_summaries(std::time::Instant::now()) {
+            warn!(
+                kind,
+                suppressed_since_last = suppressed,
+                kind_total = total,
+                "Malformed local messages of this kind were dropped without a log line."
+            );
+        }
         let s = &self.stats;
         info!(
             local_messages = s.local_messages.load(Ordering::Relaxed),
@@ -176,7 +246,11 @@ impl Router {
         let mut acks = Vec::new();
         for ev in events {
             match ev {
-                SourceEvent::Records(rs) => out.extend(rs),
+                SourceEvent::Records(rs) => {
+                    self.stats.meter_messages.fetch_add(1, Ordering::Relaxed);
+                    self.track_meter_health(&rs);
+                    out.extend(rs);
+                }
                 SourceEvent::Local(mut msg) => {
                     self.stats.local_messages.fetch_add(1, Ordering::Relaxed);
                     acks.extend(msg.ack.take());
@@ -187,11 +261,64 @@ impl Router {
         (out, acks)
     }
 
+    /// A device-API client answering an RPC or asking for attributes; `true` if consumed.
+    fn device_api_downlink(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) -> bool {
+        let t = msg.topic.as_str();
+        if t.starts_with(device_api::TOPIC_RPC_RESPONSE_PREFIX) {
+            let me = builtin::device_api_name(msg, &self.local);
+            if !self.device_api.rpc_response(&me, t, &msg.payload) {
+                debug!(topic = %t, client = %msg.client_id, "RPC response for no pending RPC.");
+            }
+            return true;
+        }
+        if t.starts_with(device_api::TOPIC_ATTRIBUTE_REQUEST_PREFIX) {
+            let me = builtin::device_api_name(msg, &self.local);
+            let generated =
+                self.local.reject_generated_client_ids && builtin::is_generated_client_id(&me);
+            if generated || crate::model::check_device_name(&me).is_err() {
+                debug!(client = %msg.client_id, "Attribute request from a client with no usable device name; ignored.");
+                return true;
+            }
+            if let Some(recs) =
+                self.device_api
+                    .attribute_request(&me, &msg.client_id, t, &msg.payload)
+            {
+                out.extend(recs);
+            }
+            return true;
+        }
+        false
+    }
+
+    fn track_meter_health(&mut self, records: &[Record]) {
+        for r in records.iter().filter(|r| r.kind == RecordKind::Telemetry) {
+            if let Some(ok) = r.payload["values"].get("poll_ok").and_then(Value::as_bool) {
+                self.meter_health.insert(r.device.clone(), ok);
+            }
+        }
+        let ok = self.meter_health.values().filter(|v| **v).count() as u64;
+        let failing = self.meter_health.len() as u64 - ok;
+        self.stats.meters_ok.store(ok, Ordering::Relaxed);
+        self.stats.meters_failing.store(failing, Ordering::Relaxed);
+    }
+
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
         let res = match self.mappings.map(msg) {
-            Some(r) => r.map_err(|e| e.to_string()),
+            Some(r) => r.map_err(|e| (mapping_error_kind(&e), e.to_string())),
+            None if self.device_api_downlink(msg, out) => return,
             None => match builtin::map(msg, &self.local) {
-                Some(r) => r.map_err(|e| e.to_string()),
+                Some(r) => {
+                    if matches!(
+                        msg.topic.as_str(),
+                        builtin::TOPIC_DEVICE_TELEMETRY | builtin::TOPIC_DEVICE_ATTRIBUTES
+                    ) {
+                        let me = builtin::device_api_name(msg, &self.local);
+                        if r.as_ref().is_ok_and(|rs| rs.iter().any(|x| x.device == me)) {
+                            self.device_api.seen(&me, &msg.client_id);
+                        }
+                    }
+                    r.map_err(|e| (e.kind(), e.to_string()))
+                }
                 None => {
                     self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -200,25 +327,68 @@ impl Router {
         };
         match res {
             Ok(records) => out.extend(records),
-            Err(error) => {
+            Err((kind, error)) => {
                 let n = self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // The first few, then every 1000th: a broken publisher must not flood the log.
-                if n <= 10 || n % 1000 == 0 {
+                // Rate-limited per kind: one broken publisher must neither flood the log nor
+                // hide another kind of problem.
+                if let Verdict::Log { suppressed, total } =
+                    self.warns.hit(kind, std::time::Instant::now())
+                {
                     let snippet: String = String::from_utf8_lossy(&msg.payload)
                         .chars()
                         .take(LOG_SNIPPET)
                         .collect();
+                    let topic: String = msg.topic.chars().take(LOG_SNIPPET).collect();
+                    let client: String = msg.client_id.chars().take(LOG_SNIPPET).collect();
+                    let error: String = error.chars().take(4 * LOG_SNIPPET).collect();
                     warn!(
-                        topic = %msg.topic,
-                        client = %msg.client_id,
+                        kind,
+                        %topic,
+                        %client,
                         %error,
                         payload = %snippet,
+                        suppressed_since_last = suppressed,
+                        kind_total = total,
                         dropped_total = n,
                         "Dropped a malformed local message."
                     );
                 }
             }
         }
+    }
+
+    /// Split records larger than one ThingsBoard publish (keys of one timestamp stay under that
+    /// timestamp); refuse, with a WARN naming device and key, only values too large alone.
+    fn fit_packets(&mut self, records: Vec<Record>) -> Vec<Record> {
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let (parts, oversize) = crate::uplink::split::split_record(rec, self.max_packet_size);
+            if parts.len() > 1 {
+                self.stats.records_split.fetch_add(1, Ordering::Relaxed);
+            }
+            out.extend(parts);
+            for o in oversize {
+                let n = self
+                    .stats
+                    .oversize_values_dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Verdict::Log { suppressed, .. } =
+                    self.warns.hit("oversize_value", std::time::Instant::now())
+                {
+                    warn!(
+                        device = %o.device,
+                        key = %o.key,
+                        needed_bytes = o.needed,
+                        max_packet_size = o.max,
+                        suppressed_since_last = suppressed,
+                        oversize_values_dropped = n,
+                        "Dropped a value larger than one ThingsBoard packet; the device's other values are sent."
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// Make `records` durable. False when the store refused them (they are lost).
@@ -249,6 +419,13 @@ impl Router {
         match dl {
             Downlink::Rpc(req) => self.rpc(req),
             Downlink::Attributes(upd) => {
+                self.meter_attributes(&upd);
+                if let Some((client, payload)) =
+                    self.device_api.attribute_update(&upd.device, &upd.data)
+                {
+                    self.deliver(&client, device_api::TOPIC_ATTRIBUTES, payload)
+                        .await;
+                }
                 let outs = self.mappings.attribute_update_publishes(&upd);
                 if outs.is_empty() {
                     debug!(device = %upd.device, "Shared attribute update matches no attributeUpdates rule.");
@@ -258,6 +435,12 @@ impl Router {
                 }
             }
             Downlink::AttributeResponse { device, id, values } => {
+                if let Some(done) = self.device_api.attribute_response(id, &values) {
+                    if let Some((client, topic, payload)) = done {
+                        self.deliver(&client, &topic, payload).await;
+                    }
+                    return;
+                }
                 match self
                     .mappings
                     .attribute_response_publish(&device, id, &values)
@@ -271,6 +454,43 @@ impl Router {
             Downlink::DeviceDisconnected { device, reason } => {
                 info!(%device, ?reason, "ThingsBoard closed a device session.");
             }
+        }
+    }
+
+    /// Shared attributes a meter acts on: `poll_interval` (seconds), applied live.
+    fn meter_attributes(&self, upd: &crate::model::AttributeUpdate) {
+        let Some(v) = upd.data.get("poll_interval") else {
+            return;
+        };
+        let meter = self
+            .meters
+            .read()
+            .ok()
+            .and_then(|m| m.get(&upd.device).cloned());
+        let Some(meter) = meter else {
+            return;
+        };
+        match crate::downlink::poll_interval(v) {
+            Ok(period) => {
+                tokio::spawn(async move {
+                    if let Err(e) = meter.set_interval(period).await {
+                        warn!(meter = %meter.name(), error = %e, "Could not change the poll interval.");
+                    }
+                });
+            }
+            Err(why) => {
+                warn!(meter = %upd.device, %why, "Ignoring the shared attribute poll_interval.")
+            }
+        }
+    }
+
+    /// Put a message into one device-API client's session (see [`device_api`]).
+    async fn deliver(&self, client: &str, topic: &str, payload: bytes::Bytes) {
+        let Some(b) = &self.broker else {
+            return;
+        };
+        if let Err(e) = device_api::deliver_to_client(b, client, topic, payload).await {
+            debug!(%client, %topic, error = %e, "Device-API downlink not delivered.");
         }
     }
 
@@ -295,17 +515,51 @@ impl Router {
             .read()
             .ok()
             .and_then(|m| m.get(&req.device).cloned());
+        let deadline = self.rpc_timeout;
+        let late = move || {
+            crate::downlink::rpc_error(format!("no answer within rpc_timeout ({deadline:?})"))
+        };
         if let Some(meter) = meter {
             tokio::spawn(async move {
-                let data = crate::downlink::meter_rpc(&meter, &req).await;
-                queue_reply(&store, &req, data).await;
+                let data = tokio::time::timeout(deadline, crate::downlink::meter_rpc(&meter, &req))
+                    .await
+                    .unwrap_or_else(|_| late());
+                queue_typed_reply(&store, &req, data, meter.device_type()).await;
             });
             return;
         }
         match (self.mappings.rpc_route(&req), self.broker.clone()) {
             (Some(route), Some(broker)) => {
                 tokio::spawn(async move {
-                    let data = crate::downlink::local_rpc(&broker, route).await;
+                    let data =
+                        tokio::time::timeout(deadline, crate::downlink::local_rpc(&broker, route))
+                            .await
+                            .unwrap_or_else(|_| late());
+                    queue_reply(&store, &req, data).await;
+                });
+            }
+            (None, Some(broker)) if self.device_api.client_of(&req.device).is_some() => {
+                let client = self
+                    .device_api
+                    .client_of(&req.device)
+                    .unwrap_or_default()
+                    .to_owned();
+                let (topic, payload, answer) =
+                    self.device_api
+                        .rpc_request(&req.device, req.id, &req.method, &req.params);
+                tokio::spawn(async move {
+                    let data = match device_api::deliver_to_client(
+                        &broker, &client, &topic, payload,
+                    )
+                    .await
+                    {
+                        Err(e) => crate::downlink::rpc_error(e),
+                        Ok(()) => match tokio::time::timeout(deadline, answer).await {
+                            Ok(Ok(v)) => v,
+                            Ok(Err(_)) => crate::downlink::rpc_error("RPC forgotten"),
+                            Err(_) => late(),
+                        },
+                    };
                     queue_reply(&store, &req, data).await;
                 });
             }
@@ -327,10 +581,27 @@ impl Router {
     }
 }
 
+/// The warning kind of a mapping error (see [`warn`]).
+fn mapping_error_kind(e: &mapping::Error) -> &'static str {
+    match e {
+        mapping::Error::Json { .. } => "not_json",
+        mapping::Error::BadDeviceName { .. } => "bad_device_name",
+        mapping::Error::MissingField { .. } => "mapping_missing_field",
+        mapping::Error::TopicNoMatch { .. } => "mapping_topic_no_match",
+        mapping::Error::NoAttributeNames { .. } => "mapping_no_attribute_names",
+    }
+}
+
 async fn queue_reply(store: &StoreHandle, req: &RpcRequest, data: Value) {
+    queue_typed_reply(store, req, data, "").await
+}
+
+/// A reply that knows the device's profile (a meter's): it announces the device with it if the
+/// reply is the first record of the device, and never changes a known type.
+async fn queue_typed_reply(store: &StoreHandle, req: &RpcRequest, data: Value, device_type: &str) {
     let rec = Record {
         device: req.device.clone(),
-        device_type: String::new(),
+        device_type: device_type.to_owned(),
         kind: RecordKind::RpcReply,
         payload: json!({ "id": req.id, "data": data }),
     };

@@ -33,6 +33,7 @@
 //! but a clock that jumps forward (a box without RTC syncing NTP after boot) makes older rows
 //! look expired.
 
+pub mod devices;
 mod sqlite;
 
 use std::path::{Path, PathBuf};

@@ -31,7 +31,10 @@
 //! anything but QoS 1; put two devices in one publish; delete a row before its PUBACK; log the
 //! access token; retry a refused token in a tight loop.
 
+pub mod gateway_rpc;
 pub mod inflight;
+pub mod limits;
+pub mod split;
 pub mod thingsboard;
 pub mod tls;
 
@@ -49,9 +52,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{MqttProtocol, ThingsboardConfig};
+use crate::config::{GatewayConfig, MqttProtocol, ThingsboardConfig};
 use crate::model::{check_device_name, Downlink, RecordKind, StoredRecord};
+use crate::store::devices::{DeviceNames, DeviceRegistry, Route};
 use crate::store::StoreHandle;
+
+use gateway_rpc::GatewayInfo;
 
 use inflight::Inflight;
 use thingsboard as tb;
@@ -121,6 +127,10 @@ pub struct UplinkStatus {
     pub downlink_malformed: u64,
     /// Last connection problem, without secrets.
     pub last_error: Option<String>,
+    /// Times a publish waited for room under the rate limits (ThingsBoard's or configured).
+    pub rate_limited: u64,
+    /// ThingsBoard answered `getSessionLimits` in the current (or last) session.
+    pub session_limits_known: bool,
 }
 
 /// Failures that end `run` (none today: every session error is retried).
@@ -143,6 +153,14 @@ pub struct Uplink {
     status_tx: Arc<watch::Sender<UplinkStatus>>,
     /// How long a stop waits for outstanding PUBACKs.
     grace: Duration,
+    /// Where renames/deletions made in ThingsBoard are persisted (`None`: memory only).
+    registry: Option<DeviceRegistry>,
+    /// The renames/deletions loaded at start.
+    initial_names: DeviceNames,
+    /// Counters and device sources lent by the rest of the bridge (gateway RPCs, statistics).
+    info: GatewayInfo,
+    /// Statistics period, RPC deadline, rate caps.
+    gw: GatewayConfig,
     /// TLS settings, replaced on SIGHUP through [`TlsReloader`]; the files are read again then.
     tls_rx: watch::Receiver<TlsSettings>,
     /// The sending side, handed out by [`Uplink::tls_reloader`].
@@ -174,6 +192,15 @@ impl Uplink {
             downlink_tx,
             status_tx: Arc::new(watch::channel(UplinkStatus::default()).0),
             grace: DEFAULT_SHUTDOWN_GRACE,
+            registry: None,
+            initial_names: DeviceNames::default(),
+            info: GatewayInfo::default(),
+            gw: GatewayConfig {
+                stats_interval: Duration::ZERO,
+                request_session_limits: false,
+                shared_attributes_on_connect: Vec::new(),
+                ..GatewayConfig::default()
+            },
             tls_rx,
             tls_tx: Arc::new(tls_tx),
         }
@@ -182,6 +209,21 @@ impl Uplink {
     /// The handle SIGHUP uses to make this uplink re-read its certificates.
     pub fn tls_reloader(&self) -> TlsReloader {
         TlsReloader(Arc::clone(&self.tls_tx))
+    }
+
+    /// Persist device renames/deletions in `registry`, starting from `names` (loaded from it).
+    pub fn with_device_registry(mut self, registry: DeviceRegistry, names: DeviceNames) -> Self {
+        self.registry = Some(registry);
+        self.initial_names = names;
+        self
+    }
+
+    /// Gateway behaviour (statistics period, rate caps) and what the rest of the bridge lends
+    /// for gateway RPCs and statistics.
+    pub fn with_gateway(mut self, gw: GatewayConfig, info: GatewayInfo) -> Self {
+        self.gw = gw;
+        self.info = info;
+        self
     }
 
     /// Set how long [`run`](Self::run) waits for outstanding PUBACKs once cancelled.
@@ -198,6 +240,12 @@ impl Uplink {
     /// disconnect. Unacked rows stay in the store for the next start.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut life = Life::new(&self.cfg);
+        life.names = self.initial_names.clone();
+        // Validated with the configuration; a bad string here means no cap.
+        life.cfg_messages =
+            limits::parse_rate_limit(&self.gw.messages_rate_limit).unwrap_or_default();
+        life.cfg_points =
+            limits::parse_rate_limit(&self.gw.data_points_rate_limit).unwrap_or_default();
         info!(
             host = %self.cfg.host,
             port = self.cfg.port,
@@ -404,6 +452,9 @@ impl Uplink {
         let mut store_open = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stats_every = self.gw.stats_interval;
+        let mut stats_tick = tokio::time::interval(stats_every.max(Duration::from_secs(1)));
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             if s.connected_at.is_some() && s.stopping.is_none() {
@@ -480,10 +531,20 @@ impl Uplink {
                     s.read_at = None;
                     s.need_read = true;
                 }
+                _ = sleep_until_opt(s.rate_wait), if s.rate_wait.is_some() => {
+                    s.rate_wait = None;
+                }
+                _ = sleep_until_opt(s.limits_wait), if s.limits_wait.is_some() => {
+                    s.limits_wait = None;
+                    debug!("No getSessionLimits answer (ThingsBoard older than 3.8?); configured caps apply.");
+                }
                 _ = tick.tick() => {
                     if let Err(f) = self.housekeeping(&mut s) {
                         return SessionEnd::Failed(f);
                     }
+                }
+                _ = stats_tick.tick(), if live && !stats_every.is_zero() => {
+                    self.send_stats(life, &mut s).await;
                 }
                 _ = cancel.cancelled(), if s.stopping.is_none() => {
                     if s.connected_at.is_none() {
@@ -530,12 +591,32 @@ impl Uplink {
 
     /// Fill the window: send pending publishes, read and plan more rows when they run out.
     async fn pump(&self, client: &Client, life: &mut Life, s: &mut Session) -> Result<(), Failure> {
-        let window = usize::from(self.cfg.max_inflight.max(1));
+        let window = usize::from(life.max_inflight(&self.cfg));
+        if s.limits_wait.is_some() {
+            // Nothing goes out before ThingsBoard said its limits (or did not in time).
+            return Ok(());
+        }
         loop {
             while s.inflight.len() < window {
                 let Some(out) = s.pending.pop_front() else {
                     break;
                 };
+                // Stay under ThingsBoard's rate limits: the publish waits, its rows stay queued.
+                let now = std::time::Instant::now();
+                let telemetry = out.topic == tb::TOPIC_TELEMETRY;
+                let points = if telemetry && !life.limiter.is_unlimited() {
+                    limits::data_points(&out.payload)
+                } else {
+                    0
+                };
+                let ready = life.limiter.ready_at(now, telemetry, points);
+                if ready > now {
+                    s.pending.push_front(out);
+                    s.rate_wait = Some(Instant::from_std(ready));
+                    self.status_tx.send_modify(|st| st.rate_limited += 1);
+                    return Ok(());
+                }
+                life.limiter.take(now, telemetry, points);
                 if let Err(e) = client.publish(&out.topic, out.payload.clone()) {
                     return Err(Failure::Client(e));
                 }
@@ -574,16 +655,44 @@ impl Uplink {
     /// Turn rows into publishes: per device in order, `connect` first if not yet announced in
     /// this session, consecutive telemetry/attribute rows coalesced, split to fit a packet.
     async fn plan(&self, rows: Vec<StoredRecord>, life: &mut Life, s: &mut Session) {
-        let max = self.cfg.max_packet_size;
+        let max = life.max_packet_size(&self.cfg);
         let mut order: Vec<String> = Vec::new();
         let mut per: HashMap<String, Vec<StoredRecord>> = HashMap::new();
-        for row in rows {
+        // Renamed devices are sent under their ThingsBoard name, rows of deleted ones dropped.
+        let mut forgotten = Vec::new();
+        let mut recreated = Vec::new();
+        for mut row in rows {
+            match life.names.route(&row.record.device, row.id) {
+                (Route::Drop, _) => {
+                    forgotten.push(row.id);
+                    continue;
+                }
+                (Route::Send(name), again) => {
+                    if again {
+                        info!(device = %name, "A device deleted in ThingsBoard sends new data; it is created again.");
+                        recreated.push(row.record.device.clone());
+                    }
+                    row.record.device = name;
+                }
+            }
             per.entry(row.record.device.clone())
                 .or_insert_with(|| {
                     order.push(row.record.device.clone());
                     Vec::new()
                 })
                 .push(row);
+        }
+        if !recreated.is_empty() {
+            self.persist_names(life, recreated).await;
+        }
+        if !forgotten.is_empty() {
+            debug!(
+                rows = forgotten.len(),
+                "Dropping rows of devices deleted in ThingsBoard."
+            );
+            if let Err(e) = self.store.ack(forgotten).await {
+                warn!(error = %e, "Deleting rows of deleted devices failed; they will be read again.");
+            }
         }
         let mut rejected: Vec<(String, i64, String)> = Vec::new();
         for device in order {
@@ -603,14 +712,22 @@ impl Uplink {
                 }
                 let run = &rows[i..j];
                 let first = &run[0].record;
+                // A `connect` row announced the device in this session.
+                let mut fresh = false;
                 if kind == RecordKind::Disconnect {
                     s.announced.remove(&device);
                     life.known.remove(&device);
                 } else {
-                    life.known.insert(device.clone(), first.device_type.clone());
-                    if kind != RecordKind::Connect && s.announced.insert(device.clone()) {
-                        s.pending
-                            .push_back(announcement(&device, &first.device_type));
+                    // Types are sticky: only data sources set one (replies never do).
+                    let ty = life.sticky_type(&device, kind, &first.device_type);
+                    if kind != RecordKind::Connect {
+                        if let Some(ty) = ty.filter(|_| !s.announced.contains(&device)) {
+                            s.announced.insert(device.clone());
+                            s.pending.push_back(announcement(&device, &ty));
+                            if let Some(out) = self.sync_request(life, &device) {
+                                s.pending.push_back(out);
+                            }
+                        }
                     }
                 }
                 let single = |topic: &'static str, payload: Result<Vec<u8>, tb::Error>| {
@@ -644,12 +761,12 @@ impl Uplink {
                             .collect()
                     }
                     RecordKind::Connect => {
-                        s.announced.insert(device.clone());
-                        vec![single(
-                            tb::TOPIC_CONNECT,
-                            Ok(tb::connect_payload(&device, &first.device_type)),
-                        )
-                        .map_err(|e| (run[0].id, e))]
+                        fresh = s.announced.insert(device.clone());
+                        let ty = life.known.get(&device).cloned().unwrap_or_default();
+                        vec![
+                            single(tb::TOPIC_CONNECT, Ok(tb::connect_payload(&device, &ty)))
+                                .map_err(|e| (run[0].id, e)),
+                        ]
                     }
                     RecordKind::Disconnect => {
                         vec![
@@ -672,6 +789,11 @@ impl Uplink {
                     match b {
                         Ok(out) => s.pending.push_back(out),
                         Err((id, e)) => rejected.push((device.clone(), id, e.to_string())),
+                    }
+                }
+                if fresh {
+                    if let Some(out) = self.sync_request(life, &device) {
+                        s.pending.push_back(out);
                     }
                 }
                 i = j;
@@ -760,12 +882,28 @@ impl Uplink {
                 for filter in tb::SUBSCRIPTIONS {
                     client.subscribe(filter).map_err(Failure::Client)?;
                 }
+                life.limiter = limits::RateLimiter::new(&life.cfg_messages, &life.cfg_points, None);
+                life.session_limits = None;
+                self.status_tx
+                    .send_modify(|st| st.session_limits_known = false);
+                if self.gw.request_session_limits {
+                    self.request_session_limits(client, life, &mut *s)?;
+                }
                 // ThingsBoard forgot every sub-device with the old session (spec §2.3).
                 let mut known: Vec<(&String, &String)> = life.known.iter().collect();
                 known.sort();
-                for (device, device_type) in known {
-                    s.announced.insert(device.clone());
+                for (device, device_type) in &known {
+                    s.announced.insert((*device).clone());
                     s.pending.push_back(announcement(device, device_type));
+                }
+                // ThingsBoard pushes only changes: ask for the current values again.
+                // After each announcement, never before it: any publish naming an unknown
+                // device creates it with the profile `default` (spec §2.2).
+                let devices: Vec<String> = known.iter().map(|(d, _)| (*d).clone()).collect();
+                for device in devices {
+                    if let Some(out) = self.sync_request(life, &device) {
+                        s.pending.push_back(out);
+                    }
                 }
                 s.cursor = 0;
                 s.need_read = true;
@@ -831,17 +969,14 @@ impl Uplink {
                 }
             }
             NetEvent::Publish { topic, payload } => {
-                if let Some((reply_topic, body)) = tb::gateway_rpc_reply(&topic, &payload) {
-                    // Fire-and-forget like an announcement: no rows, no dead-link deadline.
+                if topic.starts_with(tb::TOPIC_ME_RPC_RESPONSE_PREFIX) {
+                    self.on_rpc_response(&payload, life, s);
+                } else if let Some(id) = gateway_rpc::request_id(&topic) {
+                    // The reply is fire-and-forget like an announcement: no rows.
                     debug!(topic = %topic, "Answering an RPC to the gateway device itself.");
-                    s.pending.push_front(Out {
-                        topic: Cow::Owned(reply_topic),
-                        payload: Bytes::from(body),
-                        ids: Vec::new(),
-                        device: String::new(),
-                    });
+                    self.gateway_rpc(id, &payload, life, s).await;
                 } else {
-                    self.on_downlink(&topic, &payload);
+                    self.on_downlink(&topic, &payload, &life.names);
                 }
             }
             NetEvent::SentDisconnect | NetEvent::Other => {}
@@ -849,9 +984,12 @@ impl Uplink {
         Ok(())
     }
 
-    fn on_downlink(&self, topic: &str, payload: &[u8]) {
-        match tb::parse_downlink(topic, payload) {
-            Ok(Some(msg)) => match self.downlink_tx.try_send(msg) {
+    fn on_downlink(&self, topic: &str, payload: &[u8], names: &DeviceNames) {
+        let parsed = tb::parse_downlink(topic, payload).map(|m| {
+            m.and_then(|m| sync_answer_as_update(m, &self.gw.shared_attributes_on_connect))
+        });
+        match parsed {
+            Ok(Some(msg)) => match self.downlink_tx.try_send(to_source_names(msg, names)) {
                 Ok(()) => self.status_tx.send_modify(|st| st.downlink_forwarded += 1),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.status_tx.send_modify(|st| st.downlink_dropped += 1);
@@ -879,6 +1017,135 @@ impl Uplink {
                 warn!(topic, error = %e, "Dropping a malformed message from ThingsBoard.");
             }
         }
+    }
+}
+
+impl Uplink {
+    /// A request for the shared attributes in `gateway.shared_attributes_on_connect`; its answer
+    /// is applied like an update (see [`sync_answer_as_update`]).
+    fn sync_request(&self, life: &mut Life, device: &str) -> Option<Out> {
+        let keys = &self.gw.shared_attributes_on_connect;
+        if keys.is_empty() {
+            return None;
+        }
+        life.sync_request_id += 1;
+        let id = SYNC_ATTRIBUTE_ID_BASE + life.sync_request_id;
+        let req = serde_json::json!({"id": id, "client": false, "keys": keys});
+        let p = tb::attribute_request_payload(device, &req).ok()?;
+        Some(Out {
+            topic: Cow::Borrowed(tb::TOPIC_ATTRIBUTES_REQUEST),
+            payload: Bytes::from(p),
+            ids: Vec::new(),
+            device: device.to_owned(),
+        })
+    }
+
+    /// Ask ThingsBoard for its session limits (spec §3.2); data waits for the answer.
+    fn request_session_limits(
+        &self,
+        client: &Client,
+        life: &mut Life,
+        s: &mut Session,
+    ) -> Result<(), Failure> {
+        client
+            .subscribe(limits::TOPIC_ME_RPC_RESPONSE_FILTER)
+            .map_err(Failure::Client)?;
+        life.limits_request_id += 1;
+        let topic = format!(
+            "{}{}",
+            tb::TOPIC_ME_RPC_REQUEST_PREFIX,
+            life.limits_request_id
+        );
+        let body = serde_json::json!({
+            "method": limits::SESSION_LIMITS_METHOD,
+            "params": {"timeout": limits::SESSION_LIMITS_TIMEOUT.as_millis() as u64},
+        });
+        client
+            .publish(&topic, Bytes::from(body.to_string()))
+            .map_err(Failure::Client)?;
+        let now = Instant::now();
+        s.inflight.push_request(
+            Tag {
+                ids: Vec::new(),
+                device: String::new(),
+            },
+            now.into_std(),
+            false,
+        );
+        s.limits_wait = Some(now + limits::SESSION_LIMITS_TIMEOUT);
+        Ok(())
+    }
+
+    /// An answer to one of our own client-side RPCs: today only `getSessionLimits`.
+    fn on_rpc_response(&self, payload: &[u8], life: &mut Life, s: &mut Session) {
+        let Some(l) = limits::parse_session_limits(payload) else {
+            debug!("Ignoring an RPC response that is not a session limits answer.");
+            return;
+        };
+        info!(
+            max_payload_size = ?l.max_payload_size,
+            max_inflight = ?l.max_inflight,
+            message_windows = l.messages.len(),
+            data_point_windows = l.data_points.len(),
+            "ThingsBoard session limits received; staying under them."
+        );
+        life.limiter = limits::RateLimiter::new(&life.cfg_messages, &life.cfg_points, Some(&l));
+        life.session_limits = Some(l);
+        s.limits_wait = None;
+        self.status_tx
+            .send_modify(|st| st.session_limits_known = true);
+    }
+}
+
+/// Ids of the attribute requests sent after a connect start above this (mappings and device-API
+/// clients use ids far below).
+const SYNC_ATTRIBUTE_ID_BASE: i64 = 1 << 50;
+
+/// The answer to a post-connect attribute request becomes a shared attribute update, so the
+/// router applies it like one.
+fn sync_answer_as_update(msg: Downlink, keys: &[String]) -> Option<Downlink> {
+    match msg {
+        Downlink::AttributeResponse { device, id, values } if id > SYNC_ATTRIBUTE_ID_BASE => {
+            let data = match values {
+                Value::Object(m) => m,
+                Value::Null => return None,
+                v if keys.len() == 1 => {
+                    let mut m = serde_json::Map::new();
+                    m.insert(keys[0].clone(), v);
+                    m
+                }
+                _ => return None,
+            };
+            (!data.is_empty()).then_some(Downlink::Attributes(crate::model::AttributeUpdate {
+                device,
+                data,
+            }))
+        }
+        other => Some(other),
+    }
+}
+
+/// ThingsBoard names a renamed device by its new name; meters and local routes know the source.
+fn to_source_names(msg: Downlink, names: &DeviceNames) -> Downlink {
+    let src = |d: String| names.source_name(&d).to_owned();
+    match msg {
+        Downlink::Rpc(mut r) => {
+            r.device = src(r.device);
+            Downlink::Rpc(r)
+        }
+        Downlink::Attributes(mut a) => {
+            a.device = src(a.device);
+            Downlink::Attributes(a)
+        }
+        Downlink::AttributeResponse { device, id, values } => Downlink::AttributeResponse {
+            device: src(device),
+            id,
+            values,
+        },
+        Downlink::DeviceDisconnected { device, reason } => Downlink::DeviceDisconnected {
+            device: src(device),
+            reason,
+        },
     }
 }
 
@@ -920,9 +1187,57 @@ struct Life {
     tls_loaded: bool,
     /// A certificate failure was logged at ERROR; later ones go to DEBUG until a connect works.
     tls_reported: bool,
+    /// Renames and deletions made in ThingsBoard (persisted by the registry).
+    names: DeviceNames,
+    /// For `uptime_s`.
+    started: Instant,
+    /// For `cpu_percent`.
+    cpu: gateway_rpc::CpuSampler,
+    /// Configured caps (`gateway.messages_rate_limit`, `data_points_rate_limit`).
+    cfg_messages: Vec<limits::Window>,
+    cfg_points: Vec<limits::Window>,
+    /// What ThingsBoard said in this session, and the limiter built from it and the caps.
+    session_limits: Option<limits::SessionLimits>,
+    limiter: limits::RateLimiter,
+    /// Ids of our `getSessionLimits` requests.
+    limits_request_id: u64,
+    /// Ids of the post-connect shared attribute requests (above `SYNC_ATTRIBUTE_ID_BASE`).
+    sync_request_id: i64,
 }
 
 impl Life {
+    /// Packet limit: configured, lowered to what ThingsBoard reported.
+    fn max_packet_size(&self, cfg: &ThingsboardConfig) -> usize {
+        let learned = self
+            .session_limits
+            .as_ref()
+            .and_then(|l| l.max_payload_size);
+        learned.map_or(cfg.max_packet_size, |m| m.min(cfg.max_packet_size))
+    }
+
+    /// Publish window: configured, lowered to 80 % of what ThingsBoard reported.
+    fn max_inflight(&self, cfg: &ThingsboardConfig) -> u16 {
+        let learned = self.session_limits.as_ref().and_then(|l| l.max_inflight);
+        learned
+            .map_or(cfg.max_inflight, |m| m.min(cfg.max_inflight))
+            .max(1)
+    }
+
+    /// The profile to announce `device` with. Data (telemetry, attributes, a local `connect`)
+    /// with a type sets it; a reply never changes a known type (a meter's reply carries its
+    /// profile, used only while the device is unknown). `None`: nothing is known about the
+    /// device's type, so it is not announced.
+    fn sticky_type(&mut self, device: &str, kind: RecordKind, ty: &str) -> Option<String> {
+        let sets_type = matches!(
+            kind,
+            RecordKind::Telemetry | RecordKind::Attributes | RecordKind::Connect
+        );
+        if !ty.is_empty() && (sets_type || !self.known.contains_key(device)) {
+            self.known.insert(device.to_owned(), ty.to_owned());
+        }
+        self.known.get(device).cloned()
+    }
+
     fn new(cfg: &ThingsboardConfig) -> Life {
         Life {
             protocol: match cfg.protocol {
@@ -941,6 +1256,15 @@ impl Life {
             tls: None,
             tls_loaded: false,
             tls_reported: false,
+            names: DeviceNames::default(),
+            started: Instant::now(),
+            cpu: gateway_rpc::CpuSampler::default(),
+            cfg_messages: Vec::new(),
+            cfg_points: Vec::new(),
+            session_limits: None,
+            limiter: limits::RateLimiter::default(),
+            limits_request_id: 0,
+            sync_request_id: 0,
         }
     }
 }
@@ -993,6 +1317,10 @@ struct Session {
     resend_at: Option<Instant>,
     /// Cancelled: stop sending, wait for PUBACKs until then.
     stopping: Option<Instant>,
+    /// Waiting for the `getSessionLimits` answer until then; nothing else is sent meanwhile.
+    limits_wait: Option<Instant>,
+    /// A publish waits for room under the rate limits until then.
+    rate_wait: Option<Instant>,
     /// Rows whose publish got a success PUBACK, not yet deleted (see `flush_acks`), and how
     /// many publishes those PUBACKs were.
     acked: Vec<i64>,

@@ -272,27 +272,6 @@ pub fn attribute_batches(
     (out, rejected)
 }
 
-/// The reply to an RPC addressed to the gateway device itself (spec §3.5): `gateway_ping` answers
-/// pong, anything else "method not found" (rename/delete notifications are one-way; answering is
-/// harmless). `None` when `topic` is not such a request.
-pub fn gateway_rpc_reply(topic: &str, payload: &[u8]) -> Option<(String, Vec<u8>)> {
-    let id = topic.strip_prefix(TOPIC_ME_RPC_REQUEST_PREFIX)?;
-    if id.is_empty() || id.contains(['/', '+', '#']) {
-        return None;
-    }
-    let method = serde_json::from_slice::<Value>(payload)
-        .ok()
-        .and_then(|v| v.get("method")?.as_str().map(str::to_owned));
-    let body = match method.as_deref() {
-        Some("gateway_ping") => json!({"code": 200, "resp": "pong"}),
-        _ => json!({"error": "Method not found", "code": 404}),
-    };
-    Some((
-        format!("{TOPIC_ME_RPC_RESPONSE_PREFIX}{id}"),
-        body.to_string().into_bytes(),
-    ))
-}
-
 fn parse_json(topic: &str, payload: &[u8]) -> Result<Map<String, Value>, Error> {
     match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => Ok(m),
@@ -543,23 +522,6 @@ mod tests {
             parse_downlink("v1/devices/me/rpc/request/5", b"{}").unwrap(),
             None
         );
-    }
-
-    #[test]
-    fn gateway_rpc_gets_a_reply_on_the_response_topic() {
-        let (topic, body) = gateway_rpc_reply(
-            "v1/devices/me/rpc/request/17",
-            br#"{"method":"gateway_ping"}"#,
-        )
-        .unwrap();
-        assert_eq!(topic, "v1/devices/me/rpc/response/17");
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v, json!({"code": 200, "resp": "pong"}));
-        let (_, body) = gateway_rpc_reply("v1/devices/me/rpc/request/3", b"garbage").unwrap();
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["code"], 404);
-        assert!(gateway_rpc_reply("v1/gateway/rpc", b"{}").is_none());
-        assert!(gateway_rpc_reply("v1/devices/me/rpc/request/", b"{}").is_none());
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub struct Recorded {
     pub attribute_requests: Vec<Value>,
     /// `(request id, body)` of replies to RPCs addressed to the gateway device itself.
     pub gateway_rpc_responses: Vec<(String, Value)>,
+    /// Telemetry of the gateway device itself (`v1/devices/me/telemetry`), one per publish.
+    pub gateway_telemetry: Vec<Value>,
+    /// Client-side RPCs of the gateway (`v1/devices/me/rpc/request/{id}`): id and body.
+    pub client_rpc_requests: Vec<(String, Value)>,
+    /// Sessions closed because the gateway exceeded the rate limit.
+    pub rate_limit_closes: u64,
     pub invalid_payloads: u64,
     pub oversize_packets: u64,
     /// PUBACKs not sent because withholding was on.
@@ -101,6 +107,15 @@ pub struct Recorded {
 
 impl Recorded {
     /// Distinct telemetry `ts` values of a device, in first-arrival order.
+    /// The reply to the gateway-device RPC `id`, if it came.
+    pub fn gateway_rpc_response(&self, id: i64) -> Option<&Value> {
+        let id = id.to_string();
+        self.gateway_rpc_responses
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| v)
+    }
+
     pub fn telemetry_ts(&self, device: &str) -> Vec<i64> {
         let mut seen = std::collections::HashSet::new();
         self.telemetry
@@ -150,6 +165,14 @@ struct Inner {
     /// The one live session for the token.
     current: Mutex<Option<Slot>>,
     next_id: AtomicU64,
+    /// The answer to `getSessionLimits` (TB ≥ 3.8 answers it itself); `None`: never answered,
+    /// like older ThingsBoard.
+    session_limits: Mutex<Option<Value>>,
+    /// Enforced like ThingsBoard: more than `capacity` gateway publishes within `period` →
+    /// PUBACK 0x97 (v5) and the session is closed.
+    rate_limit: Mutex<Option<(usize, Duration)>>,
+    /// Shared attributes per device, answered to `v1/gateway/attributes/request`.
+    shared: Mutex<HashMap<String, Map<String, Value>>>,
     /// TLS mode: the acceptor of new connections (replaceable, like a server's new certificate).
     tls: Mutex<Option<tokio_rustls::TlsAcceptor>>,
 }
@@ -268,6 +291,9 @@ impl TbEmulator {
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
             tls: Mutex::new(tls),
+            session_limits: Mutex::new(Some(default_session_limits())),
+            rate_limit: Mutex::new(None),
+            shared: Mutex::new(HashMap::new()),
         });
         let run = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, inner.clone(), run.clone()));
@@ -373,6 +399,31 @@ impl TbEmulator {
         *self.inner.reject_device.lock().expect("emulator lock") = device.map(str::to_owned);
     }
 
+    /// What `getSessionLimits` answers (`None`: no answer at all, like ThingsBoard < 3.8).
+    pub fn set_session_limits(&self, limits: Option<Value>) {
+        *self.inner.session_limits.lock().expect("emulator lock") = limits;
+    }
+
+    /// Enforce a message rate limit like ThingsBoard: a publish beyond `capacity` within
+    /// `period` gets PUBACK 0x97 (v5) and the session is closed (counted in
+    /// `rate_limit_closes`).
+    pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
+        *self.inner.rate_limit.lock().expect("emulator lock") = limit;
+    }
+
+    /// Set a shared attribute of `device`; from then on the gateway's shared-scope attribute
+    /// requests for `device` are answered like ThingsBoard does (not pushed: use
+    /// [`push_attributes`](Self::push_attributes) for an update).
+    pub fn set_shared_attribute(&self, device: &str, key: &str, value: Value) {
+        self.inner
+            .shared
+            .lock()
+            .expect("emulator lock")
+            .entry(device.to_owned())
+            .or_default()
+            .insert(key.to_owned(), value);
+    }
+
     /// Whether a gateway session is currently open.
     pub fn connected(&self) -> bool {
         self.inner
@@ -442,6 +493,29 @@ impl TbEmulator {
             json!({"device": device, "data": data}),
         )
         .await
+    }
+
+    /// RPC to the gateway device itself (`v1/devices/me/rpc/request/{id}`).
+    pub async fn push_gateway_rpc(&self, id: i64, method: &str, params: Value) -> bool {
+        self.push(
+            &format!("v1/devices/me/rpc/request/{id}"),
+            json!({"method": method, "params": params}),
+        )
+        .await
+    }
+
+    /// ThingsBoard's rename notification (spec §2.8): `{"Old":"New"}`.
+    pub async fn push_device_renamed(&self, id: i64, old: &str, new: &str) -> bool {
+        let mut params = Map::new();
+        params.insert(old.to_owned(), json!(new));
+        self.push_gateway_rpc(id, "gateway_device_renamed", Value::Object(params))
+            .await
+    }
+
+    /// ThingsBoard's delete notification (spec §2.8): params is the name.
+    pub async fn push_device_deleted(&self, id: i64, name: &str) -> bool {
+        self.push_gateway_rpc(id, "gateway_device_deleted", json!(name))
+            .await
     }
 }
 
@@ -783,6 +857,63 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     inner.version.send_modify(|v| *v += 1);
 }
 
+/// ThingsBoard's answer to a shared-scope gateway attribute request (spec §2.6).
+fn attribute_answer(inner: &Inner, payload: &[u8]) -> Option<Value> {
+    let m = obj(payload)?;
+    let id = m.get("id")?.as_i64()?;
+    let device = device_field(&m)?;
+    if m.get("client") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    let keys: Vec<String> = match (m.get("key"), m.get("keys")) {
+        (Some(Value::String(k)), _) => vec![k.clone()],
+        (_, Some(Value::Array(a))) => a
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect(),
+        _ => return None,
+    };
+    let shared = inner.shared.lock().expect("emulator lock");
+    // Only devices given shared attributes are answered, so tests that answer by hand (with
+    // `push`) keep control of the answer.
+    let attrs = shared.get(&device)?.clone();
+    let found: Map<String, Value> = attrs
+        .into_iter()
+        .filter(|(k, _)| keys.is_empty() || keys.contains(k))
+        .collect();
+    Some(match (keys.len(), found.iter().next()) {
+        (_, None) => json!({"id": id, "device": device}),
+        (1, Some((_, v))) => json!({"id": id, "device": device, "value": v}),
+        _ => json!({"id": id, "device": device, "values": found}),
+    })
+}
+
+/// What ThingsBoard 3.8+ answers with no tenant limits configured.
+pub fn default_session_limits() -> Value {
+    json!({
+        "maxPayloadSize": MAX_PACKET_SIZE,
+        "maxInflightMessages": 100,
+        "rateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
+        "gatewayRateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
+    })
+}
+
+fn encode_publish(proto: Proto, topic: &str, payload: &[u8], pkid: u16) -> BytesMut {
+    encode(
+        proto,
+        || {
+            let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+            p.pkid = pkid;
+            v4::Packet::Publish(p)
+        },
+        || {
+            let mut p = v5::Publish::new(topic, QoS5::AtLeastOnce, payload.to_vec(), None);
+            p.pkid = pkid;
+            v5::Packet::Publish(p)
+        },
+    )
+}
+
 async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     buf: &mut BytesMut,
@@ -793,6 +924,8 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     run: &CancellationToken,
 ) {
     let mut next_pkid: u16 = 0;
+    // Accepted gateway publishes in the current rate window.
+    let mut recent: std::collections::VecDeque<std::time::Instant> = Default::default();
     loop {
         loop {
             let packet = match read_in(proto, buf) {
@@ -861,26 +994,84 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     qos,
                     pkid,
                     payload,
-                } => match inner.accept_publish(session, &topic, &payload) {
-                    Ok(()) if qos == 0 => None,
-                    Ok(()) => {
-                        if inner.withhold.load(Ordering::SeqCst) {
-                            inner.update(|r| r.pubacks_withheld += 1);
-                            None
-                        } else {
-                            inner.update(|r| r.pubacks_sent += 1);
-                            // QoS 2 gets a PUBACK too: ThingsBoard does not implement QoS 2.
-                            Some(puback(proto, pkid, v5::PubAckReason::Success))
+                } => {
+                    let limit = *inner.rate_limit.lock().expect("emulator lock");
+                    if let Some((capacity, period)) = limit {
+                        let now = std::time::Instant::now();
+                        while recent
+                            .front()
+                            .is_some_and(|t| now.duration_since(*t) >= period)
+                        {
+                            recent.pop_front();
                         }
-                    }
-                    Err(reason) => {
-                        inner.update(|r| r.invalid_payloads += 1);
-                        if proto == Proto::V4 || qos == 0 {
+                        if recent.len() >= capacity {
+                            inner.update(|r| r.rate_limit_closes += 1);
+                            if proto == Proto::V5 && qos > 0 {
+                                let _ = sock
+                                    .write_all(&puback(
+                                        proto,
+                                        pkid,
+                                        v5::PubAckReason::QuotaExceeded,
+                                    ))
+                                    .await;
+                            }
                             return;
                         }
-                        Some(puback(proto, pkid, reason))
+                        recent.push_back(now);
                     }
-                },
+                    if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/") {
+                        let is_limits = obj(&payload).is_some_and(|m| {
+                            m.get("method").and_then(Value::as_str) == Some("getSessionLimits")
+                        });
+                        let answer = inner.session_limits.lock().expect("emulator lock").clone();
+                        if let (true, Some(answer)) = (is_limits, answer) {
+                            next_pkid = next_pkid % u16::MAX + 1;
+                            let bytes = encode_publish(
+                                proto,
+                                &format!("v1/devices/me/rpc/response/{id}"),
+                                answer.to_string().as_bytes(),
+                                next_pkid,
+                            );
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if topic == "v1/gateway/attributes/request" {
+                        if let Some(answer) = attribute_answer(inner, &payload) {
+                            next_pkid = next_pkid % u16::MAX + 1;
+                            let bytes = encode_publish(
+                                proto,
+                                "v1/gateway/attributes/response",
+                                answer.to_string().as_bytes(),
+                                next_pkid,
+                            );
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    match inner.accept_publish(session, &topic, &payload) {
+                        Ok(()) if qos == 0 => None,
+                        Ok(()) => {
+                            if inner.withhold.load(Ordering::SeqCst) {
+                                inner.update(|r| r.pubacks_withheld += 1);
+                                None
+                            } else {
+                                inner.update(|r| r.pubacks_sent += 1);
+                                // QoS 2 gets a PUBACK too: ThingsBoard does not implement QoS 2.
+                                Some(puback(proto, pkid, v5::PubAckReason::Success))
+                            }
+                        }
+                        Err(reason) => {
+                            inner.update(|r| r.invalid_payloads += 1);
+                            if proto == Proto::V4 || qos == 0 {
+                                return;
+                            }
+                            Some(puback(proto, pkid, reason))
+                        }
+                    }
+                }
             };
             if let Some(bytes) = reply {
                 if sock.write_all(&bytes).await.is_err() {
@@ -1046,6 +1237,14 @@ fn accept(
             }
             event(&device, "attribute_request");
             r.attribute_requests.push(Value::Object(m));
+        }
+        "v1/devices/me/telemetry" => {
+            r.gateway_telemetry.push(Value::Object(m));
+        }
+        t if t.starts_with("v1/devices/me/rpc/request/") => {
+            let id = &t["v1/devices/me/rpc/request/".len()..];
+            r.client_rpc_requests
+                .push((id.to_owned(), Value::Object(m)));
         }
         t if t.starts_with("v1/devices/me/rpc/response/") => {
             let id = &t["v1/devices/me/rpc/response/".len()..];

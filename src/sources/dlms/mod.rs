@@ -39,12 +39,26 @@ pub struct MeterHandle {
     name: Arc<str>,
     /// To the meter actor; closed when it stops.
     cmd_tx: mpsc::Sender<Command>,
+    /// Which `set`/`action` RPCs ThingsBoard may run (checked by `downlink`).
+    rpc_write: Arc<crate::config::RpcWrite>,
+    /// The meter's ThingsBoard profile (an RPC reply may be the first record of the device).
+    device_type: Arc<str>,
 }
 
 impl MeterHandle {
     /// The meter's device name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The meter's ThingsBoard profile.
+    pub fn device_type(&self) -> &str {
+        &self.device_type
+    }
+
+    /// The meter's `rpc_write` setting.
+    pub fn rpc_write(&self) -> &crate::config::RpcWrite {
+        &self.rpc_write
     }
 
     async fn call<T>(
@@ -60,6 +74,17 @@ impl MeterHandle {
     }
 
     /// Read one attribute.
+    /// Poll now; the readings also go out as telemetry. Replies with the telemetry values.
+    pub async fn poll_now(&self) -> Result<serde_json::Value, CommandError> {
+        self.call(|reply| Command::PollNow { reply }).await
+    }
+
+    /// Change the poll interval live (shared attribute `poll_interval`).
+    pub async fn set_interval(&self, period: std::time::Duration) -> Result<(), CommandError> {
+        self.call(|reply| Command::SetInterval { period, reply })
+            .await
+    }
+
     pub async fn get(&self, attr: AttrRef) -> Result<Data, CommandError> {
         self.call(|reply| Command::Get { attr, reply }).await
     }
@@ -111,9 +136,21 @@ pub fn spawn_meter_with(
 ) -> MeterHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let name: Arc<str> = cfg.name.as_str().into();
+    let rpc_write = Arc::new(cfg.rpc_write.clone());
+    let device_type: Arc<str> = cfg
+        .device_type
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .unwrap_or(poller::DEFAULT_DEVICE_TYPE)
+        .into();
     let meter = Meter::new(cfg, events_tx, cmd_rx, cancel).with_max_receive_pdu(max_receive_pdu);
     tracker.spawn(meter.run());
-    MeterHandle { name, cmd_tx }
+    MeterHandle {
+        name,
+        cmd_tx,
+        rpc_write,
+        device_type,
+    }
 }
 
 /// Expand a `[[meters]]` entry with `database = "..."` into one meter per row of the original

@@ -28,9 +28,9 @@ use crate::sources::SourceEvent;
 /// Device profile used when the meter config names none.
 pub const DEFAULT_DEVICE_TYPE: &str = "DLMS Energy Meter";
 
-/// Consecutive failed polls after which the meter is reported down (`Disconnect`) and goes
-/// silent until it answers again. A single dropped connection that reconnects at once is not an
-/// outage.
+/// Default of `disconnect_after`: consecutive failed polls after which the meter is reported
+/// down (`Disconnect`) and goes silent until it answers again. A single dropped connection that
+/// reconnects at once is not an outage.
 pub const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// First backoff step after the immediate retry.
@@ -134,6 +134,15 @@ pub enum Command {
         method: MethodRef,
         params: Option<Data>,
         reply: oneshot::Sender<Result<Option<Data>, CommandError>>,
+    },
+    /// Poll now (the readings also go out as telemetry); replies with the telemetry values.
+    PollNow {
+        reply: oneshot::Sender<Result<serde_json::Value, CommandError>>,
+    },
+    /// Poll every `period` from now on (shared attribute `poll_interval`).
+    SetInterval {
+        period: Duration,
+        reply: oneshot::Sender<Result<(), CommandError>>,
     },
 }
 
@@ -287,6 +296,8 @@ pub struct Meter {
     /// Whether ThingsBoard currently sees the meter as connected (Connect sent, no Disconnect).
     announced: bool,
     /// Polls skipped because the previous one overran the interval.
+    /// The last poll's telemetry values, or why it failed (answers `poll_now`).
+    last_poll: Option<Result<Map<String, serde_json::Value>, String>>,
     overruns: u64,
 }
 
@@ -314,6 +325,7 @@ impl Meter {
             units_sent: false,
             backoff: Backoff::default(),
             announced: false,
+            last_poll: None,
             overruns: 0,
         }
     }
@@ -327,7 +339,7 @@ impl Meter {
     /// Run the actor loop.
     #[instrument(skip_all, fields(meter = %self.cfg.name))]
     pub async fn run(mut self) {
-        let period = self.cfg.interval.max(Duration::from_millis(1));
+        let mut period = self.cfg.interval.max(Duration::from_millis(1));
         // Start at a random point of the first period so a fleet spreads its polls evenly.
         let offset = period.mul_f64(rand::rng().random_range(0.0..1.0));
         let mut ticker = tokio::time::interval_at(Instant::now() + offset, period);
@@ -339,6 +351,25 @@ impl Meter {
                 biased;
                 _ = self.cancel.cancelled() => break,
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
+                    Some(Command::SetInterval { period: p, reply }) => {
+                        period = p.max(Duration::from_millis(1));
+                        ticker = tokio::time::interval_at(Instant::now() + period, period);
+                        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                        info!(interval = ?period, "Poll interval changed.");
+                        let _ = reply.send(Ok(()));
+                    }
+                    Some(Command::PollNow { reply }) => {
+                        let alive = self.poll().await;
+                        let r = match self.last_poll.clone() {
+                            Some(Ok(v)) => Ok(serde_json::Value::Object(v)),
+                            Some(Err(e)) => Err(CommandError::Failed(e)),
+                            None => Err(CommandError::Unavailable("in backoff".into())),
+                        };
+                        let _ = reply.send(r);
+                        if !alive {
+                            break;
+                        }
+                    }
                     Some(cmd) => self.serve(cmd).await,
                     None => commands_open = false,
                 },
@@ -408,6 +439,7 @@ impl Meter {
             return true;
         }
         let ts = now_ms();
+        self.last_poll = None;
         let mut result = self.read_once().await;
         // A reused association that failed without a timeout (the meter dropped the
         // connection or garbled a frame): reconnect at once so the poll is not lost.
@@ -452,6 +484,7 @@ impl Meter {
                 }
                 values.insert("poll_ok".into(), true.into());
                 values.insert("consecutive_failures".into(), 0.into());
+                self.last_poll = Some(Ok(values.clone()));
                 records.push(Record::telemetry(
                     &self.cfg.name,
                     &self.device_type,
@@ -468,9 +501,10 @@ impl Meter {
                 self.backoff.fail(Instant::now(), permanent);
                 let failures = self.backoff.failures;
                 let text = error_chain(&error);
+                self.last_poll = Some(Err(text.clone()));
                 if permanent {
                     error!(error = %text, "Meter refused the association; check address and password.");
-                } else if failures == DOWN_AFTER_FAILURES {
+                } else if failures == self.cfg.disconnect_after.max(1) {
                     warn!(error = %text, failures, "Meter is down; backing off.");
                 } else {
                     debug!(error = %text, failures, "Poll failed.");
@@ -478,7 +512,8 @@ impl Meter {
                 // Health goes up while the meter is failing but not yet down. Once down, the
                 // meter stays silent until it answers again: any record would make the uplink
                 // announce the device as connected again, undoing the Disconnect.
-                if failures <= DOWN_AFTER_FAILURES {
+                let down_after = self.cfg.disconnect_after.max(1);
+                if failures <= down_after {
                     if !self.announced {
                         records.push(self.record(RecordKind::Connect));
                         self.announced = true;
@@ -493,7 +528,16 @@ impl Meter {
                         ts,
                         values,
                     ));
-                    if failures == DOWN_AFTER_FAILURES {
+                    if failures == down_after {
+                        if let Some(v) = records
+                            .last_mut()
+                            .and_then(|r| r.payload["values"].as_object_mut())
+                        {
+                            v.insert(
+                                "disconnect_reason".into(),
+                                format!("{failures} consecutive failed polls; reported disconnected until it answers").into(),
+                            );
+                        }
                         records.push(self.record(RecordKind::Disconnect));
                         self.announced = false;
                     }
@@ -564,6 +608,8 @@ impl Meter {
                 Command::Get { reply, .. } => drop(reply.send(Err(e))),
                 Command::Set { reply, .. } => drop(reply.send(Err(e))),
                 Command::Action { reply, .. } => drop(reply.send(Err(e))),
+                Command::PollNow { reply } => drop(reply.send(Err(e))),
+                Command::SetInterval { reply, .. } => drop(reply.send(Err(e))),
             }
             return;
         };
@@ -614,6 +660,9 @@ impl Meter {
                 };
                 let _ = reply.send(r);
             }
+            // Handled by `run` before `serve`.
+            Command::PollNow { reply } => drop(reply.send(Err(CommandError::Stopped))),
+            Command::SetInterval { reply, .. } => drop(reply.send(Err(CommandError::Stopped))),
         }
         if let Some(e) = lost {
             if e.needs_reconnect() {
