@@ -37,6 +37,8 @@ enum Command {
     CheckConfig,
     /// Print the effective configuration (file + environment) with secrets masked.
     PrintConfig,
+    /// Ask the running bridge (its HTTP API) whether it is healthy; exit 0 only when it is.
+    Status,
     /// Read a meter once and print each value with its unit.
     Read(ReadArgs),
     /// Serve built-in simulated meters (demos, tests, benchmarks).
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Status => status(cli.config),
         Command::Read(args) => block_on(async move {
             dlms_bridge::sources::dlms::cli::read(args)
                 .await
@@ -285,6 +288,38 @@ async fn reload(
     info!(
         "Reload: [broker], [thingsboard], [store], [local] and [simulator] changes need a restart."
     );
+}
+
+/// `dlms-bridge status`: 0 healthy, 1 unhealthy or unreachable, 2 configuration error.
+fn status(path: Option<PathBuf>) -> ExitCode {
+    let cfg = match load(path.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let fetched = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(dlms_bridge::http::client::fetch_status(&cfg)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match fetched {
+        Ok(doc) => {
+            let (text, healthy) = dlms_bridge::http::client::summarize(&doc);
+            print!("{text}");
+            println!("{}", if healthy { "healthy" } else { "UNHEALTHY" });
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            println!("[FAIL] bridge not reachable");
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {

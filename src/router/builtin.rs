@@ -25,6 +25,17 @@ pub enum MapError {
     DeviceName { name: String, why: &'static str },
 }
 
+impl MapError {
+    /// A short label for metrics (`dlms_bridge_mapping_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MapError::Json(_) => "json",
+            MapError::Shape(_) => "shape",
+            MapError::DeviceName { .. } => "device_name",
+        }
+    }
+}
+
 pub const TOPIC_DEVICE_TELEMETRY: &str = "v1/devices/me/telemetry";
 pub const TOPIC_DEVICE_ATTRIBUTES: &str = "v1/devices/me/attributes";
 pub const TOPIC_GW_CONNECT: &str = "v1/gateway/connect";

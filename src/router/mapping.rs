@@ -97,6 +97,19 @@ pub enum Error {
     NoAttributeNames { topic: String },
 }
 
+impl Error {
+    /// A short label for metrics (`dlms_bridge_mapping_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Json { .. } => "json",
+            Error::MissingField { .. } => "missing_field",
+            Error::TopicNoMatch { .. } => "topic_no_match",
+            Error::BadDeviceName { .. } => "device_name",
+            Error::NoAttributeNames { .. } => "no_attribute_names",
+        }
+    }
+}
+
 /// The name the router uses for [`Error`].
 pub type MapError = Error;
 

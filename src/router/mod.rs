@@ -81,6 +81,8 @@ pub struct Router {
     /// New mapping sets from a configuration reload (SIGHUP).
     reload_rx: mpsc::Receiver<MappingSet>,
     stats: Arc<RouterStats>,
+    /// Live per-meter and per-client view for the HTTP status API; sees every event.
+    live: Option<Arc<crate::http::state::LiveState>>,
 }
 
 impl Router {
@@ -102,7 +104,14 @@ impl Router {
             meters,
             reload_rx: inputs.reload_rx,
             stats: Arc::default(),
+            live: None,
         }
+    }
+
+    /// Show every event to the HTTP server's live state (meters' last values, local clients).
+    pub fn with_live(mut self, live: Arc<crate::http::state::LiveState>) -> Self {
+        self.live = Some(live);
+        self
     }
 
     pub fn stats(&self) -> Arc<RouterStats> {
@@ -164,6 +173,9 @@ impl Router {
     fn map_events(&mut self, events: impl Iterator<Item = SourceEvent>) -> Vec<Record> {
         let mut out = Vec::new();
         for ev in events {
+            if let Some(live) = &self.live {
+                live.observe(&ev);
+            }
             match ev {
                 SourceEvent::Records(rs) => out.extend(rs),
                 SourceEvent::Local(msg) => {
@@ -177,9 +189,9 @@ impl Router {
 
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
         let res = match self.mappings.map(msg) {
-            Some(r) => r.map_err(|e| e.to_string()),
+            Some(r) => r.map_err(|e| (e.kind(), e.to_string())),
             None => match builtin::map(msg, &self.local) {
-                Some(r) => r.map_err(|e| e.to_string()),
+                Some(r) => r.map_err(|e| (e.kind(), e.to_string())),
                 None => {
                     self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -188,7 +200,8 @@ impl Router {
         };
         match res {
             Ok(records) => out.extend(records),
-            Err(error) => {
+            Err((kind, error)) => {
+                metrics::counter!("dlms_bridge_mapping_errors_total", "kind" => kind).increment(1);
                 let n = self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 // The first few, then every 1000th: a broken publisher must not flood the log.
                 if n <= 10 || n % 1000 == 0 {
@@ -313,6 +326,7 @@ impl Router {
 }
 
 async fn queue_reply(store: &StoreHandle, req: &RpcRequest, data: Value) {
+    metrics::counter!("dlms_bridge_rpc_total", "outcome" => crate::http::metrics::rpc_outcome(&data)).increment(1);
     let rec = Record {
         device: req.device.clone(),
         device_type: String::new(),
