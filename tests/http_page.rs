@@ -191,6 +191,12 @@ async fn status_page_shows_live_meters_and_adds_a_registry_meter() {
 
     cdp.call("Page.navigate", json!({ "url": format!("{base}/") }))
         .await;
+    // Page.navigate answers before the new document exists: wait for it to load first.
+    cdp.wait(
+        "the page to load",
+        &format!("location.href === '{base}/' && document.readyState === 'complete'"),
+    )
+    .await;
     cdp.wait(
         "the page to go live",
         "document.getElementById('live').textContent === 'live'",
