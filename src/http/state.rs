@@ -339,7 +339,7 @@ impl LiveState {
             .read()
             .map(|g| g.clients.values().cloned().collect())
             .unwrap_or_default();
-        v.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        v.sort_by_key(|c| std::cmp::Reverse(c.last_seen_ms));
         v
     }
 

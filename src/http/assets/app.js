@@ -68,7 +68,7 @@ function renderUplink(doc) {
   badge($("uplink-state"), u.connected ? "ok" : "bad", u.connected ? "connected" : "disconnected");
   $("uplink-since").textContent = u.connected
     ? ago(u.connected_since_ms, now) : (u.disconnected_since_ms ? "down " + ago(u.disconnected_since_ms, now) : "never connected");
-  $("queue-depth").textContent = q ? q.depth + " records" : "store not answering";
+  $("queue-depth").textContent = q ? q.depth + (q.depth === 1 ? " record" : " records") : "store not answering";
   $("queue-age").textContent = q && q.oldest_age_ms != null ? duration(q.oldest_age_ms) : "–";
   if (prevAcked) {
     const dt = (now - prevAcked.t) / 60000;
