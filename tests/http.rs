@@ -369,6 +369,17 @@ async fn registry_meters_are_managed_live_and_config_meters_refused() {
         403
     );
 
+    // Only JSON bodies (a cross-site form posts text/plain without a preflight).
+    let resp = http
+        .post(&url)
+        .bearer_auth(ADMIN)
+        .header("content-type", "text/plain")
+        .body(new.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 415);
+
     // Validation names each bad field.
     let resp = post(
         Some(ADMIN),
@@ -534,6 +545,14 @@ async fn without_a_registry_new_meters_are_refused_with_409() {
             .is_some_and(|e| e.contains("database")),
         "{why}"
     );
+    // DNS rebinding: a page of a foreign name resolving to 127.0.0.1 is refused.
+    let resp = client()
+        .get(format!("{}/api/status", base(&running)))
+        .header("host", "rebind.example:8484")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status().as_u16(), 401);
     running.shutdown().await.expect("shutdown");
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -242,6 +242,22 @@ struct MeterBody {
     database: Option<PathBuf>,
 }
 
+/// Only JSON bodies: a cross-site HTML form can post `text/plain` without a CORS preflight.
+fn json_content(headers: &HeaderMap) -> Result<(), Response> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        ))
+    }
+}
+
 /// Parse and check a body by hand, so that every error names its field.
 fn parse_body(body: &Bytes, create: bool) -> Result<MeterBody, Vec<FieldError>> {
     let v: Value =
@@ -374,7 +390,10 @@ async fn apply(s: &AppState) -> Result<Value, Response> {
 }
 
 /// `POST /api/meters`: add a meter to a registry database and start polling it.
-pub async fn create_meter(State(s): State<AppState>, body: Bytes) -> Response {
+pub async fn create_meter(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = json_content(&headers) {
+        return r;
+    }
     let b = match parse_body(&body, true) {
         Ok(b) => b,
         Err(e) => return invalid(e),
@@ -440,8 +459,12 @@ async fn registry_meter(s: &AppState, name: &str) -> Result<(MeterInfo, PathBuf)
 pub async fn update_meter(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(r) = json_content(&headers) {
+        return r;
+    }
     let b = match parse_body(&body, false) {
         Ok(b) => b,
         Err(e) => return invalid(e),

@@ -2,6 +2,10 @@
 //! admin; otherwise every request but `/healthz` and `/readyz` needs `token` (read) or
 //! `admin_token` (read and admin), as `Authorization: Bearer <t>` or as the password of basic
 //! auth (any user name; browsers then prompt for it). Comparisons are constant-time.
+//!
+//! Without tokens, a browser on the box is the only client, so two browser attacks are closed:
+//! DNS rebinding (a foreign name resolving to 127.0.0.1) by accepting only loopback `Host`
+//! headers, and cross-site form posts by the API taking only `application/json` bodies.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -40,7 +44,7 @@ impl Auth {
     /// The right the request's credentials grant; `None` when they grant nothing.
     pub fn right(&self, headers: &HeaderMap) -> Option<Right> {
         if self.read.is_none() && self.admin.is_none() {
-            return Some(Right::Admin);
+            return loopback_host(headers).then_some(Right::Admin);
         }
         let given = credential(headers)?;
         let eq = |s: &Option<Secret>| {
@@ -55,6 +59,23 @@ impl Auth {
             None
         }
     }
+}
+
+/// Whether the `Host` header names this machine (`localhost`, a loopback IP), with any port.
+/// A request without `Host` (HTTP/1.0 tools) comes from a local program, not a browser.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return true;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The token from `Bearer <t>`, or the password from `Basic base64(user:password)`.
@@ -141,5 +162,20 @@ mod tests {
         assert_eq!(auth.right(&headers("Basic !!!")), None);
         let open = Auth::from_config(&HttpConfig::default());
         assert_eq!(open.right(&HeaderMap::new()), Some(Right::Admin));
+        let host = |h: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, h.parse().expect("host"));
+            m
+        };
+        for ok in [
+            "127.0.0.1:8484",
+            "localhost:8484",
+            "[::1]:8484",
+            "localhost",
+        ] {
+            assert_eq!(open.right(&host(ok)), Some(Right::Admin), "{ok}");
+        }
+        // DNS rebinding: a foreign name that resolves to loopback.
+        assert_eq!(open.right(&host("evil.example:8484")), None);
     }
 }
