@@ -317,6 +317,30 @@ async fn health_status_and_metrics_match_what_happened() {
     assert!(doc["meters"].as_array().is_some_and(|m| m.len() == 2));
     drop(resp);
 
+    // RPCs by outcome: one a meter answers, one for a device nobody serves.
+    assert!(
+        emu.push_rpc("Good Meter", 41, "get", json!({"obis": "1.0.32.7.0.255"}))
+            .await
+    );
+    assert!(emu.push_rpc("Nobody", 42, "reboot", json!({})).await);
+    emu.wait_for("two RPC replies", WAIT, |r| r.rpc_replies.len() >= 2)
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, page) = get(&format!("{base}/metrics"), Some(READ)).await;
+        let ok = sample(&page, "dlms_bridge_rpc_total{outcome=\"ok\"}");
+        let no_route = sample(&page, "dlms_bridge_rpc_total{outcome=\"no_route\"}");
+        if ok == Some(1.0) && no_route == Some(1.0) {
+            assert_eq!(sample(&page, "dlms_bridge_rpc_requests_total"), Some(2.0));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "RPC outcomes not counted: ok {ok:?}, no_route {no_route:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A store that stops answering makes the bridge not ready, with the reason.
     running.store.close().await.expect("close store");
     let (code, body) = get(&format!("{base}/readyz"), None).await;
