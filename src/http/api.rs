@@ -216,7 +216,10 @@ pub async fn events(
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
-            st.tick.tick().await;
+            tokio::select! {
+                _ = st.app.cancel.cancelled() => return None,
+                _ = st.tick.tick() => {}
+            }
             let v = st.app.ctx.live.version();
             let uplink_changed = st.uplink.has_changed().unwrap_or(false);
             if st.seen == Some(v) && !uplink_changed && st.last_sent.elapsed() < EVENTS_IDLE_MAX {

@@ -70,6 +70,9 @@ pub struct AppState {
     pub ctx: Arc<HttpContext>,
     /// Serialises meter administration (registry write + live apply).
     pub admin_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Server shutdown: ends open event streams, which graceful shutdown would otherwise wait
+    /// for forever.
+    pub cancel: CancellationToken,
 }
 
 /// Bind `listen` and serve until `cancel`. Returns the bound address.
@@ -109,7 +112,7 @@ pub async fn start(
             }
         }
     });
-    let app = router(cfg, ctx);
+    let app = router(cfg, ctx, cancel.clone());
     let authenticated = cfg.token.as_ref().is_some_and(|t| !t.is_empty())
         || cfg.admin_token.as_ref().is_some_and(|t| !t.is_empty());
     info!(listen = %addr, authenticated, "HTTP server listening.");
@@ -122,12 +125,13 @@ pub async fn start(
     Ok(addr)
 }
 
-/// The routes; public for tests and the benchmark.
-pub fn router(cfg: &HttpConfig, ctx: Arc<HttpContext>) -> Router {
+/// The routes; `cancel` ends the server's event streams.
+pub fn router(cfg: &HttpConfig, ctx: Arc<HttpContext>, cancel: CancellationToken) -> Router {
     let auth = auth::Auth::from_config(cfg);
     let state = AppState {
         ctx,
         admin_lock: Arc::default(),
+        cancel,
     };
     let admin = Router::new()
         .route("/api/meters", axum::routing::post(api::create_meter))
