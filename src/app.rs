@@ -277,6 +277,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let store = store::open(&cfg.store)
         .with_context(|| format!("opening the queue {}", cfg.store.path.display()))?;
 
+    // Bound before anything runs: a taken port then fails the start with nothing to clean up.
+    let http_listener = if cfg.http.enabled {
+        Some(
+            http::bind(cfg.http_listen)
+                .await
+                .with_context(|| format!("starting the HTTP server on {}", cfg.http_listen))?,
+        )
+    } else {
+        None
+    };
     let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
     let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CAPACITY);
     let (reload_tx, reload_rx) = mpsc::channel(RELOAD_CAPACITY);
@@ -385,22 +395,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     let broker_addr = broker.as_ref().map(|b| b.local_addr());
     let http_cancel = CancellationToken::new();
-    let http_addr = if cfg.http.enabled {
-        let ctx = http::HttpContext {
-            store: store.clone(),
-            uplink_status: uplink_status.clone(),
-            broker_addr,
-            router_stats,
-            live,
-            meters: meter_set.clone(),
-        };
-        Some(
-            http::start(&cfg.http, cfg.http_listen, ctx, &tasks, http_cancel.clone())
-                .await
-                .with_context(|| format!("starting the HTTP server on {}", cfg.http_listen))?,
-        )
-    } else {
-        None
+    let http_addr = match http_listener {
+        Some(listener) => {
+            let ctx = http::HttpContext {
+                store: store.clone(),
+                uplink_status: uplink_status.clone(),
+                broker_addr,
+                router_stats,
+                live,
+                meters: meter_set.clone(),
+            };
+            Some(
+                http::start(&cfg.http, listener, ctx, &tasks, http_cancel.clone())
+                    .context("starting the HTTP server")?,
+            )
+        }
+        None => None,
     };
 
     Ok(Running {

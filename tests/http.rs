@@ -666,3 +666,25 @@ async fn status_command_is_healthy_only_with_a_live_uplink_and_no_takeover() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("not reachable"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_http_port_fails_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let toml = format!(
+        "[http]\nlisten = \"127.0.0.1:{port}\"\n[broker]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\npath = \"{}/q.db\"\n",
+        dir.path().display()
+    );
+    let cfg = dlms_bridge::config::validate(dlms_bridge::config::load_str(&toml).expect("parses"))
+        .expect("valid");
+    let err = match dlms_bridge::app::start(cfg).await {
+        Ok(_) => panic!("started on a taken port"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!("HTTP server on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}

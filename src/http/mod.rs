@@ -75,22 +75,27 @@ pub struct AppState {
     pub cancel: CancellationToken,
 }
 
-/// Bind `listen` and serve until `cancel`. Returns the bound address.
-pub async fn start(
-    cfg: &HttpConfig,
-    listen: SocketAddr,
-    ctx: HttpContext,
-    tasks: &Tasks,
-    cancel: CancellationToken,
-) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(listen)
+/// Bind the server's socket. Done first at start-up, so a taken port fails the start before
+/// any other task is running.
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(listen)
         .await
         .map_err(|source| Error::Bind {
             addr: listen,
             source,
-        })?;
+        })
+}
+
+/// Serve on `listener` until `cancel`. Returns the bound address.
+pub fn start(
+    cfg: &HttpConfig,
+    listener: TcpListener,
+    ctx: HttpContext,
+    tasks: &Tasks,
+    cancel: CancellationToken,
+) -> Result<SocketAddr, Error> {
     let addr = listener.local_addr().map_err(|source| Error::Bind {
-        addr: listen,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
     metrics::recorder();
