@@ -401,6 +401,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 store: store.clone(),
                 uplink_status: uplink_status.clone(),
                 broker_addr,
+                broker: broker.clone(),
                 router_stats,
                 live,
                 meters: meter_set.clone(),

@@ -59,6 +59,9 @@ pub struct HttpContext {
     pub uplink_status: watch::Receiver<UplinkStatus>,
     /// The local broker's bound address (None when `broker.enabled = false`).
     pub broker_addr: Option<SocketAddr>,
+    /// The local broker, for its client list once it offers one (today the clients shown are
+    /// those seen publishing, from [`state::LiveState`]).
+    pub broker: Option<crate::broker::BrokerHandle>,
     pub router_stats: Arc<RouterStats>,
     pub live: Arc<LiveState>,
     pub meters: Arc<MeterSet>,
