@@ -105,6 +105,31 @@ async fn scrape_1000() {
         ms(times[times.len() * 95 / 100]),
         ms(times[times.len() - 1]),
     );
+    // The same page without HTTP: the facade part alone (histograms, counters, process).
+    let mut facade = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let page = dlms_bridge::http::metrics::render_facade();
+        facade.push(t.elapsed());
+        std::hint::black_box(page);
+    }
+    facade.sort();
+    println!(
+        "  of which the facade part (1000 poll-duration histograms, counters, process): median {:.1} ms",
+        ms(facade[facade.len() / 2])
+    );
+    let mut stats = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        running.store.stats().await.expect("stats");
+        stats.push(t.elapsed());
+    }
+    stats.sort();
+    println!(
+        "  the queue's stats call (waits behind the store's group commits): median {:.1} ms, max {:.1} ms",
+        ms(stats[stats.len() / 2]),
+        ms(stats[stats.len() - 1])
+    );
     running.shutdown().await.expect("shutdown");
 }
 

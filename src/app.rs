@@ -192,9 +192,12 @@ impl MeterSetInner {
             report.meters_stopped.push(n);
         }
         for (m, origin) in wanted {
-            if let Some(s) = self.slots.get(&m.name) {
+            if let Some(s) = self.slots.get_mut(&m.name) {
                 if s.origin == MeterOrigin::Simulator {
                     warn!(meter = %m.name, "Reload: name taken by a simulated meter; ignored.");
+                } else {
+                    // Unchanged settings, maybe moved between the file and a registry.
+                    s.origin = origin;
                 }
                 continue;
             }

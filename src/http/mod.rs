@@ -223,13 +223,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics_handler(State(s): State<AppState>) -> Response {
     let ctx = &s.ctx;
+    // The queue answers between its group commits; render the facade part meanwhile.
+    let facade = tokio::task::spawn_blocking(metrics::render_facade);
     let store = tokio::time::timeout(PROBE_TIMEOUT, ctx.store.stats())
         .await
         .ok()
         .and_then(Result::ok);
     let meters = ctx.meters.list().await;
     let uplink = ctx.uplink_status.borrow().clone();
-    let mut out = metrics::render_facade();
+    let mut out = facade.await.unwrap_or_default();
     metrics::render_state(
         &metrics::Snapshot {
             uplink: &uplink,
