@@ -246,19 +246,18 @@ struct MeterBody {
 }
 
 /// Only JSON bodies: a cross-site HTML form can post `text/plain` without a CORS preflight.
-fn json_content(headers: &HeaderMap) -> Result<(), Response> {
-    let ok = headers
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"));
-    if ok {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "the body must be JSON (Content-Type: application/json)",
-        ))
-    }
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
+}
+
+fn not_json() -> Response {
+    error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "the body must be JSON (Content-Type: application/json)",
+    )
 }
 
 /// Parse and check a body by hand, so that every error names its field.
@@ -394,8 +393,8 @@ async fn apply(s: &AppState) -> Result<Value, Response> {
 
 /// `POST /api/meters`: add a meter to a registry database and start polling it.
 pub async fn create_meter(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = json_content(&headers) {
-        return r;
+    if !is_json(&headers) {
+        return not_json();
     }
     let b = match parse_body(&body, true) {
         Ok(b) => b,
@@ -465,8 +464,8 @@ pub async fn update_meter(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = json_content(&headers) {
-        return r;
+    if !is_json(&headers) {
+        return not_json();
     }
     let b = match parse_body(&body, false) {
         Ok(b) => b,
