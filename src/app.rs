@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::broker::{self, BrokerHandle};
 use crate::config::{Config, MeterConfig};
+use crate::http::{self, state::LiveState};
 use crate::router::mapping::MappingSet;
 use crate::router::{MeterMap, Router, RouterInputs, RELOAD_CAPACITY};
 use crate::shutdown::Tasks;
@@ -85,8 +86,180 @@ fn install_store_panic_hook() {
 /// One running meter actor and what is needed to stop or compare it on reload.
 struct MeterSlot {
     cfg: MeterConfig,
+    origin: MeterOrigin,
     /// Stops this meter alone (a child of the sources token).
     cancel: CancellationToken,
+}
+
+/// Where a running meter was defined: what decides whether the HTTP API may change it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "database")]
+pub enum MeterOrigin {
+    /// A `[[meters]]` entry of the config file (changed only by editing the file).
+    Config,
+    /// A row of a registry database (`[[meters]] database = ...`), managed by the HTTP API.
+    Registry(std::path::PathBuf),
+    /// A built-in simulated meter (`[simulator]`).
+    Simulator,
+}
+
+/// A running meter as the API and metrics show it.
+#[derive(Debug, Clone)]
+pub struct MeterInfo {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub interval: Duration,
+    pub origin: MeterOrigin,
+}
+
+/// The running meter actors: started, diffed on reload and on registry changes, stopped. Shared
+/// between `Running` (SIGHUP reload, shutdown) and the HTTP API (registry meters).
+pub struct MeterSet {
+    inner: tokio::sync::Mutex<MeterSetInner>,
+}
+
+struct MeterSetInner {
+    /// Every running meter (simulated ones included) and its cancel token.
+    slots: HashMap<String, MeterSlot>,
+    /// The `[[meters]]` entries as configured (registry entries unexpanded), for re-expansion.
+    entries: Vec<MeterConfig>,
+    /// Kept for meters started later; dropped at shutdown so the router can finish.
+    events_tx: Option<mpsc::Sender<SourceEvent>>,
+    /// Parent of every meter's token: the sources token.
+    sources_cancel: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+    /// Meter names → actor handles, shared with the router for RPCs.
+    meters: MeterMap,
+}
+
+impl MeterSet {
+    /// Every running meter, sorted by name.
+    pub async fn list(&self) -> Vec<MeterInfo> {
+        let g = self.inner.lock().await;
+        let mut v: Vec<MeterInfo> = g
+            .slots
+            .iter()
+            .map(|(n, s)| MeterInfo {
+                name: n.clone(),
+                host: s.cfg.host.clone(),
+                port: s.cfg.port,
+                interval: s.cfg.interval,
+                origin: s.origin.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The configured `[[meters]]` entries (registry entries not expanded).
+    pub async fn entries(&self) -> Vec<MeterConfig> {
+        self.inner.lock().await.entries.clone()
+    }
+
+    /// Re-read the registry databases and apply the result (after an API change).
+    pub async fn reload_registries(&self) -> anyhow::Result<ReloadReport> {
+        let entries = self.entries().await;
+        let wanted = tokio::task::spawn_blocking(move || expand_meters(&entries))
+            .await
+            .context("registry reader panicked")??;
+        let mut g = self.inner.lock().await;
+        Ok(g.apply(wanted))
+    }
+
+    /// Replace the configured entries and apply them (SIGHUP).
+    async fn reload(&self, entries: Vec<MeterConfig>) -> anyhow::Result<ReloadReport> {
+        let wanted = expand_meters(&entries)?;
+        let mut g = self.inner.lock().await;
+        if g.events_tx.is_none() {
+            anyhow::bail!("shutting down");
+        }
+        g.entries = entries;
+        Ok(g.apply(wanted))
+    }
+
+    /// Stop accepting new meters: the router finishes once the running ones are gone.
+    async fn close(&self) {
+        self.inner.lock().await.events_tx = None;
+    }
+}
+
+impl MeterSetInner {
+    fn spawn(&mut self, m: MeterConfig, origin: MeterOrigin) -> bool {
+        let Some(events_tx) = self.events_tx.clone() else {
+            return false;
+        };
+        let name = m.name.clone();
+        if self.slots.contains_key(&name) {
+            warn!(meter = %name, "Duplicate meter name; the second definition is ignored.");
+            return false;
+        }
+        let cancel = self.sources_cancel.child_token();
+        let h = dlms::spawn_meter(m.clone(), events_tx, &self.tracker, cancel.clone());
+        if let Ok(mut g) = self.meters.write() {
+            g.insert(name.clone(), h);
+        }
+        self.slots.insert(
+            name,
+            MeterSlot {
+                cfg: m,
+                origin,
+                cancel,
+            },
+        );
+        true
+    }
+
+    /// Diff the configured (non-simulated) meters against `wanted` by name and every setting.
+    fn apply(&mut self, wanted: Vec<(MeterConfig, MeterOrigin)>) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let wanted_names: HashMap<&str, &MeterConfig> =
+            wanted.iter().map(|(m, _)| (m.name.as_str(), m)).collect();
+        // Stop meters that are gone or changed (serialised configs compare every field).
+        let same = |a: &MeterConfig, b: &MeterConfig| {
+            serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+                && a.password.as_ref().map(|p| p.expose().to_string())
+                    == b.password.as_ref().map(|p| p.expose().to_string())
+        };
+        let stop: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.origin != MeterOrigin::Simulator)
+            .filter(|(n, s)| {
+                wanted_names
+                    .get(n.as_str())
+                    .is_none_or(|w| !same(&s.cfg, w))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in stop {
+            if let Some(s) = self.slots.remove(&n) {
+                s.cancel.cancel();
+            }
+            if let Ok(mut g) = self.meters.write() {
+                g.remove(&n);
+            }
+            report.meters_stopped.push(n);
+        }
+        for (m, origin) in wanted {
+            if let Some(s) = self.slots.get_mut(&m.name) {
+                if s.origin == MeterOrigin::Simulator {
+                    warn!(meter = %m.name, "Reload: name taken by a simulated meter; ignored.");
+                } else {
+                    // Unchanged settings, maybe moved between the file and a registry.
+                    s.origin = origin;
+                }
+                continue;
+            }
+            let name = m.name.clone();
+            if self.spawn(m, origin) {
+                report.meters_started.push(name);
+            }
+        }
+        report.meters_started.sort();
+        report.meters_stopped.sort();
+        report
+    }
 }
 
 /// A running bridge: what tests and `main` need to observe, reload and stop it.
@@ -100,10 +273,12 @@ pub struct Running {
     pub meters: MeterMap,
     /// Addresses of the built-in simulated meters, if any.
     pub simulated_meters: Vec<SocketAddr>,
-    /// Configured meters (the simulated ones excluded) and their own cancel tokens.
-    slots: HashMap<String, MeterSlot>,
-    /// Kept for meters started on reload; dropped at shutdown so the router can finish.
-    events_tx: Option<mpsc::Sender<SourceEvent>>,
+    /// The HTTP server's bound address, when `[http] enabled`.
+    pub http_addr: Option<SocketAddr>,
+    /// The running meter actors (shared with the HTTP API).
+    pub meter_set: Arc<MeterSet>,
+    /// Stops the HTTP server (after the uplink, so `/readyz` reports the stop).
+    http_cancel: CancellationToken,
     /// New mapping sets for the router.
     reload_tx: mpsc::Sender<MappingSet>,
     /// Cancels pollers and the broker front: the first step of shutdown.
@@ -119,14 +294,18 @@ pub struct Running {
     grace: Duration,
 }
 
-/// Expand `database` entries into the meters they list.
-fn expand_meters(meters: &[MeterConfig]) -> anyhow::Result<Vec<MeterConfig>> {
+/// Expand `database` entries into the meters they list. Blocking (SQLite).
+fn expand_meters(meters: &[MeterConfig]) -> anyhow::Result<Vec<(MeterConfig, MeterOrigin)>> {
     let mut out = Vec::new();
     for m in meters {
-        if m.database.is_some() {
-            out.extend(dlms::load_meter_registry(m).context("reading the meter registry")?);
+        if let Some(db) = &m.database {
+            let rows = dlms::load_meter_registry(m).context("reading the meter registry")?;
+            out.extend(
+                rows.into_iter()
+                    .map(|r| (r, MeterOrigin::Registry(db.clone()))),
+            );
         } else {
-            out.push(m.clone());
+            out.push((m.clone(), MeterOrigin::Config));
         }
     }
     Ok(out)
@@ -153,6 +332,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let store = store::open(&cfg.store)
         .with_context(|| format!("opening the queue {}", cfg.store.path.display()))?;
 
+    // Bound before anything runs: a taken port then fails the start with nothing to clean up.
+    let http_listener = if cfg.http.enabled {
+        Some(
+            http::bind(cfg.http_listen)
+                .await
+                .with_context(|| format!("starting the HTTP server on {}", cfg.http_listen))?,
+        )
+    } else {
+        None
+    };
     let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
     let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CAPACITY);
     let (reload_tx, reload_rx) = mpsc::channel(RELOAD_CAPACITY);
@@ -211,31 +400,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     let meters: MeterMap = Arc::new(RwLock::new(HashMap::new()));
-    let mut slots = HashMap::new();
-    for (m, is_sim) in configured
+    let mut set = MeterSetInner {
+        slots: HashMap::new(),
+        entries: cfg.meters.clone(),
+        events_tx: Some(events_tx),
+        sources_cancel: sources_cancel.clone(),
+        tracker: tasks.tracker().clone(),
+        meters: meters.clone(),
+    };
+    for (m, origin) in configured
         .into_iter()
-        .map(|m| (m, false))
-        .chain(simulated.into_iter().map(|m| (m, true)))
+        .chain(simulated.into_iter().map(|m| (m, MeterOrigin::Simulator)))
     {
-        let name = m.name.clone();
-        if slots.contains_key(&name) || meters.read().is_ok_and(|g| g.contains_key(&name)) {
-            warn!(meter = %name, "Duplicate meter name; the second definition is ignored.");
-            continue;
-        }
-        let cancel = sources_cancel.child_token();
-        let h = dlms::spawn_meter(
-            m.clone(),
-            events_tx.clone(),
-            tasks.tracker(),
-            cancel.clone(),
-        );
-        if let Ok(mut g) = meters.write() {
-            g.insert(name.clone(), h);
-        }
-        if !is_sim {
-            slots.insert(name, MeterSlot { cfg: m, cancel });
-        }
+        set.spawn(m, origin);
     }
+    let meter_set = Arc::new(MeterSet {
+        inner: tokio::sync::Mutex::new(set),
+    });
+    let live = Arc::new(LiveState::new(&cfg.http.sparkline_key));
 
     let router = Router::new(
         RouterInputs {
@@ -250,7 +432,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         meters.clone(),
     )
     .with_max_packet_size(cfg.thingsboard.max_packet_size)
-    .with_rpc_timeout(cfg.gateway.rpc_timeout);
+    .with_rpc_timeout(cfg.gateway.rpc_timeout)
+    .with_live(live.clone());
     let router_stats = router.stats();
     let router_done = tasks.spawn("router", fail_fast("router", router.run()));
 
@@ -263,7 +446,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_device_registry(registry, names)
         .with_gateway(
             cfg.gateway.clone(),
-            gateway_info(router_stats, meters.clone(), broker.clone()),
+            gateway_info(router_stats.clone(), meters.clone(), broker.clone()),
         );
     let uplink_status = uplink.status();
     let uplink_tls = uplink.tls_reloader();
@@ -278,15 +461,37 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }),
     );
 
+    let broker_addr = broker.as_ref().map(|b| b.local_addr());
+    let http_cancel = CancellationToken::new();
+    let http_addr = match http_listener {
+        Some(listener) => {
+            let ctx = http::HttpContext {
+                store: store.clone(),
+                uplink_status: uplink_status.clone(),
+                broker_addr,
+                broker: broker.clone(),
+                router_stats,
+                live,
+                meters: meter_set.clone(),
+            };
+            Some(
+                http::start(&cfg.http, listener, ctx, &tasks, http_cancel.clone())
+                    .context("starting the HTTP server")?,
+            )
+        }
+        None => None,
+    };
+
     Ok(Running {
-        broker_addr: broker.as_ref().map(|b| b.local_addr()),
+        broker_addr,
+        http_addr,
         broker,
         store,
         uplink_status,
         meters,
         simulated_meters,
-        slots,
-        events_tx: Some(events_tx),
+        meter_set,
+        http_cancel,
         reload_tx,
         sources_cancel,
         uplink_cancel,
@@ -340,60 +545,7 @@ impl Running {
     /// Apply a new configuration's meters and mappings. Errors leave the running set unchanged.
     pub async fn reload(&mut self, cfg: &Config) -> anyhow::Result<ReloadReport> {
         let mappings = mapping_set(cfg)?;
-        let wanted = expand_meters(&cfg.meters)?;
-        let Some(events_tx) = self.events_tx.clone() else {
-            anyhow::bail!("shutting down");
-        };
-        let mut report = ReloadReport::default();
-        let wanted_names: HashMap<&str, &MeterConfig> =
-            wanted.iter().map(|m| (m.name.as_str(), m)).collect();
-        // Stop meters that are gone or changed (serialised configs compare every field).
-        let same = |a: &MeterConfig, b: &MeterConfig| {
-            serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
-                && a.password.as_ref().map(|p| p.expose().to_string())
-                    == b.password.as_ref().map(|p| p.expose().to_string())
-        };
-        let stop: Vec<String> = self
-            .slots
-            .iter()
-            .filter(|(n, s)| {
-                wanted_names
-                    .get(n.as_str())
-                    .is_none_or(|w| !same(&s.cfg, w))
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in stop {
-            if let Some(s) = self.slots.remove(&n) {
-                s.cancel.cancel();
-            }
-            if let Ok(mut g) = self.meters.write() {
-                g.remove(&n);
-            }
-            report.meters_stopped.push(n);
-        }
-        for m in wanted {
-            if self.slots.contains_key(&m.name) {
-                continue;
-            }
-            if self.meters.read().is_ok_and(|g| g.contains_key(&m.name)) {
-                warn!(meter = %m.name, "Reload: name taken by a simulated meter; ignored.");
-                continue;
-            }
-            let cancel = self.sources_cancel.child_token();
-            let h = dlms::spawn_meter(
-                m.clone(),
-                events_tx.clone(),
-                self.tasks.tracker(),
-                cancel.clone(),
-            );
-            if let Ok(mut g) = self.meters.write() {
-                g.insert(m.name.clone(), h);
-            }
-            report.meters_started.push(m.name.clone());
-            self.slots
-                .insert(m.name.clone(), MeterSlot { cfg: m, cancel });
-        }
+        let mut report = self.meter_set.reload(cfg.meters.clone()).await?;
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
         self.uplink_tls
             .reload(TlsSettings::from_config(&cfg.thingsboard));
@@ -414,7 +566,7 @@ impl Running {
     pub async fn shutdown(mut self) -> anyhow::Result<bool> {
         let deadline = tokio::time::Instant::now() + self.grace;
         info!(grace = ?self.grace, "Shutting down.");
-        self.events_tx = None;
+        self.meter_set.close().await;
         self.sources_cancel.cancel();
         if tokio::time::timeout_at(deadline, &mut self.router_done)
             .await
@@ -424,6 +576,7 @@ impl Running {
         }
         self.uplink_cancel.cancel();
         self.sim_cancel.cancel();
+        self.http_cancel.cancel();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let clean = self.tasks.wait(left).await;
         if let Err(e) = self.store.close().await {

@@ -28,6 +28,7 @@ pub mod app;
 pub mod broker;
 pub mod config;
 pub mod downlink;
+pub mod http;
 pub mod import;
 pub mod logging;
 pub mod model;

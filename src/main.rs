@@ -42,6 +42,8 @@ enum Command {
     },
     /// Print the effective configuration (file + environment) with secrets masked.
     PrintConfig,
+    /// Ask the running bridge (its HTTP API) whether it is healthy; exit 0 only when it is.
+    Status,
     /// Read a meter once and print each value with its unit.
     Read(ReadArgs),
     /// Serve built-in simulated meters (demos, tests, benchmarks).
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Status => status(cli.config),
         Command::Read(args) => block_on(async move {
             dlms_bridge::sources::dlms::cli::read(args)
                 .await
@@ -319,6 +322,45 @@ async fn reload(
         );
     }
     *last = raw;
+}
+
+/// `dlms-bridge status`: 0 healthy, 1 unhealthy or unreachable, 2 configuration error.
+fn status(path: Option<PathBuf>) -> ExitCode {
+    // Only where the bridge listens is needed: no preflight (token, writable queue), so an
+    // operator's shell can ask a bridge whatever its own rights.
+    let cfg = match config::load(path.as_deref())
+        .and_then(|raw| config::validate(raw).map_err(config::Error::Invalid))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let fetched = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(dlms_bridge::http::client::fetch_status(&cfg)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match fetched {
+        Ok(doc) => {
+            let (text, healthy) = dlms_bridge::http::client::summarize(&doc);
+            print!("{text}");
+            println!("{}", if healthy { "healthy" } else { "UNHEALTHY" });
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            println!("[FAIL] bridge not reachable");
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {

@@ -208,7 +208,7 @@ async fn records_committed_before_sigkill_are_delivered_after_restart() {
         dir.path(),
         "c.toml",
         &format!(
-            "[broker]\nlisten = \"127.0.0.1:{local}\"\n[thingsboard]\nport = {}\naccess_token = \"kill-token\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[store]\npath = \"{}\"\n",
+            "[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{local}\"\n[thingsboard]\nport = {}\naccess_token = \"kill-token\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[store]\npath = \"{}\"\n",
             emu.port(),
             db.display()
         ),

@@ -93,7 +93,7 @@ async fn start(dir: &std::path::Path, emu: &TbEmulator) -> Running {
     let file = dir.join("mqtt.json");
     std::fs::write(&file, connector().to_string()).expect("write connector");
     let toml = format!(
-        "[broker]\nlisten = \"127.0.0.1:0\"\n[thingsboard]\nport = {}\naccess_token = \"{TOKEN}\"\nreconnect_min = \"50ms\"\n[store]\npath = \"{}\"\n[[mappings]]\ntb_gateway_file = \"{}\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\n[thingsboard]\nport = {}\naccess_token = \"{TOKEN}\"\nreconnect_min = \"50ms\"\n[store]\npath = \"{}\"\n[[mappings]]\ntb_gateway_file = \"{}\"\n",
         emu.port(),
         dir.join("q.db").display(),
         file.display()

@@ -81,7 +81,7 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     let config = dir.path().join("config.toml");
     let write_config = |meters: &[(&str, std::net::SocketAddr)]| {
         let mut s = format!(
-            "[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\
+            "[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\
              [thingsboard]\nhost = \"127.0.0.1\"\nport = {}\naccess_token = \"TEST_TOKEN\"\n\
              [store]\npath = \"{}\"\n[shutdown]\ngrace = \"5s\"\n",
             tb.port(),

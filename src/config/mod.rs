@@ -106,6 +106,8 @@ pub struct RawConfig {
     pub store: StoreConfig,
     pub local: LocalConfig,
     pub shutdown: ShutdownConfig,
+    /// The embedded HTTP server: health, metrics, JSON API, status page.
+    pub http: HttpConfig,
     /// Built-in simulated meters started inside the bridge (demo and benchmarks).
     pub simulator: SimulatorConfig,
     /// DLMS meters to poll.
@@ -409,6 +411,33 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The embedded HTTP server (health, Prometheus metrics, JSON API, status page).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Where the server listens. A non-loopback address needs `token` or `admin_token`.
+    pub listen: String,
+    /// Read-only access: `Authorization: Bearer <token>`, or basic auth with it as the password.
+    pub token: Option<Secret>,
+    /// Read and admin access (meter changes through the API); same forms as `token`.
+    pub admin_token: Option<Secret>,
+    /// Telemetry key whose last hour the status page draws for each meter.
+    pub sparkline_key: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: "127.0.0.1:8484".into(),
+            token: None,
+            admin_token: None,
+            sparkline_key: "active_power".into(),
         }
     }
 }

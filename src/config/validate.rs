@@ -19,6 +19,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub local: LocalConfig,
     pub shutdown: ShutdownConfig,
+    pub http: HttpConfig,
+    /// `http.listen`, parsed.
+    pub http_listen: SocketAddr,
     pub simulator: SimulatorConfig,
     pub meters: Vec<MeterConfig>,
     pub mappings: Vec<MappingConfig>,
@@ -158,6 +161,37 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         errs.push(ConfigError::new("local.device_type", "must not be empty"));
     }
 
+    let http_listen = match parse_listen(&raw.http.listen) {
+        Ok(a) => a,
+        Err(m) => {
+            errs.push(ConfigError::new("http.listen", m));
+            SocketAddr::from(([127, 0, 0, 1], 8484))
+        }
+    };
+    let has = |s: &Option<Secret>| s.as_ref().is_some_and(|s| !s.is_empty());
+    if raw.http.enabled
+        && !http_listen.ip().is_loopback()
+        && !has(&raw.http.token)
+        && !has(&raw.http.admin_token)
+    {
+        errs.push(ConfigError::new(
+            "http.token",
+            format!(
+                "required (or http.admin_token) when http.listen `{}` is not a loopback address",
+                raw.http.listen
+            ),
+        ));
+    }
+    if has(&raw.http.token) && raw.http.token == raw.http.admin_token {
+        errs.push(ConfigError::new(
+            "http.admin_token",
+            "must differ from http.token (read-only and admin rights are separate)",
+        ));
+    }
+    if raw.http.sparkline_key.trim().is_empty() {
+        errs.push(ConfigError::new("http.sparkline_key", "must not be empty"));
+    }
+
     if raw.simulator.meters > 100_000 {
         errs.push(ConfigError::new(
             "simulator.meters",
@@ -280,6 +314,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         store: raw.store,
         local: raw.local,
         shutdown: raw.shutdown,
+        http: raw.http,
+        http_listen,
         simulator: raw.simulator,
         meters: raw.meters,
         mappings: raw.mappings,
@@ -514,6 +550,23 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let err = load_str("[thingsboard]\nacess_token = \"x\"\n").expect_err("unknown key");
         assert!(err.to_string().contains("acess_token"), "{err}");
+    }
+
+    #[test]
+    fn http_beyond_loopback_needs_a_token() {
+        let errs = validate(load_str("[http]\nlisten = \"0.0.0.0:8484\"\n").expect("parses"))
+            .expect_err("no token");
+        assert_eq!(errs[0].key, "http.token", "{errs:?}");
+        let ok = "[http]\nlisten = \"0.0.0.0:8484\"\ntoken = \"r\"\nadmin_token = \"a\"\n";
+        assert!(validate(load_str(ok).expect("parses")).is_ok());
+        let off = "[http]\nlisten = \"0.0.0.0:8484\"\nenabled = false\n";
+        assert!(validate(load_str(off).expect("parses")).is_ok());
+        let same = "[http]\ntoken = \"x\"\nadmin_token = \"x\"\n";
+        let errs = validate(load_str(same).expect("parses")).expect_err("same tokens");
+        assert_eq!(errs[0].key, "http.admin_token");
+        let bad = validate(load_str("[http]\nlisten = \"x\"\n").expect("parses"))
+            .expect_err("bad listen");
+        assert_eq!(bad[0].key, "http.listen");
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub enum MapError {
 }
 
 impl MapError {
-    /// The kind of problem, for per-kind WARN rate limiting and counters.
+    /// The kind of problem, for per-kind WARN rate limiting, counters and the
+    /// `dlms_bridge_mapping_errors_total{kind}` metric.
     pub fn kind(&self) -> &'static str {
         match self {
             MapError::Json(_) => "not_json",

@@ -97,6 +97,20 @@ pub enum Error {
     NoAttributeNames { topic: String },
 }
 
+impl Error {
+    /// The kind of problem, for per-kind WARN rate limiting and the
+    /// `dlms_bridge_mapping_errors_total{kind}` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Json { .. } => "not_json",
+            Error::MissingField { .. } => "mapping_missing_field",
+            Error::TopicNoMatch { .. } => "mapping_topic_no_match",
+            Error::BadDeviceName { .. } => "bad_device_name",
+            Error::NoAttributeNames { .. } => "mapping_no_attribute_names",
+        }
+    }
+}
+
 /// The name the router uses for [`Error`].
 pub type MapError = Error;
 

@@ -124,6 +124,8 @@ pub struct Router {
     rpc_timeout: Duration,
     /// Device-API clients (`v1/devices/me/*`) and their pending RPCs and attribute requests.
     device_api: device_api::DeviceApi,
+    /// Live per-meter and per-client view for the HTTP status API; sees every event.
+    live: Option<Arc<crate::http::state::LiveState>>,
 }
 
 impl Router {
@@ -150,6 +152,7 @@ impl Router {
             meter_health: HashMap::new(),
             rpc_timeout: crate::config::GatewayConfig::default().rpc_timeout,
             device_api: device_api::DeviceApi::default(),
+            live: None,
         }
     }
 
@@ -162,6 +165,12 @@ impl Router {
     /// Split records that would not fit one publish of `max` bytes (`thingsboard.max_packet_size`).
     pub fn with_max_packet_size(mut self, max: usize) -> Self {
         self.max_packet_size = max;
+        self
+    }
+
+    /// Show every event to the HTTP server's live state (meters' last values, local clients).
+    pub fn with_live(mut self, live: Arc<crate::http::state::LiveState>) -> Self {
+        self.live = Some(live);
         self
     }
 
@@ -245,6 +254,9 @@ impl Router {
         let mut out = Vec::new();
         let mut acks = Vec::new();
         for ev in events {
+            if let Some(live) = &self.live {
+                live.observe(&ev);
+            }
             match ev {
                 SourceEvent::Records(rs) => {
                     self.stats.meter_messages.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +316,7 @@ impl Router {
 
     fn map_local(&mut self, msg: &LocalPublish, out: &mut Vec<Record>) {
         let res = match self.mappings.map(msg) {
-            Some(r) => r.map_err(|e| (mapping_error_kind(&e), e.to_string())),
+            Some(r) => r.map_err(|e| (e.kind(), e.to_string())),
             None if self.device_api_downlink(msg, out) => return,
             None => match builtin::map(msg, &self.local) {
                 Some(r) => {
@@ -328,6 +340,7 @@ impl Router {
         match res {
             Ok(records) => out.extend(records),
             Err((kind, error)) => {
+                metrics::counter!("dlms_bridge_mapping_errors_total", "kind" => kind).increment(1);
                 let n = self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 // Rate-limited per kind: one broken publisher must neither flood the log nor
                 // hide another kind of problem.
@@ -581,17 +594,6 @@ impl Router {
     }
 }
 
-/// The warning kind of a mapping error (see [`warn`]).
-fn mapping_error_kind(e: &mapping::Error) -> &'static str {
-    match e {
-        mapping::Error::Json { .. } => "not_json",
-        mapping::Error::BadDeviceName { .. } => "bad_device_name",
-        mapping::Error::MissingField { .. } => "mapping_missing_field",
-        mapping::Error::TopicNoMatch { .. } => "mapping_topic_no_match",
-        mapping::Error::NoAttributeNames { .. } => "mapping_no_attribute_names",
-    }
-}
-
 async fn queue_reply(store: &StoreHandle, req: &RpcRequest, data: Value) {
     queue_typed_reply(store, req, data, "").await
 }
@@ -599,6 +601,7 @@ async fn queue_reply(store: &StoreHandle, req: &RpcRequest, data: Value) {
 /// A reply that knows the device's profile (a meter's): it announces the device with it if the
 /// reply is the first record of the device, and never changes a known type.
 async fn queue_typed_reply(store: &StoreHandle, req: &RpcRequest, data: Value, device_type: &str) {
+    metrics::counter!("dlms_bridge_rpc_total", "outcome" => crate::http::metrics::rpc_outcome(&data)).increment(1);
     let rec = Record {
         device: req.device.clone(),
         device_type: device_type.to_owned(),

@@ -87,7 +87,11 @@ impl<T> Inflight<T> {
     /// A PUBACK arrived; `None` for a stray one (duplicate PUBACKs from ThingsBoard < 4.2.1, or an
     /// entry already given up on).
     pub fn on_puback(&mut self, pkid: u16) -> Option<T> {
-        self.sent.remove(&pkid).map(|e| e.tag)
+        self.sent.remove(&pkid).map(|e| {
+            metrics::histogram!("dlms_bridge_uplink_puback_latency_seconds")
+                .record(e.since.elapsed().as_secs_f64());
+            e.tag
+        })
     }
 
     /// Whether some entry whose deadline applies has waited longer than `timeout`.

@@ -378,6 +378,7 @@ impl Meter {
                     if late >= period {
                         let missed = (late.as_nanos() / period.as_nanos()) as u64;
                         self.overruns += missed;
+                        metrics::counter!("dlms_bridge_meter_poll_overruns_total", "meter" => self.cfg.name.clone()).increment(missed);
                         debug!(missed, total = self.overruns, "Poll overran its interval.");
                     }
                     if !self.poll().await {
@@ -449,9 +450,11 @@ impl Meter {
                 && !matches!(error, Error::Client(client::Error::Timeout(_)))
             {
                 debug!(error = %error_chain(error), "Association lost; reconnecting.");
+                metrics::counter!("dlms_bridge_meter_poll_retries_total", "meter" => self.cfg.name.clone()).increment(1);
                 result = self.read_once().await;
             }
         }
+        metrics::histogram!("dlms_bridge_meter_poll_duration_seconds", "meter" => self.cfg.name.clone()).record(now.elapsed().as_secs_f64());
         let mut records = Vec::new();
         match result {
             Ok(readings) => {
@@ -497,6 +500,7 @@ impl Meter {
                     return true;
                 }
                 self.client = None;
+                metrics::counter!("dlms_bridge_meter_poll_failures_total", "meter" => self.cfg.name.clone()).increment(1);
                 let permanent = error.is_permanent();
                 self.backoff.fail(Instant::now(), permanent);
                 let failures = self.backoff.failures;
