@@ -181,7 +181,8 @@ pub enum V {
     V5,
 }
 
-/// A packet of either version.
+/// A packet of either version (test code: the size difference between the variants is fine).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Pkt {
     V4(v4::Packet),
@@ -376,7 +377,13 @@ impl Conn {
     }
 
     pub async fn send_connect(&mut self, o: &Opts) {
-        let p = match self.v {
+        let p = self.connect_pkt(o);
+        self.send(p).await;
+    }
+
+    /// The CONNECT packet for `o` in this connection's version.
+    pub fn connect_pkt(&self, o: &Opts) -> Pkt {
+        match self.v {
             V::V311 => {
                 let mut c = v4::Connect::new(o.id.clone());
                 c.keep_alive = o.keep_alive;
@@ -414,8 +421,7 @@ impl Conn {
                     .map(|(u, p)| v5::Login::new(u.clone(), p.clone()));
                 Pkt::V5(v5::Packet::Connect(c, will, login))
             }
-        };
-        self.send(p).await;
+        }
     }
 
     /// The next packet, which must be CONNACK; `None` if the connection closed.
