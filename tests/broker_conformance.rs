@@ -217,6 +217,44 @@ async fn all_retained_to_new_subscriber(v: V) {
 }
 both!(all_retained_to_new_subscriber => v311_new_subscriber_gets_all_300_retained, v5_new_subscriber_gets_all_300_retained);
 
+/// Mosquitto: a retained message keeps its MQTT 5 properties (user properties, content type)
+/// and its QoS (bounded by the new subscription's) when it is sent to a later subscriber.
+#[tokio::test]
+async fn v5_retained_message_keeps_properties_and_qos() {
+    let b = broker().await;
+    let base = uniq("retained-props");
+    let mut publ = client(&b, V::V5, "pub").await;
+    for q in 0..3u8 {
+        let props = v5::PublishProperties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("a".into(), "2".into()), ("c".into(), "3".into())],
+            ..Default::default()
+        };
+        let mut p = v5_publish(&format!("{base}/{q}"), q, &[q], props);
+        if let Pkt::V5(v5::Packet::Publish(p)) = &mut p {
+            p.retain = true;
+            if q > 0 {
+                p.pkid = publ.pkid();
+            }
+        }
+        publ.publish_flow(p).await;
+    }
+    let mut sub = client(&b, V::V5, "sub").await;
+    sub.subscribe(&format!("{base}/+"), 2).await;
+    let got = sub.barrier().await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    for m in &got {
+        assert!(m.retain);
+        assert_eq!(m.qos, m.payload[0], "stored QoS kept");
+        let p = m.props.as_ref().expect("properties kept");
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(
+            p.user_properties,
+            vec![("a".into(), "2".into()), ("c".into(), "3".into())]
+        );
+    }
+}
+
 // ---------- subscribe / unsubscribe ----------
 
 /// Mosquitto: UNSUBSCRIBE of a filter the client never subscribed is answered with UNSUBACK
@@ -424,6 +462,29 @@ async fn keep_alive_expiry(v: V) {
     assert_eq!(&m.payload[..], b"gone");
 }
 both!(keep_alive_expiry => v311_keep_alive_expiry_closes_and_publishes_will, v5_keep_alive_expiry_closes_and_publishes_will);
+
+/// Mosquitto: a CONNECT with an unknown protocol name (`MQTX`) or level (7) gets no session:
+/// the connection is closed, at most after a refusing CONNACK (0x01 unacceptable protocol
+/// version / v5 0x84).
+#[tokio::test]
+async fn unknown_protocol_name_or_level_is_refused() {
+    let b = broker().await;
+    for bytes in [
+        &b"\x10\x0e\x00\x04MQTX\x04\x02\x00\x3c\x00\x02id"[..],
+        &b"\x10\x0e\x00\x04MQTT\x07\x02\x00\x3c\x00\x02id"[..],
+    ] {
+        let mut c = Conn::open(b.addr, V::V311).await;
+        c.send_bytes(bytes).await;
+        match c.recv().await {
+            None => {}
+            Some(Pkt::V4(v4::Packet::ConnAck(a))) => {
+                assert_ne!(a.code, v4::ConnectReturnCode::Success);
+                c.closed().await;
+            }
+            Some(other) => panic!("expected CONNACK refusal or close, got {other:?}"),
+        }
+    }
+}
 
 /// Mosquitto: an MQTT 3.1 client (protocol name `MQIsdp`, level 3) is accepted and served.
 #[tokio::test]
@@ -843,17 +904,44 @@ async fn v5_message_expiry() {
 }
 
 /// Mosquitto: a session whose Session Expiry Interval has passed is gone (session present 0, no
-/// queued messages); before that, it is resumed with its subscriptions.
+/// queued messages); before that, it is resumed with its subscriptions. Expiry 0 ends the
+/// session with the connection; the interval sent in DISCONNECT replaces the CONNECT one
+/// (raised from 1 s to 60 s: kept; set to 0: ended at once).
 #[tokio::test]
 async fn v5_session_expiry() {
     let b = broker().await;
     let short_id = uniq_id("sess-short");
     let long_id = uniq_id("sess-long");
+    let raised_id = uniq_id("sess-raised");
     let t = uniq("sess");
-    for (id, exp) in [(&short_id, 1), (&long_id, 60)] {
+    // Expiry 0 (and no expiry property, in MQTT 5): the session ends with the connection.
+    let zero_id = uniq_id("sess-zero");
+    let (mut c, _) = Conn::connect(b.addr, V::V5, Opts::persistent(&zero_id, 0)).await;
+    c.subscribe(&t, 1).await;
+    c.disconnect(None).await;
+    let (c, ack) = Conn::connect(b.addr, V::V5, Opts::persistent(&zero_id, 0)).await;
+    assert!(!ack.session_present, "session with expiry 0 kept");
+    // DISCONNECT with Session Expiry 0 ends a session that had a longer one.
+    c.disconnect(None).await;
+    let ended_id = uniq_id("sess-ended");
+    let (mut c, _) = Conn::connect(b.addr, V::V5, Opts::persistent(&ended_id, 60)).await;
+    c.subscribe(&t, 1).await;
+    c.disconnect(Some(0)).await;
+    let (c, ack) = Conn::connect(b.addr, V::V5, Opts::persistent(&ended_id, 60)).await;
+    assert!(
+        !ack.session_present,
+        "DISCONNECT with expiry 0 kept the session"
+    );
+    c.disconnect(Some(0)).await;
+
+    for (id, exp, at_disconnect) in [
+        (&short_id, 1, None),
+        (&long_id, 60, None),
+        (&raised_id, 1, Some(60)),
+    ] {
         let (mut c, _) = Conn::connect(b.addr, V::V5, Opts::persistent(id, exp)).await;
         c.subscribe(&t, 1).await;
-        c.disconnect(None).await;
+        c.disconnect(at_disconnect).await;
     }
     // The subject of the test is the passage of time: let the 1 s session expire.
     sleep(Duration::from_millis(2500)).await;
@@ -863,11 +951,13 @@ async fn v5_session_expiry() {
     let (mut short, ack) = Conn::connect(b.addr, V::V5, Opts::persistent(&short_id, 1)).await;
     assert!(!ack.session_present, "expired session resumed");
     assert!(short.barrier().await.is_empty());
-    let (mut long, ack) = Conn::connect(b.addr, V::V5, Opts::persistent(&long_id, 60)).await;
-    assert!(ack.session_present, "unexpired session lost");
-    let got = long.barrier().await;
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(&got[0].payload[..], b"while away");
+    for id in [&long_id, &raised_id] {
+        let (mut long, ack) = Conn::connect(b.addr, V::V5, Opts::persistent(id, 60)).await;
+        assert!(ack.session_present, "unexpired session {id} lost");
+        let got = long.barrier().await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(&got[0].payload[..], b"while away");
+    }
 }
 
 fn delayed_will(topic: &str, delay: u32) -> Will {
