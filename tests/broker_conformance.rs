@@ -330,8 +330,8 @@ async fn wildcards_skip_dollar_topics(v: V) {
 both!(wildcards_skip_dollar_topics => v311_wildcards_do_not_match_dollar_topics, v5_wildcards_do_not_match_dollar_topics);
 
 /// Mosquitto: PUBLISH to a topic name containing `+` or `#` is a protocol violation; the client
-/// is disconnected (v5: DISCONNECT reason 0x90 Topic Name invalid may precede the close) and
-/// nothing is delivered.
+/// is disconnected (v5: after DISCONNECT 0x82 Protocol Error; 0x90 Topic Name invalid is
+/// accepted too) and nothing is delivered.
 async fn wildcard_publish_closes(v: V) {
     let b = broker().await;
     let base = uniq("wild-pub");
@@ -341,10 +341,14 @@ async fn wildcard_publish_closes(v: V) {
     let p = c.publish_pkt(&format!("{base}/+/x"), 1, b"bad", false);
     c.send(p).await;
     if let Some(d) = c.closed().await {
-        assert_eq!(
-            d.reason_code,
-            v5::DisconnectReasonCode::TopicNameInvalid,
-            "DISCONNECT reason"
+        assert!(
+            matches!(
+                d.reason_code,
+                v5::DisconnectReasonCode::ProtocolError
+                    | v5::DisconnectReasonCode::TopicNameInvalid
+            ),
+            "DISCONNECT reason {:?}",
+            d.reason_code
         );
     }
     let got = sub.barrier().await;
@@ -353,8 +357,9 @@ async fn wildcard_publish_closes(v: V) {
 both!(wildcard_publish_closes => v311_wildcard_in_publish_topic_closes_client, v5_wildcard_in_publish_topic_closes_client);
 
 /// Mosquitto: with overlapping subscriptions (`t/#` at QoS 2, `t/+` at QoS 1) a QoS 2 message
-/// is delivered once per matching subscription (Mosquitto 2 sends two copies, QoS 2 and 1);
-/// the spec also allows one copy at the highest QoS. Either is accepted, as in Paho's suite.
+/// must reach the client at the highest QoS of the matching subscriptions (MQTT-3.3.5-1): one
+/// copy at QoS 2, or one copy per subscription (QoS 2 and 1), as Paho's suite accepts.
+/// Mosquitto 2.0.11 does the latter for MQTT 5 but FAILS for 3.1.1: it sends one copy at QoS 1.
 async fn overlapping_subscriptions(v: V) {
     let b = broker().await;
     let base = uniq("overlap");
@@ -501,7 +506,9 @@ async fn v31_mqisdp_client_is_accepted() {
 }
 
 /// Mosquitto: a second CONNECT with the same client id takes the session over; the old
-/// connection is closed (v5: DISCONNECT reason 0x8E Session taken over first).
+/// connection is closed. MQTT 5 (3.1.4-3) requires a DISCONNECT with reason 0x8E Session taken
+/// over to the old v5 client first: Mosquitto 2.0.11 closes without it, so the v5 test FAILS on
+/// Mosquitto 2.0.11.
 async fn takeover(v: V) {
     let b = broker().await;
     let id = uniq_id("takeover");
@@ -1003,8 +1010,10 @@ async fn v5_will_delay_interval() {
     drop(back);
 }
 
-/// Mosquitto: toward a client whose CONNECT says Receive Maximum 2, at most 2 QoS 1 messages are
-/// unacknowledged at a time; the next one follows each PUBACK.
+/// Toward a client whose CONNECT says Receive Maximum 2, at most 2 QoS 1 messages may be
+/// unacknowledged at a time (MQTT-3.3.4-9); the next one follows each PUBACK. Mosquitto 2.0.11
+/// holds the first two, but after the first PUBACK it sends two more (3 unacknowledged): it FAILS
+/// this test.
 #[tokio::test]
 async fn v5_receive_maximum_is_respected() {
     let b = broker().await;
