@@ -486,32 +486,53 @@ async fn takeover_storm_with_wills() {
     assert_eq!(&m.payload[..], b"storm");
 }
 
-/// Mosquitto: a client sending packets only a server sends (CONNACK, SUBACK, UNSUBACK,
-/// PINGRESP; v5 also AUTH without an authentication method) is disconnected; others are served.
+/// Mosquitto 2.0.11: a client sending a packet only a server sends is disconnected for CONNACK
+/// and (v5) AUTH without an authentication method; SUBACK, UNSUBACK and PINGRESP are ignored
+/// (the connection stays open and answers PINGREQ). Required here: CONNACK and AUTH close the
+/// sender; after the others the sender is either closed or still served (never left hanging);
+/// everyone else is served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_only_packet_types_close_the_sender() {
+async fn server_only_packet_types_do_not_disturb_others() {
     let _serial = SERIAL.lock().await;
     let b = broker().await;
     let addr = b.addr;
     while_healthy(addr, async move {
-        let v4_packets: Vec<&[u8]> = vec![
-            b"\x20\x02\x00\x00",
-            b"\x90\x03\x00\x01\x00",
-            b"\xb0\x02\x00\x01",
-            b"\xd0\x00",
+        // (packet, must close)
+        let v4_packets: Vec<(&[u8], bool)> = vec![
+            (b"\x20\x02\x00\x00", true),
+            (b"\x90\x03\x00\x01\x00", false),
+            (b"\xb0\x02\x00\x01", false),
+            (b"\xd0\x00", false),
         ];
-        let v5_packets: Vec<&[u8]> = vec![
-            b"\x20\x03\x00\x00\x00",
-            b"\x90\x04\x00\x01\x00\x00",
-            b"\xb0\x04\x00\x01\x00\x00",
-            b"\xd0\x00",
-            b"\xf0\x02\x00\x00",
+        let v5_packets: Vec<(&[u8], bool)> = vec![
+            (b"\x20\x03\x00\x00\x00", true),
+            (b"\x90\x04\x00\x01\x00\x00", false),
+            (b"\xb0\x04\x00\x01\x00\x00", false),
+            (b"\xd0\x00", false),
+            (b"\xf0\x02\x00\x00", true),
         ];
         for (v, packets) in [(V::V311, v4_packets), (V::V5, v5_packets)] {
-            for p in packets {
+            for (p, must_close) in packets {
                 let (mut c, _) = Conn::connect(addr, v, Opts::new(&uniq_id("srv-only"))).await;
                 c.send_bytes(p).await;
-                c.closed().await;
+                if must_close {
+                    c.closed().await;
+                    continue;
+                }
+                let ping = match v {
+                    V::V311 => Pkt::V4(v4::Packet::PingReq),
+                    V::V5 => Pkt::V5(v5::Packet::PingReq(v5::PingReq)),
+                };
+                c.send(ping).await;
+                loop {
+                    match c.recv_within(WAIT).await {
+                        Err(()) => panic!("connection left hanging after {p:02x?}"),
+                        Ok(None) => break,
+                        Ok(Some(Pkt::V4(v4::Packet::PingResp)))
+                        | Ok(Some(Pkt::V5(v5::Packet::PingResp(_)))) => break,
+                        Ok(Some(_)) => {}
+                    }
+                }
             }
         }
     })
