@@ -215,7 +215,8 @@ async fn publish(
     let mut body = vec![0u8; payload.max(8)];
     let mut out = BytesMut::with_capacity(64 * 1024);
     for i in 0..count {
-        if let Some(at) = gate(i) {
+        let paced = gate(i);
+        if let Some(at) = paced {
             tokio::time::sleep_until(at).await;
         }
         // End-to-end window: wait until the subscriber has caught up.
@@ -236,7 +237,8 @@ async fn publish(
         p.pkid = (i % 65_535 + 1) as u16;
         Packet::Publish(p).write(&mut out, usize::MAX)?;
         sent_total.fetch_add(1, Ordering::AcqRel);
-        if out.len() > 16 * 1024 || window <= 1 {
+        // Paced: every message goes out at once (latency); closed loop: in 16 KiB batches.
+        if paced.is_some() || out.len() > 16 * 1024 || window <= 1 {
             wr.write_all(&out).await?;
             out.clear();
         }
