@@ -4,6 +4,7 @@
 # one with a password file (user/secret) — runs the tests against them, stops them.
 #
 #   bench/mosquitto_conformance.sh [cargo test filter...]
+#   TEST=broker_hostile bench/mosquitto_conformance.sh      # the hostile-client tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mosquitto >/dev/null || { echo "mosquitto is not installed (apt-get install mosquitto)" >&2; exit 2; }
@@ -41,4 +42,4 @@ password_file $dir/passwd"
 (mosquitto -h || true) | head -1
 
 BROKER_CONFORMANCE_ADDR=127.0.0.1:$anon BROKER_CONFORMANCE_AUTH_ADDR=127.0.0.1:$auth \
-    cargo test --test broker_conformance -- "$@"
+    cargo test --test "${TEST:-broker_conformance}" -- "$@"
