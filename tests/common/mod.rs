@@ -11,6 +11,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod broker_harness;
 pub mod meter_sim;
 pub mod tb_emulator;
 
