@@ -382,6 +382,12 @@ fn default_attribute() -> i8 {
     2
 }
 
+/// Default recovery attempts per request before a meter's association is declared dead.
+pub const DEFAULT_METER_RETRIES: u32 = 3;
+
+/// Most recovery attempts per request a meter may be configured with.
+pub const MAX_METER_RETRIES: u32 = 10;
+
 /// One DLMS meter (or, with `database`, every meter listed in the original system's registry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -407,9 +413,12 @@ pub struct MeterConfig {
     pub password: Option<Secret>,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Per-request timeout.
+    /// Wait for each answer from the meter.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Recovery attempts per request (HDLC RR poll / re-send; wrapper re-send) before the
+    /// association is declared dead and opened again.
+    pub retries: u32,
     /// ThingsBoard profile; defaults to `DLMS Energy Meter`.
     pub device_type: Option<String>,
     /// Named register set (`default` = the five registers of the original system).
@@ -434,6 +443,7 @@ impl Default for MeterConfig {
             password: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(5),
+            retries: DEFAULT_METER_RETRIES,
             device_type: None,
             profile: "default".into(),
             registers: Vec::new(),

@@ -169,6 +169,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         if m.timeout.is_zero() {
             errs.push(ConfigError::new(key("timeout"), "must be above 0"));
         }
+        if m.retries > super::MAX_METER_RETRIES {
+            errs.push(ConfigError::new(
+                key("retries"),
+                format!("must be at most {}", super::MAX_METER_RETRIES),
+            ));
+        }
         if m.registers.is_empty() && m.profile != "default" {
             errs.push(ConfigError::new(
                 key("profile"),

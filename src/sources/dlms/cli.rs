@@ -53,18 +53,21 @@ pub struct ReadArgs {
     /// attribute.
     #[arg(long = "obis")]
     pub obis: Vec<String>,
-    /// Client SAP (16 = public client).
-    #[arg(long, default_value_t = 16)]
+    /// Client SAP (16 = public client). Defaults are those of `[[meters]]`.
+    #[arg(long, default_value_t = MeterConfig::default().client_address)]
     pub client_address: u16,
     /// Server logical device address (HDLC upper address; wrapper destination port).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = MeterConfig::default().logical_address)]
     pub logical_address: u16,
     /// Server physical device address (HDLC lower address).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = MeterConfig::default().physical_address)]
     pub physical_address: u16,
     /// HDLC server address size in bytes: 1, 2 or 4.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = MeterConfig::default().address_size)]
     pub address_size: u8,
+    /// Recovery attempts per request (RR poll / re-send) before giving up.
+    #[arg(long, default_value_t = MeterConfig::default().retries)]
+    pub retries: u32,
     /// LLS password; associates with low-level security when given.
     #[arg(long, env = "DLMS_BRIDGE_READ_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
@@ -134,6 +137,7 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
         },
         password: args.password.clone().map(Secret::new),
         timeout: args.timeout,
+        retries: args.retries,
         ..MeterConfig::default()
     };
     let started = Instant::now();
@@ -206,5 +210,27 @@ mod tests {
         assert_eq!(t[1].key, "8/0.0.1.0.0.255/2");
         assert!(parse_targets(&["1.2.3".into()]).is_err());
         assert!(parse_targets(&["x/1.0.1.8.0.255/2".into()]).is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        read: ReadArgs,
+    }
+
+    #[test]
+    fn read_defaults_are_the_meters_defaults() {
+        use clap::Parser;
+        let a = Wrap::try_parse_from(["read", "--host", "h", "--port", "1"])
+            .expect("parses")
+            .read;
+        let m = MeterConfig::default();
+        assert_eq!(a.client_address, m.client_address);
+        assert_eq!(a.logical_address, m.logical_address);
+        assert_eq!(a.physical_address, 17);
+        assert_eq!(a.physical_address, m.physical_address);
+        assert_eq!(a.address_size, m.address_size);
+        assert_eq!(a.retries, m.retries);
+        assert_eq!(a.timeout, m.timeout);
     }
 }

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+pub use super::link::Recovery;
+
 use super::apdu::{
     self, Aare, AarqParams, ActionResponse, AttrRef, Conformance, Data, DataAccessResult,
     GetDataResult, GetResponse, MethodRef,
@@ -74,11 +76,17 @@ type Result<T> = std::result::Result<T, Error>;
 pub trait Link: Send {
     /// Bring the link up (HDLC SNRM/UA; nothing for the wrapper).
     fn open(&mut self) -> impl Future<Output = std::result::Result<(), LinkError>> + Send;
-    /// Send one APDU and return the meter's complete answer APDU.
+    /// Send one APDU and return the meter's complete answer APDU, recovering lost or damaged
+    /// answers as `rec` allows.
     fn exchange(
         &mut self,
         apdu: &[u8],
+        rec: Recovery,
     ) -> impl Future<Output = std::result::Result<Vec<u8>, LinkError>> + Send;
+    /// Recovery attempts the link has made so far (health telemetry).
+    fn recoveries(&self) -> u64 {
+        0
+    }
     /// Take the link down (HDLC DISC/UA); best effort.
     fn close(&mut self) -> impl Future<Output = std::result::Result<(), LinkError>> + Send;
 }
@@ -91,8 +99,15 @@ where
         super::link::ClientLink::open(self).await?;
         Ok(())
     }
-    async fn exchange(&mut self, apdu: &[u8]) -> std::result::Result<Vec<u8>, LinkError> {
-        Ok(super::link::ClientLink::exchange(self, apdu).await?)
+    async fn exchange(
+        &mut self,
+        apdu: &[u8],
+        rec: Recovery,
+    ) -> std::result::Result<Vec<u8>, LinkError> {
+        Ok(super::link::ClientLink::exchange_recovering(self, apdu, rec).await?)
+    }
+    fn recoveries(&self) -> u64 {
+        super::link::ClientLink::recoveries(self)
     }
     async fn close(&mut self) -> std::result::Result<(), LinkError> {
         Ok(super::link::ClientLink::close(self).await?)
@@ -106,8 +121,10 @@ pub struct ClientSettings {
     pub password: Option<Vec<u8>>,
     /// Largest APDU we accept; smaller values force the meter into block transfer.
     pub max_receive_pdu: u16,
-    /// Bound on every request/response exchange (and on opening the link).
+    /// Bound on every wait for an answer (and on opening the link).
     pub timeout: Duration,
+    /// Recovery attempts per request before the association is declared dead.
+    pub retries: u32,
 }
 
 impl std::fmt::Debug for ClientSettings {
@@ -116,6 +133,7 @@ impl std::fmt::Debug for ClientSettings {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("max_receive_pdu", &self.max_receive_pdu)
             .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
             .finish()
     }
 }
@@ -206,11 +224,31 @@ impl<L: Link> DlmsClient<L> {
         self.link
     }
 
-    /// One request/response round trip; on any failure the association is considered lost
-    /// unless the error says otherwise.
+    /// Recovery attempts the link has made so far.
+    pub fn recoveries(&self) -> u64 {
+        self.link.recoveries()
+    }
+
+    /// One request/response round trip that may be repeated on a lost answer.
     async fn exchange(&mut self, req: &[u8]) -> Result<Vec<u8>> {
-        let timeout = self.settings.timeout;
-        let r = match tokio::time::timeout(timeout, self.link.exchange(req)).await {
+        self.exchange_as(req, true).await
+    }
+
+    /// One request/response round trip, the link recovering lost answers; on any failure the
+    /// association is considered lost unless the error says otherwise.
+    async fn exchange_as(&mut self, req: &[u8], repeatable: bool) -> Result<Vec<u8>> {
+        let rec = Recovery {
+            timeout: self.settings.timeout,
+            retries: self.settings.retries,
+            repeatable,
+        };
+        // The link bounds each wait; this bounds the whole recovery (each attempt is a poll and
+        // possibly a re-sent request), in case a link does not.
+        let timeout = self
+            .settings
+            .timeout
+            .saturating_mul(2 * self.settings.retries + 2);
+        let r = match tokio::time::timeout(timeout, self.link.exchange(req, rec)).await {
             Ok(r) => r.map_err(Error::Link),
             Err(_) => Err(Error::Timeout(timeout)),
         };
@@ -456,7 +494,7 @@ impl<L: Link> DlmsClient<L> {
         self.granted()?;
         let invoke = self.next_invoke();
         let resp = self
-            .exchange(&apdu::encode_action_normal(invoke, method, params))
+            .exchange_as(&apdu::encode_action_normal(invoke, method, params), false)
             .await?;
         let r = apdu::parse_action_response(&resp).map_err(Error::Apdu)?;
         self.check_invoke(invoke, r.invoke)?;
@@ -585,7 +623,11 @@ mod tests {
         async fn open(&mut self) -> std::result::Result<(), LinkError> {
             Ok(())
         }
-        async fn exchange(&mut self, apdu: &[u8]) -> std::result::Result<Vec<u8>, LinkError> {
+        async fn exchange(
+            &mut self,
+            apdu: &[u8],
+            _rec: Recovery,
+        ) -> std::result::Result<Vec<u8>, LinkError> {
             let (check, answer) = self.steps.pop_front().ok_or("script exhausted")?;
             assert!(check(apdu), "unexpected request {apdu:02x?}");
             Ok(answer)
@@ -612,6 +654,7 @@ mod tests {
             password: None,
             max_receive_pdu: 1024,
             timeout: Duration::from_secs(1),
+            retries: 3,
         }
     }
 

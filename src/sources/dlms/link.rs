@@ -6,8 +6,18 @@
 //! segments and adds or strips the LLC header. It must not open sockets, apply timeouts (callers
 //! wrap `exchange` in `tokio::time::timeout`) or understand APDU contents.
 //!
-//! Cancelling a call mid-way (for example by a timeout) leaves the HDLC sequence numbers in an
-//! unknown state: drop the link and reconnect.
+//! Link recovery (`exchange_recovering`): a lost or damaged answer is recovered inside the
+//! association the way each framing allows, up to [`Recovery::retries`] times, before the
+//! exchange fails and the caller must associate again. HDLC polls with RR: the meter either
+//! re-transmits its answer, or says by its N(R) whether it got the request (then the request is
+//! sent again as a new I-frame, its lost answer's sequence number skipped) or not (then the
+//! unacknowledged I-frame is re-sent with the same sequence numbers). Repeated I-frames are
+//! acknowledged and dropped. The wrapper has no sequence numbers: the request is sent again.
+//!
+//! Cancelling a call mid-way leaves the HDLC sequence numbers in an unknown state: drop the link
+//! and reconnect.
+
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -55,6 +65,48 @@ pub enum Error {
     /// The HDLC server address size is not 1, 2 or 4.
     #[error("invalid hdlc server address size {0}")]
     AddressSize(u8),
+    /// No usable answer after every recovery attempt: the association is dead.
+    #[error("no usable answer after {attempts} recovery attempts ({last})")]
+    NoAnswer {
+        /// Recovery attempts made.
+        attempts: u32,
+        /// What went wrong last: `timeout` or `damaged frame`.
+        last: &'static str,
+    },
+    /// The meter took the request but its answer is lost, and the request must not be executed
+    /// twice (an ACTION).
+    #[error("the answer to a non-repeatable request was lost")]
+    AnswerLost,
+}
+
+/// How one exchange recovers from lost or damaged answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Wait for each answer frame (and for each answer to a poll).
+    pub timeout: Duration,
+    /// Recovery attempts (polls or re-sends) before the exchange fails.
+    pub retries: u32,
+    /// Whether the request may be executed again when the meter took it but its answer is lost
+    /// (GET and SET: yes; ACTION: no).
+    pub repeatable: bool,
+}
+
+/// Why an answer did not arrive, for the recovery loop.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Nothing within the timeout.
+    Silence,
+    /// A frame arrived with a bad check sequence.
+    Damaged,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Silence => "timeout",
+            Fault::Damaged => "damaged frame",
+        }
+    }
 }
 
 /// Negotiated link limits, from the client's point of view.
@@ -161,6 +213,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo<S> {
         self.flush().await
     }
 
+    /// Next frame, or the news that a damaged one arrived (its bytes, and anything buffered
+    /// after them, are discarded: recovery asks for what is needed again).
+    async fn read_event(&mut self) -> Result<Result<Frame, hdlc::Error>, Error> {
+        loop {
+            match hdlc::decode_sized(&mut self.rbuf) {
+                Ok(Some((frame, _))) => return Ok(Ok(frame)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.rbuf.clear();
+                    return Ok(Err(error));
+                }
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(Error::Closed);
+            }
+        }
+    }
+
     /// Next well-formed frame. Corrupted frames and garbage are logged and skipped.
     async fn read_frame(&mut self) -> Result<(Frame, AddressSizes), Error> {
         loop {
@@ -219,6 +290,13 @@ pub struct HdlcClient<S> {
     nr: u8,
     /// Whether SNRM/UA succeeded and no DISC was sent since.
     open: bool,
+    /// Recovery attempts made on this link, ever (health telemetry).
+    recoveries: u64,
+    /// Repeated I-frames dropped on this link, ever (health telemetry).
+    duplicates: u64,
+    /// The meter answered an RR poll with an N(R) outside the send window once: its N(R) is
+    /// not used to tell a missed request from a lost answer any more.
+    rr_unreliable: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
@@ -238,7 +316,279 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HdlcClient<S> {
             ns: 0,
             nr: 0,
             open: false,
+            recoveries: 0,
+            duplicates: 0,
+            rr_unreliable: false,
         })
+    }
+
+    /// Recovery attempts made on this link so far.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries
+    }
+
+    /// Repeated I-frames dropped on this link so far.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Like `read_own`, but reports a damaged frame instead of skipping it.
+    async fn read_own_event(&mut self) -> Result<Result<Frame, hdlc::Error>, Error> {
+        loop {
+            match self.io.read_event().await? {
+                Ok(frame) if frame.dest.upper != self.client.upper => {
+                    tracing::debug!(dest = ?frame.dest, "Ignored a frame for another station.");
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// `read_own_event` bounded by `timeout`: `Ok(Err(fault))` when nothing usable came.
+    async fn read_timed(&mut self, timeout: Duration) -> Result<Result<Frame, Fault>, Error> {
+        match tokio::time::timeout(timeout, self.read_own_event()).await {
+            Err(_) => Ok(Err(Fault::Silence)),
+            Ok(Ok(Ok(frame))) => Ok(Ok(frame)),
+            Ok(Ok(Err(error))) => {
+                tracing::debug!(%error, "Damaged HDLC frame.");
+                Ok(Err(Fault::Damaged))
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Sends a whole APDU and returns its answer, recovering lost or damaged answers inside the
+    /// link as the module documentation describes. Every wait is bounded by
+    /// `rec.timeout`; after `rec.retries` failed attempts the link is marked closed.
+    pub async fn exchange_recovering(
+        &mut self,
+        apdu: &[u8],
+        rec: Recovery,
+    ) -> Result<Vec<u8>, Error> {
+        if !self.open {
+            return Err(Error::NotOpen);
+        }
+        let mut last_window = self.send_apdu_timed(apdu, rec.timeout).await?;
+        let mut data: Vec<u8> = Vec::new();
+        let mut since_ack = 0u8;
+        let mut attempts = 0u32;
+        let mut fault: Option<Fault> = None;
+        loop {
+            if let Some(f) = fault.take() {
+                if attempts >= rec.retries {
+                    self.open = false;
+                    return Err(Error::NoAnswer {
+                        attempts,
+                        last: f.name(),
+                    });
+                }
+                attempts += 1;
+                self.recoveries += 1;
+                tracing::debug!(
+                    fault = f.name(),
+                    attempt = attempts,
+                    "Polling the meter with RR."
+                );
+                let rr = self.frame(
+                    Control::Rr {
+                        nr: self.nr,
+                        pf: true,
+                    },
+                    false,
+                    Vec::new(),
+                );
+                self.io.send(&rr, self.sizes).await?;
+                // The poll's answer decides how to go on.
+                match self.read_timed(rec.timeout).await? {
+                    Err(f) => fault = Some(f),
+                    Ok(frame) => match frame.control {
+                        // Busy: poll again, within the same budget.
+                        Control::Rnr { .. } => fault = Some(Fault::Silence),
+                        Control::Rr { nr, .. } => {
+                            let first_unacked = last_window.first().and_then(|f| match f.control {
+                                Control::I { ns, .. } => Some(ns),
+                                _ => None,
+                            });
+                            let in_window = Some(nr) == first_unacked || nr == self.ns;
+                            if !in_window && !self.rr_unreliable {
+                                // Some meters (Gurux among them) count N(R) up on every RR
+                                // they answer: from now on their N(R) says nothing.
+                                tracing::debug!(
+                                    nr,
+                                    next = self.ns,
+                                    "Meter's RR N(R) is outside the window; not trusting it."
+                                );
+                                self.rr_unreliable = true;
+                            }
+                            // A damaged answer proves the meter got the request, whatever it
+                            // says; otherwise trust an in-window N(R).
+                            let missed = Some(nr) == first_unacked
+                                && !self.rr_unreliable
+                                && !matches!(f, Fault::Damaged);
+                            if missed {
+                                // The meter never got the request: same frames, same numbers.
+                                tracing::debug!(nr, "Meter missed the request; re-sending it.");
+                                for f in &last_window {
+                                    self.io.queue(f, self.sizes)?;
+                                }
+                                self.io.flush().await?;
+                            } else if !data.is_empty() {
+                                // Part of a segmented answer is lost for good.
+                                self.open = false;
+                                return Err(Error::Unexpected(format!(
+                                    "segmented answer broken off (rr {nr})"
+                                )));
+                            } else if !rec.repeatable {
+                                self.open = false;
+                                return Err(Error::AnswerLost);
+                            } else {
+                                // The meter took the request and will not repeat its answer:
+                                // skip the lost answer's sequence number and ask again.
+                                tracing::debug!(nr, "Meter lost its answer; asking again.");
+                                self.nr = next_seq(self.nr);
+                                last_window = self.send_apdu_timed(apdu, rec.timeout).await?;
+                            }
+                        }
+                        Control::I { .. } => {
+                            // The re-transmitted answer (or a duplicate): handle it as any.
+                            if let Some(done) = self
+                                .on_answer_frame(frame, &mut data, &mut since_ack)
+                                .await?
+                            {
+                                return Ok(done);
+                            }
+                        }
+                        Control::Frmr => return Err(Error::Frmr),
+                        Control::Dm | Control::Disc => {
+                            self.open = false;
+                            return Err(Error::Dm);
+                        }
+                        _ => fault = Some(Fault::Silence),
+                    },
+                }
+                if fault.is_some() {
+                    continue;
+                }
+            }
+            match self.read_timed(rec.timeout).await? {
+                Err(f) => fault = Some(f),
+                Ok(frame) => match frame.control {
+                    Control::I { .. } => {
+                        if let Some(done) = self
+                            .on_answer_frame(frame, &mut data, &mut since_ack)
+                            .await?
+                        {
+                            return Ok(done);
+                        }
+                    }
+                    Control::Rnr { .. } => return Err(Error::Rnr),
+                    Control::Frmr => return Err(Error::Frmr),
+                    Control::Dm | Control::Disc => {
+                        self.open = false;
+                        return Err(Error::Dm);
+                    }
+                    _ => {
+                        tracing::debug!(control = ?frame.control, "Ignored a frame while receiving.")
+                    }
+                },
+            }
+        }
+    }
+
+    /// One I-frame of an answer: the complete APDU when it was the last segment. Repeats are
+    /// acknowledged and dropped; a gap is an error.
+    async fn on_answer_frame(
+        &mut self,
+        frame: Frame,
+        data: &mut Vec<u8>,
+        since_ack: &mut u8,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let Control::I { ns, pf, .. } = frame.control else {
+            return Ok(None);
+        };
+        if ns != self.nr {
+            if next_seq(ns) == self.nr {
+                tracing::debug!(ns, "Dropped a repeated I-frame.");
+                self.duplicates += 1;
+                let rr = self.frame(
+                    Control::Rr {
+                        nr: self.nr,
+                        pf: true,
+                    },
+                    false,
+                    Vec::new(),
+                );
+                self.io.send(&rr, self.sizes).await?;
+                return Ok(None);
+            }
+            self.open = false;
+            return Err(Error::Unexpected(format!(
+                "i-frame {ns} out of sequence, expected {}",
+                self.nr
+            )));
+        }
+        self.nr = next_seq(self.nr);
+        *since_ack += 1;
+        data.extend_from_slice(&frame.info);
+        if !frame.segmented {
+            return Ok(Some(strip_llc(std::mem::take(data))));
+        }
+        if pf || *since_ack >= self.params.window_rx {
+            *since_ack = 0;
+            let rr = self.frame(
+                Control::Rr {
+                    nr: self.nr,
+                    pf: true,
+                },
+                false,
+                Vec::new(),
+            );
+            self.io.send(&rr, self.sizes).await?;
+        }
+        Ok(None)
+    }
+
+    /// Sends a whole APDU, waiting (bounded) for the meter's RR between windows; returns the
+    /// frames of the last window, which recovery may have to send again.
+    async fn send_apdu_timed(
+        &mut self,
+        apdu: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<Frame>, Error> {
+        let max = usize::from(self.params.max_info_tx);
+        let window = self.params.window_tx;
+        let mut data = Vec::with_capacity(apdu.len() + 3);
+        data.extend_from_slice(&hdlc::LLC_REQUEST);
+        data.extend_from_slice(apdu);
+        let mut pending = Vec::new();
+        for seg in hdlc::segments(&data, max, window) {
+            let control = Control::I {
+                ns: self.ns,
+                nr: self.nr,
+                pf: seg.poll,
+            };
+            let frame = self.frame(control, seg.more, seg.info.to_vec());
+            self.io.queue(&frame, self.sizes)?;
+            pending.push(frame);
+            self.ns = next_seq(self.ns);
+            if seg.poll {
+                self.io.flush().await?;
+                if seg.more {
+                    match tokio::time::timeout(timeout, self.wait_rr()).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            self.open = false;
+                            return Err(Error::NoAnswer {
+                                attempts: 0,
+                                last: "timeout",
+                            });
+                        }
+                    }
+                    pending.clear();
+                }
+            }
+        }
+        Ok(pending)
     }
 
     fn frame(&self, control: Control, segmented: bool, info: Vec<u8>) -> Frame {
@@ -453,6 +803,8 @@ pub struct WrapperClient<S> {
     client: u16,
     /// The meter's wPort (logical device).
     logical: u16,
+    /// Requests sent again after a lost answer, ever (health telemetry).
+    recoveries: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WrapperClient<S> {
@@ -464,6 +816,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WrapperClient<S> {
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             client: address.client,
             logical: address.logical,
+            recoveries: 0,
+        }
+    }
+
+    /// Requests sent again so far.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries
+    }
+
+    /// Sends one APDU and returns its answer; when none comes within `rec.timeout`, sends the
+    /// request again, up to `rec.retries` times. (The wrapper has no sequence numbers, so a
+    /// non-repeatable request is not sent again.)
+    pub async fn exchange_recovering(
+        &mut self,
+        apdu: &[u8],
+        rec: Recovery,
+    ) -> Result<Vec<u8>, Error> {
+        let mut attempts = 0u32;
+        loop {
+            match tokio::time::timeout(rec.timeout, self.exchange(apdu)).await {
+                Ok(r) => return r,
+                Err(_) if !rec.repeatable => return Err(Error::AnswerLost),
+                Err(_) if attempts >= rec.retries => {
+                    return Err(Error::NoAnswer {
+                        attempts,
+                        last: "timeout",
+                    })
+                }
+                Err(_) => {
+                    attempts += 1;
+                    self.recoveries += 1;
+                    tracing::debug!(attempt = attempts, "No answer; sending the request again.");
+                }
+            }
         }
     }
 
@@ -545,6 +931,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientLink<S> {
         match self {
             ClientLink::Hdlc(c) => c.exchange(apdu).await,
             ClientLink::Wrapper(c) => c.exchange(apdu).await,
+        }
+    }
+
+    /// Sends a whole APDU and returns its answer, recovering lost or damaged answers (see the
+    /// module documentation). Every wait is bounded by `rec.timeout`.
+    pub async fn exchange_recovering(
+        &mut self,
+        apdu: &[u8],
+        rec: Recovery,
+    ) -> Result<Vec<u8>, Error> {
+        match self {
+            ClientLink::Hdlc(c) => c.exchange_recovering(apdu, rec).await,
+            ClientLink::Wrapper(c) => c.exchange_recovering(apdu, rec).await,
+        }
+    }
+
+    /// Recovery attempts (polls, re-sent requests) made on this link so far.
+    pub fn recoveries(&self) -> u64 {
+        match self {
+            ClientLink::Hdlc(c) => c.recoveries(),
+            ClientLink::Wrapper(c) => c.recoveries(),
         }
     }
 

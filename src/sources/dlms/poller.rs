@@ -4,8 +4,10 @@
 //! exponential backoff when the meter fails.
 //!
 //! It never shares its connection, never blocks the runtime and never lets an error escape the
-//! task: failures become health telemetry (`poll_ok`, `consecutive_failures`, `last_error`) and
-//! logs. It does not map or store records; it hands them to the router channel.
+//! task: failures become health telemetry (`poll_ok`, `consecutive_failures`, `last_error`,
+//! and the link's `link_retries` / `link_retries_total`, `poll_overruns_total`,
+//! `reassociations_total`) and logs. A dead association is opened again at once within the same
+//! poll; only a meter that fails again goes into backoff. It does not map or store records; it hands them to the router channel.
 
 use std::time::Duration;
 
@@ -200,6 +202,7 @@ pub async fn connect(
             password,
             max_receive_pdu,
             timeout: cfg.timeout,
+            retries: cfg.retries,
         },
     );
     c.associate().await.map_err(Error::Client)?;
@@ -286,8 +289,15 @@ pub struct Meter {
     backoff: Backoff,
     /// Whether ThingsBoard currently sees the meter as connected (Connect sent, no Disconnect).
     announced: bool,
-    /// Polls skipped because the previous one overran the interval.
+    /// Polls skipped because the previous one overran the interval (health telemetry).
     overruns: u64,
+    /// Link recovery attempts (RR polls, re-sent requests) on every association so far (health
+    /// telemetry `link_retries_total`).
+    link_retries: u64,
+    /// The part of the current association's recovery count already added to `link_retries`.
+    link_retries_counted: u64,
+    /// Associations opened again at once after the previous one died (health telemetry).
+    reassociations: u64,
 }
 
 impl Meter {
@@ -315,6 +325,9 @@ impl Meter {
             backoff: Backoff::default(),
             announced: false,
             overruns: 0,
+            link_retries: 0,
+            link_retries_counted: 0,
+            reassociations: 0,
         }
     }
 
@@ -378,14 +391,37 @@ impl Meter {
         {
             return Ok(false);
         }
-        self.client = None;
+        self.drop_client();
         let c = self
             .cancellable(connect(&self.cfg, self.max_receive_pdu))
             .await?;
         debug!("Associated.");
         self.client = Some(c);
+        self.link_retries_counted = 0;
         self.units_sent = false;
         Ok(true)
+    }
+
+    /// Add the current association's new recovery attempts to the running total.
+    fn count_retries(&mut self) {
+        if let Some(c) = &self.client {
+            let r = c.recoveries();
+            self.link_retries += r.saturating_sub(self.link_retries_counted);
+            self.link_retries_counted = r;
+        }
+    }
+
+    /// Forget the association (its connection closes on drop), keeping its retry count.
+    fn drop_client(&mut self) {
+        self.count_retries();
+        self.client = None;
+    }
+
+    /// The health counters every telemetry record of the meter carries.
+    fn health(&self, values: &mut Map<String, Value>) {
+        values.insert("link_retries_total".into(), self.link_retries.into());
+        values.insert("poll_overruns_total".into(), self.overruns.into());
+        values.insert("reassociations_total".into(), self.reassociations.into());
     }
 
     /// Await a connection attempt, but give it up on cancellation (there is no association to
@@ -408,18 +444,19 @@ impl Meter {
             return true;
         }
         let ts = now_ms();
+        let retries_before = self.link_retries;
         let mut result = self.read_once().await;
-        // A reused association that failed without a timeout (the meter dropped the
-        // connection or garbled a frame): reconnect at once so the poll is not lost.
+        // A reused association died (the link's recovery gave up, or the meter dropped the
+        // connection): associate again at once so the poll is not lost.
         if let Err((error, reused)) = &result {
-            if *reused
-                && !self.cancel.is_cancelled()
-                && !matches!(error, Error::Client(client::Error::Timeout(_)))
-            {
-                debug!(error = %error_chain(error), "Association lost; reconnecting.");
+            if *reused && !self.cancel.is_cancelled() {
+                debug!(error = %error_chain(error), "Association lost; associating again.");
+                self.reassociations += 1;
                 result = self.read_once().await;
             }
         }
+        self.count_retries();
+        let poll_retries = self.link_retries - retries_before;
         let mut records = Vec::new();
         match result {
             Ok(readings) => {
@@ -452,6 +489,8 @@ impl Meter {
                 }
                 values.insert("poll_ok".into(), true.into());
                 values.insert("consecutive_failures".into(), 0.into());
+                values.insert("link_retries".into(), poll_retries.into());
+                self.health(&mut values);
                 records.push(Record::telemetry(
                     &self.cfg.name,
                     &self.device_type,
@@ -463,7 +502,7 @@ impl Meter {
                 if self.cancel.is_cancelled() {
                     return true;
                 }
-                self.client = None;
+                self.drop_client();
                 let permanent = error.is_permanent();
                 self.backoff.fail(Instant::now(), permanent);
                 let failures = self.backoff.failures;
@@ -487,6 +526,8 @@ impl Meter {
                     values.insert("poll_ok".into(), false.into());
                     values.insert("consecutive_failures".into(), failures.into());
                     values.insert("last_error".into(), text.into());
+                    values.insert("link_retries".into(), poll_retries.into());
+                    self.health(&mut values);
                     records.push(Record::telemetry(
                         &self.cfg.name,
                         &self.device_type,
@@ -517,7 +558,7 @@ impl Meter {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.needs_reconnect() {
-                    self.client = None;
+                    self.drop_client();
                 }
                 Err((Error::Client(e), !fresh))
             }
@@ -618,7 +659,7 @@ impl Meter {
         if let Some(e) = lost {
             if e.needs_reconnect() {
                 debug!(error = %error_chain(&e), "Command broke the association; next poll reconnects.");
-                self.client = None;
+                self.drop_client();
             }
         }
     }
