@@ -425,6 +425,33 @@ pub struct MeterConfig {
     pub profile: String,
     /// Explicit registers; replace the profile's when non-empty.
     pub registers: Vec<RegisterConfig>,
+    /// Profile generic objects (load profiles) read every `interval` and caught up after
+    /// outages.
+    pub profiles: Vec<ProfileConfig>,
+    /// Allow RPCs that change the meter (`sync_clock`).
+    pub rpc_write: bool,
+    /// Where profile read positions are kept: the store's directory (set by validation, not
+    /// a config key); `None` keeps them in memory only.
+    #[serde(skip)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// One Profile generic (class 7) of a meter, e.g. the load profile `1.0.99.1.0.255`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// OBIS code of the Profile generic object.
+    pub obis: String,
+    /// How often new entries are fetched (usually the capture period).
+    #[serde(with = "humantime_serde", default = "default_profile_interval")]
+    pub interval: Duration,
+    /// OBIS codes of the captured objects to send; empty = every column but the clock.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+fn default_profile_interval() -> Duration {
+    Duration::from_secs(900)
 }
 
 impl Default for MeterConfig {
@@ -447,6 +474,9 @@ impl Default for MeterConfig {
             device_type: None,
             profile: "default".into(),
             registers: Vec::new(),
+            profiles: Vec::new(),
+            rpc_write: false,
+            state_dir: None,
         }
     }
 }

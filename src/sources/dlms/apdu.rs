@@ -1089,6 +1089,97 @@ pub fn encode_get_normal(invoke: u8, attr: &AttrRef) -> Vec<u8> {
     out
 }
 
+/// GET-Request-Normal with selective access (`selector` and its parameters), e.g. a profile
+/// buffer by range (1) or by entry (2).
+pub fn encode_get_selective(invoke: u8, attr: &AttrRef, selector: u8, params: &Data) -> Vec<u8> {
+    let mut out = vec![xdlms::GET_REQUEST, 0x01, invoke];
+    attr.encode(&mut out);
+    out.pop(); // replace the absent access-selection
+    out.push(0x01);
+    out.push(selector);
+    params.encode(&mut out);
+    out
+}
+
+/// Range descriptor (selector 1) of a Profile generic buffer: entries whose `restricting`
+/// column (a clock: class 8, attribute 2) lies in `from..=to` (12-byte date-times); all columns.
+pub fn range_descriptor(restricting: &CaptureObject, from: [u8; 12], to: [u8; 12]) -> Data {
+    Data::Structure(vec![
+        restricting.to_data(),
+        Data::OctetString(from.to_vec()),
+        Data::OctetString(to.to_vec()),
+        Data::Array(Vec::new()),
+    ])
+}
+
+/// Entry descriptor (selector 2): entries `from..=to` (1-based; `to` 0 = the last), all columns.
+pub fn entry_descriptor(from: u32, to: u32) -> Data {
+    Data::Structure(vec![
+        Data::U32(from),
+        Data::U32(to),
+        Data::U16(1),
+        Data::U16(0),
+    ])
+}
+
+/// One column of a Profile generic buffer (an element of `capture_objects`, attribute 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CaptureObject {
+    /// The captured attribute.
+    pub attr: AttrRef,
+    /// Element of an array/structure attribute; 0 = the whole attribute.
+    pub data_index: u16,
+}
+
+impl CaptureObject {
+    fn to_data(self) -> Data {
+        Data::Structure(vec![
+            Data::U16(self.attr.class_id),
+            Data::OctetString(self.attr.obis.as_bytes().to_vec()),
+            Data::I8(self.attr.attribute),
+            Data::U16(self.data_index),
+        ])
+    }
+}
+
+/// `capture_objects` (attribute 3 of a Profile generic) as columns.
+pub fn parse_capture_objects(d: &Data) -> Result<Vec<CaptureObject>> {
+    let bad = || Error::Invalid("capture_objects is not an array of 4-element structures".into());
+    let Data::Array(items) = d else {
+        return Err(bad());
+    };
+    items
+        .iter()
+        .map(|it| {
+            let Data::Structure(f) = it else {
+                return Err(bad());
+            };
+            match f.as_slice() {
+                [class, Data::OctetString(ln), attr, index] if ln.len() == 6 => {
+                    let class = class
+                        .as_i64()
+                        .and_then(|v| u16::try_from(v).ok())
+                        .ok_or_else(bad)?;
+                    let attribute = attr
+                        .as_i64()
+                        .and_then(|v| i8::try_from(v).ok())
+                        .ok_or_else(bad)?;
+                    let data_index = index
+                        .as_i64()
+                        .and_then(|v| u16::try_from(v).ok())
+                        .ok_or_else(bad)?;
+                    let obis = ObisCode::new(ln[0], ln[1], ln[2], ln[3], ln[4], ln[5]);
+                    Ok(CaptureObject {
+                        attr: AttrRef::new(class, obis, attribute),
+                        data_index,
+                    })
+                }
+                _ => Err(bad()),
+            }
+        })
+        .collect()
+}
+
 /// GET-Request-Next: ask for block `block` (the number of the last block received).
 pub fn encode_get_next(invoke: u8, block: u32) -> Vec<u8> {
     let mut out = vec![xdlms::GET_REQUEST, 0x02, invoke];

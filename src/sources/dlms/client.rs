@@ -379,10 +379,29 @@ impl<L: Link> DlmsClient<L> {
     pub async fn get_one(&mut self, attr: &AttrRef) -> Result<GetDataResult> {
         self.granted()?;
         let invoke = self.next_invoke();
-        match self
-            .get_request(invoke, apdu::encode_get_normal(invoke, attr))
-            .await?
-        {
+        self.get_single(invoke, apdu::encode_get_normal(invoke, attr))
+            .await
+    }
+
+    /// Read one attribute with selective access (`selector` and its parameters), e.g. a
+    /// profile buffer by range or by entry. Long answers come by block transfer.
+    pub async fn get_selective(
+        &mut self,
+        attr: &AttrRef,
+        selector: u8,
+        params: &Data,
+    ) -> Result<GetDataResult> {
+        self.granted()?;
+        let invoke = self.next_invoke();
+        self.get_single(
+            invoke,
+            apdu::encode_get_selective(invoke, attr, selector, params),
+        )
+        .await
+    }
+
+    async fn get_single(&mut self, invoke: u8, req: Vec<u8>) -> Result<GetDataResult> {
+        match self.get_request(invoke, req).await? {
             GetAnswer::One(r) => Ok(r),
             GetAnswer::Raw(raw) => {
                 Ok(Ok(apdu::parse_block_data_normal(&raw).map_err(Error::Apdu)?))
@@ -393,6 +412,31 @@ impl<L: Link> DlmsClient<L> {
                     "with-list answer to a normal get".into(),
                 )))
             }
+        }
+    }
+
+    /// The scaler and unit of a register value attribute (class 3/4/5, attribute 2), read once
+    /// per association; `None` for other attributes or when the meter refuses it.
+    pub async fn scaler_unit(&mut self, attr: &AttrRef) -> Result<Option<(i8, u8)>> {
+        if !has_scaler_unit(attr) {
+            return Ok(None);
+        }
+        if let Some(su) = self.scalers.get(attr) {
+            return Ok(Some(*su));
+        }
+        let su = AttrRef {
+            attribute: 3,
+            ..*attr
+        };
+        match self.get_one(&su).await? {
+            Ok(d) => match apdu::parse_scaler_unit(&d) {
+                Ok(v) => {
+                    self.scalers.insert(*attr, v);
+                    Ok(Some(v))
+                }
+                Err(_) => Ok(None),
+            },
+            Err(_) => Ok(None),
         }
     }
 

@@ -8,10 +8,12 @@
 pub mod apdu;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod hdlc;
 pub mod link;
 pub mod obis;
 pub mod poller;
+pub mod profile;
 pub mod simulator;
 pub mod wrapper;
 

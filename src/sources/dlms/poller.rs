@@ -23,6 +23,7 @@ use super::apdu::{AttrRef, Data, DataAccessResult, MethodRef};
 use super::client::{self, ClientSettings, DlmsClient, ReadingValue, Register};
 use super::link::{self, ClientLink, LinkAddress, LinkParams};
 use super::obis::ObisCode;
+use super::profile::{self, ProfileReader};
 use crate::config::{DlmsAuth, DlmsTransport, MeterConfig};
 use crate::model::{now_ms, Record, RecordKind};
 use crate::sources::SourceEvent;
@@ -52,6 +53,23 @@ pub const DEFAULT_REGISTERS: [(&str, ObisCode); 5] = [
     ("active_power", ObisCode::new(1, 0, 1, 7, 0, 255)),
     ("active_energy", ObisCode::new(1, 0, 1, 8, 0, 255)),
 ];
+
+/// The meter's Clock object (class 8), attribute 2 = its current time.
+pub const CLOCK: AttrRef = AttrRef::new(8, ObisCode::new(0, 0, 1, 0, 0, 255), 2);
+
+/// One configured profile of the meter and where its reading stands.
+#[derive(Debug)]
+struct ProfileState {
+    reader: ProfileReader,
+    /// How often new entries are fetched.
+    interval: Duration,
+    /// Not read again before this instant (a failed read is retried at the next poll).
+    next_due: Instant,
+    /// Time of the last entry delivered (Unix ms); loaded from `path` on first use.
+    position: Option<i64>,
+    /// Where the position is persisted; `None` = memory only.
+    path: Option<std::path::PathBuf>,
+}
 
 /// Why connecting to or polling a meter failed.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +316,10 @@ pub struct Meter {
     link_retries_counted: u64,
     /// Associations opened again at once after the previous one died (health telemetry).
     reassociations: u64,
+    /// Configured Profile generic objects.
+    profiles: Vec<ProfileState>,
+    /// Meter clock minus our clock (s), read on association; sent with the next telemetry.
+    clock_drift_s: Option<f64>,
 }
 
 impl Meter {
@@ -308,6 +330,24 @@ impl Meter {
         cancel: CancellationToken,
     ) -> Self {
         let registers = registers_of(&cfg);
+        let profiles = cfg
+            .profiles
+            .iter()
+            .filter_map(|p| {
+                let obis = p.obis.parse::<ObisCode>().ok()?;
+                let columns = p.columns.iter().filter_map(|c| c.parse().ok()).collect();
+                Some(ProfileState {
+                    reader: ProfileReader::new(obis, columns),
+                    interval: p.interval,
+                    next_due: Instant::now(),
+                    position: None,
+                    path: cfg
+                        .state_dir
+                        .as_deref()
+                        .map(|d| profile::position_path(d, &cfg.name, obis)),
+                })
+            })
+            .collect();
         let device_type = cfg
             .device_type
             .clone()
@@ -328,6 +368,8 @@ impl Meter {
             link_retries: 0,
             link_retries_counted: 0,
             reassociations: 0,
+            profiles,
+            clock_drift_s: None,
         }
     }
 
@@ -399,7 +441,32 @@ impl Meter {
         self.client = Some(c);
         self.link_retries_counted = 0;
         self.units_sent = false;
+        self.read_clock().await;
         Ok(true)
+    }
+
+    /// Read the meter's clock once per association for `clock_drift_s`. A meter without a
+    /// clock (or refusing it) is fine; a request failure is left to the poll that follows.
+    async fn read_clock(&mut self) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        let before = now_ms();
+        let r = c.get_one(&CLOCK).await;
+        let mid = before + (now_ms() - before) / 2;
+        self.clock_drift_s = match r {
+            Ok(Ok(Data::OctetString(b))) => super::clock::decode(&b).ok(),
+            Ok(Ok(Data::DateTime(b))) => super::clock::decode(&b).ok(),
+            _ => None,
+        }
+        .map(|t| (t.unix_ms - mid) as f64 / 1000.0);
+        if let Some(drift) = self.clock_drift_s {
+            if drift.abs() >= 10.0 {
+                warn!(drift_s = drift, "Meter clock is off.");
+            } else {
+                debug!(drift_s = drift, "Meter clock read.");
+            }
+        }
     }
 
     /// Add the current association's new recovery attempts to the running total.
@@ -458,6 +525,7 @@ impl Meter {
         self.count_retries();
         let poll_retries = self.link_retries - retries_before;
         let mut records = Vec::new();
+        let mut positions = Vec::new();
         match result {
             Ok(readings) => {
                 self.backoff.succeed();
@@ -490,6 +558,13 @@ impl Meter {
                 values.insert("poll_ok".into(), true.into());
                 values.insert("consecutive_failures".into(), 0.into());
                 values.insert("link_retries".into(), poll_retries.into());
+                if let Some(d) = self.clock_drift_s.take() {
+                    values.insert("clock_drift_s".into(), number(d));
+                }
+                let (profile_records, error) = self.read_profiles(&mut positions).await;
+                if let Some(e) = error {
+                    values.insert("profile_error".into(), e.into());
+                }
                 self.health(&mut values);
                 records.push(Record::telemetry(
                     &self.cfg.name,
@@ -497,6 +572,7 @@ impl Meter {
                     ts,
                     values,
                 ));
+                records.extend(profile_records);
             }
             Err((error, _)) => {
                 if self.cancel.is_cancelled() {
@@ -541,7 +617,81 @@ impl Meter {
                 }
             }
         }
-        self.emit(records).await
+        if !self.emit(records).await {
+            return false;
+        }
+        // The entries are handed on: only now does the position move past them.
+        for (i, ts) in positions {
+            let p = &mut self.profiles[i];
+            p.position = Some(ts);
+            if let Some(path) = &p.path {
+                if let Err(e) = profile::store_position(path, ts).await {
+                    error!(error = %error_chain(&e), "Profile position not stored; entries may be sent again after a restart.");
+                }
+            }
+        }
+        true
+    }
+
+    /// Read every due profile on the current association. Returns the entries as telemetry
+    /// records (the meter's timestamps), the new positions to store once they are handed on,
+    /// and the last error, if any.
+    async fn read_profiles(
+        &mut self,
+        positions: &mut Vec<(usize, i64)>,
+    ) -> (Vec<Record>, Option<String>) {
+        let mut records = Vec::new();
+        let mut last_error = None;
+        let now = Instant::now();
+        for i in 0..self.profiles.len() {
+            if self.profiles[i].next_due > now || self.cancel.is_cancelled() {
+                continue;
+            }
+            let wall = now_ms();
+            let after = match self.profiles[i].position {
+                Some(p) => p,
+                None => {
+                    let stored = match &self.profiles[i].path {
+                        Some(path) => profile::load_position(path).await,
+                        None => None,
+                    };
+                    let p = stored.unwrap_or(wall - profile::DEFAULT_BACKFILL.as_millis() as i64);
+                    self.profiles[i].position = Some(p);
+                    p
+                }
+            };
+            let Some(client) = self.client.as_mut() else {
+                break;
+            };
+            let obis = self.profiles[i].reader.obis();
+            match self.profiles[i]
+                .reader
+                .read_since(client, after, wall)
+                .await
+            {
+                Ok(entries) => {
+                    let st = &mut self.profiles[i];
+                    st.next_due = now + st.interval;
+                    debug!(profile = %obis, entries = entries.len(), "Profile read.");
+                    if let Some(last) = entries.last() {
+                        positions.push((i, last.ts_ms));
+                    }
+                    records.extend(entries.into_iter().map(|e| {
+                        Record::telemetry(&self.cfg.name, &self.device_type, e.ts_ms, e.values)
+                    }));
+                }
+                Err(e) => {
+                    let text = error_chain(&e);
+                    warn!(profile = %obis, error = %text, "Profile read failed; retrying at the next poll.");
+                    last_error = Some(format!("{obis}: {text}"));
+                    if e.needs_reconnect() {
+                        self.drop_client();
+                        break;
+                    }
+                }
+            }
+        }
+        (records, last_error)
     }
 
     /// Read the registers on the current association, associating first if needed. The flag
