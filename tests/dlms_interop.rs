@@ -517,6 +517,9 @@ async fn read_cli_answers_and_fails_clearly() {
         password: Some("12345678".into()),
         timeout: Duration::from_secs(5),
         retries: 3,
+        profile: None,
+        from: None,
+        to: None,
     };
     timeout(STEP, read(args.clone()))
         .await

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::meter_sim::{free_port, GuruxMeter as Sim};
 use dlms_bridge::config::{MeterConfig, ProfileConfig};
 use dlms_bridge::model::{now_ms, Record, RecordKind};
+use dlms_bridge::sources::dlms::cli::{read, Error as ReadError, ReadArgs, Transport};
 use dlms_bridge::sources::dlms::obis::ObisCode;
 use dlms_bridge::sources::dlms::poller::connect;
 use dlms_bridge::sources::dlms::profile::{self, ProfileReader};
@@ -273,4 +274,36 @@ async fn entry_access_gives_the_same_entries_as_range_access() {
     assert_eq!(e.len(), 7);
     assert_eq!(e[0].values.len(), 1);
     let _ = c.release().await;
+}
+
+#[tokio::test]
+async fn read_cli_reads_a_profile_range() {
+    let sim = Sim::start(&["--profile-rows", "50", "--profile-period", "900"]).await;
+    let to = std::time::SystemTime::now();
+    let args = ReadArgs {
+        host: "127.0.0.1".into(),
+        port: sim.port,
+        transport: Transport::Hdlc,
+        obis: vec![],
+        client_address: 16,
+        logical_address: 1,
+        physical_address: 17,
+        address_size: 1,
+        password: None,
+        timeout: Duration::from_secs(5),
+        retries: 3,
+        profile: Some("1.0.99.1.0.255".into()),
+        from: Some(to - Duration::from_secs(6 * 3600)),
+        to: Some(to),
+    };
+    timeout(STEP, read(args.clone()))
+        .await
+        .expect("in time")
+        .expect("profile read");
+    let bad = ReadArgs {
+        profile: Some("1.0.99".into()),
+        ..args
+    };
+    let r = timeout(STEP, read(bad)).await.expect("in time");
+    assert!(matches!(r, Err(ReadError::Argument(_))), "{r:?}");
 }

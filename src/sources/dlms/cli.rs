@@ -25,6 +25,12 @@ pub enum Error {
     /// The meter answered but refused some registers.
     #[error("{0} of {1} registers could not be read")]
     Partial(usize, usize),
+    /// A command-line value is not usable.
+    #[error("invalid argument: {0}")]
+    Argument(String),
+    /// The profile could not be read.
+    #[error("profile read failed")]
+    Profile(#[source] super::profile::Error),
 }
 
 /// Link transport on the command line.
@@ -65,6 +71,17 @@ pub struct ReadArgs {
     /// HDLC server address size in bytes: 1, 2 or 4.
     #[arg(long, default_value_t = MeterConfig::default().address_size)]
     pub address_size: u8,
+    /// Read this Profile generic (e.g. the load profile 1.0.99.1.0.255) instead of registers:
+    /// its entries from `--from` to `--to`, one line each.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Profile entries from this time (RFC 3339, UTC: `2026-11-30T00:00:00Z`); default: a day
+    /// before `--to`.
+    #[arg(long, requires = "profile", value_parser = humantime_serde::re::humantime::parse_rfc3339_weak)]
+    pub from: Option<std::time::SystemTime>,
+    /// Profile entries up to this time (RFC 3339, UTC); default: now.
+    #[arg(long, requires = "profile", value_parser = humantime_serde::re::humantime::parse_rfc3339_weak)]
+    pub to: Option<std::time::SystemTime>,
     /// Recovery attempts per request (RR poll / re-send) before giving up.
     #[arg(long, default_value_t = MeterConfig::default().retries)]
     pub retries: u32,
@@ -144,6 +161,33 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
     let mut c = poller::connect(&cfg, client::DEFAULT_MAX_RECEIVE_PDU)
         .await
         .map_err(Error::Connect)?;
+    if let Some(obis) = &args.profile {
+        let obis: ObisCode = obis
+            .parse()
+            .map_err(|e| Error::Argument(format!("--profile {obis}: {e}")))?;
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        let to = args.to.map_or_else(crate::model::now_ms, ms);
+        let from = args
+            .from
+            .map_or(to - super::profile::DEFAULT_BACKFILL.as_millis() as i64, ms);
+        let mut reader = super::profile::ProfileReader::new(obis, Vec::new());
+        // `read_since` starts after its position: one millisecond before `from` includes it.
+        let r = reader.read_since(&mut c, from - 1, to).await;
+        let _ = c.release().await;
+        let entries = r.map_err(Error::Profile)?;
+        for e in &entries {
+            let when = humantime_serde::re::humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(e.ts_ms.max(0) as u64),
+            );
+            let cells: Vec<String> = e.values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{when}  {}", cells.join("  "));
+        }
+        println!("{} entries of {obis}", entries.len());
+        return Ok(());
+    }
     if let Some(a) = c.association() {
         println!(
             "associated with {} in {} ms (max pdu {}, conformance 0x{:06X})",
