@@ -26,6 +26,7 @@ pub fn rpc_error(why: impl std::fmt::Display) -> Value {
 /// | `get` | `obis`, `class_id` (3), `attribute` (2) | `{"success":true,"value":..}` |
 /// | `set` | `obis`, `class_id` (1), `attribute` (2), `value`, `type`? | `{"success":true}` |
 /// | `action` | `obis`, `class_id`, `method`, `value`?, `type`? | `{"success":true,"result":..}` |
+/// | `sync_clock` | — (needs `rpc_write = true` for the meter) | `{"success":true,"drift_s":..}` |
 ///
 /// `type` names the DLMS type of `value` (`bool`, `i8`, `u8`, `i16`, `u16`, `i32`, `u32`, `i64`,
 /// `u64`, `f32`, `f64`, `enum`, `string`, `octets` (hex)); without it a bool is a boolean, an
@@ -57,8 +58,13 @@ pub async fn meter_rpc(meter: &MeterHandle, req: &RpcRequest) -> Value {
                 .map_err(|e| e.to_string()),
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
+        "sync_clock" => meter
+            .sync_clock()
+            .await
+            .map(|drift| json!({ "success": true, "drift_s": drift }))
+            .map_err(|e| e.to_string()),
         other => Err(format!(
-            "unknown meter RPC method `{other}` (known: get, set, action)"
+            "unknown meter RPC method `{other}` (known: get, set, action, sync_clock)"
         )),
     };
     res.unwrap_or_else(rpc_error)

@@ -314,3 +314,56 @@ async fn rpc_commands_run_on_the_poll_association() {
     );
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn clock_drift_is_reported_and_sync_clock_needs_rpc_write() {
+    let sim = Sim::start(0, DlmsTransport::Hdlc).await;
+    // Default: writes disabled.
+    let mut p = Poller::start(meter_cfg("clock", sim.addr, DlmsTransport::Hdlc));
+    let first = p.until(is_ok_telemetry).await;
+    let values = &first
+        .iter()
+        .find(|r| is_ok_telemetry(r))
+        .expect("ok telemetry")
+        .payload["values"];
+    let drift = values["clock_drift_s"]
+        .as_f64()
+        .expect("drift on the first poll");
+    assert!(
+        drift.abs() < 5.0,
+        "simulator follows the host clock: {drift}"
+    );
+    let h = p.handle.clone();
+    let r = timeout(WAIT, h.sync_clock()).await.expect("in time");
+    assert_eq!(r, Err(CommandError::WritesDisabled));
+    let rpc = dlms_bridge::downlink::meter_rpc(
+        &h,
+        &dlms_bridge::model::RpcRequest {
+            device: "clock".into(),
+            id: 1,
+            method: "sync_clock".into(),
+            params: Value::Null,
+        },
+    )
+    .await;
+    assert!(
+        rpc["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rpc_write")),
+        "{rpc}"
+    );
+    p.stop().await;
+    // Enabled: the clock is written on the poll association.
+    let mut cfg = meter_cfg("clock", sim.addr, DlmsTransport::Hdlc);
+    cfg.rpc_write = true;
+    let mut p = Poller::start(cfg);
+    p.until(is_ok_telemetry).await;
+    let drift = timeout(WAIT, p.handle.sync_clock())
+        .await
+        .expect("in time")
+        .expect("clock set");
+    assert!(drift.abs() < 5.0, "{drift}");
+    p.until(is_ok_telemetry).await;
+    p.stop().await;
+    sim.stop().await;
+}

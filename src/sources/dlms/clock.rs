@@ -131,8 +131,16 @@ pub fn decode(b: &[u8]) -> Result<Instant, Error> {
     })
 }
 
+/// A 12-byte date-time for `unix_ms` as local time of a meter whose deviation is
+/// `deviation_min` (UTC = local + deviation), status 0: what a clock write sends.
+pub fn encode(unix_ms: i64, deviation_min: i16) -> [u8; 12] {
+    let mut b = encode_utc(unix_ms - i64::from(deviation_min) * 60_000);
+    b[9..11].copy_from_slice(&deviation_min.to_be_bytes());
+    b
+}
+
 /// A 12-byte date-time for `unix_ms`, in UTC (deviation 0, status 0): what we send in range
-/// descriptors and clock writes.
+/// descriptors.
 pub fn encode_utc(unix_ms: i64) -> [u8; 12] {
     let secs = unix_ms.div_euclid(1000);
     let hundredths = (unix_ms.rem_euclid(1000) / 10) as u8;
@@ -197,6 +205,15 @@ mod tests {
         assert_eq!(decode(&b), Err(Error::Invalid(STATUS_INVALID)));
         b[11] = 0xFF;
         assert_eq!(decode(&b).expect("status unspecified").status, 0);
+    }
+
+    #[test]
+    fn encode_with_deviation_round_trips() {
+        let ms = 1_796_022_306_070;
+        let cet = encode(ms, -60);
+        assert_eq!(cet[5], 8, "local hour in CET");
+        assert_eq!(i16::from_be_bytes([cet[9], cet[10]]), -60);
+        assert_eq!(decode(&cet).expect("valid").unix_ms, ms);
     }
 
     #[test]

@@ -71,6 +71,12 @@ impl MeterHandle {
         self.call(|reply| Command::Set { attr, value, reply }).await
     }
 
+    /// Set the meter clock to the bridge's time (keeping the meter's deviation); refused unless
+    /// the meter has `rpc_write = true`. Returns the drift (s) before the correction.
+    pub async fn sync_clock(&self) -> Result<f64, CommandError> {
+        self.call(|reply| Command::SyncClock { reply }).await
+    }
+
     /// Invoke one method; returns its return parameters, if any.
     pub async fn action(
         &self,

@@ -130,6 +130,9 @@ pub enum CommandError {
     /// The request failed on the wire.
     #[error("meter request failed: {0}")]
     Failed(String),
+    /// The RPC would change the meter and `rpc_write` is off for it.
+    #[error("writes are not enabled for this meter (rpc_write = false)")]
+    WritesDisabled,
     /// The meter refused the attribute or method.
     #[error("meter refused: {0}")]
     Refused(DataAccessResult),
@@ -154,6 +157,10 @@ pub enum Command {
         method: MethodRef,
         params: Option<Data>,
         reply: oneshot::Sender<Result<Option<Data>, CommandError>>,
+    },
+    /// Set the meter clock to our time (keeping its deviation); returns the drift (s) before.
+    SyncClock {
+        reply: oneshot::Sender<Result<f64, CommandError>>,
     },
 }
 
@@ -443,6 +450,51 @@ impl Meter {
         self.units_sent = false;
         self.read_clock().await;
         Ok(true)
+    }
+
+    /// Read the meter clock (for its deviation and the drift), then write our time to it.
+    async fn sync_clock(&mut self) -> Result<f64, CommandError> {
+        if !self.backoff.may_try(Instant::now()) {
+            return Err(CommandError::Unavailable("in backoff".into()));
+        }
+        self.ensure_client()
+            .await
+            .map_err(|e| CommandError::Unavailable(error_chain(&e)))?;
+        let Some(c) = self.client.as_mut() else {
+            return Err(CommandError::Stopped);
+        };
+        let failed = |e: &client::Error| CommandError::Failed(error_chain(e));
+        let before = now_ms();
+        let current = match c.get_one(&CLOCK).await {
+            Ok(Ok(Data::OctetString(b))) => super::clock::decode(&b).ok(),
+            Ok(Ok(Data::DateTime(b))) => super::clock::decode(&b).ok(),
+            Ok(Ok(_)) => None,
+            Ok(Err(dar)) => return Err(CommandError::Refused(dar)),
+            Err(e) => {
+                let out = failed(&e);
+                if e.needs_reconnect() {
+                    self.drop_client();
+                }
+                return Err(out);
+            }
+        };
+        let drift = current.map_or(0.0, |t| (t.unix_ms - before) as f64 / 1000.0);
+        let deviation = current.map_or(0, |t| t.deviation_min);
+        let value = Data::OctetString(super::clock::encode(now_ms(), deviation).to_vec());
+        match c.set(&CLOCK, &value).await {
+            Ok(DataAccessResult::Success) => {
+                info!(drift_s = drift, "Meter clock set.");
+                Ok(drift)
+            }
+            Ok(dar) => Err(CommandError::Refused(dar)),
+            Err(e) => {
+                let out = failed(&e);
+                if e.needs_reconnect() {
+                    self.drop_client();
+                }
+                Err(out)
+            }
+        }
     }
 
     /// Read the meter's clock once per association for `clock_drift_s`. A meter without a
@@ -738,6 +790,15 @@ impl Meter {
 
     /// Serve one command on the association, connecting if the backoff allows it.
     async fn serve(&mut self, cmd: Command) {
+        if let Command::SyncClock { reply } = cmd {
+            let r = if self.cfg.rpc_write {
+                self.sync_clock().await
+            } else {
+                Err(CommandError::WritesDisabled)
+            };
+            let _ = reply.send(r);
+            return;
+        }
         let ready = if self.backoff.may_try(Instant::now()) {
             match self.ensure_client().await {
                 Ok(_) => Ok(()),
@@ -755,6 +816,7 @@ impl Meter {
                 Command::Get { reply, .. } => drop(reply.send(Err(e))),
                 Command::Set { reply, .. } => drop(reply.send(Err(e))),
                 Command::Action { reply, .. } => drop(reply.send(Err(e))),
+                Command::SyncClock { reply } => drop(reply.send(Err(e))),
             }
             return;
         };
@@ -804,6 +866,10 @@ impl Meter {
                     }
                 };
                 let _ = reply.send(r);
+            }
+            Command::SyncClock { reply } => {
+                // Served above; unreachable here, but answer rather than drop.
+                let _ = reply.send(Err(CommandError::Stopped));
             }
         }
         if let Some(e) = lost {
