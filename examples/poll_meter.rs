@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dlms_bridge::config::{DlmsTransport, MeterConfig};
 use dlms_bridge::model::RecordKind;
-use dlms_bridge::sources::dlms::spawn_meter;
+use dlms_bridge::sources::meters::spawn_meter;
 use dlms_bridge::sources::SourceEvent;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;

@@ -7,12 +7,12 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use crate::broker::BrokerHandle;
+use crate::dlms::apdu::{AttrRef, Data, MethodRef};
+use crate::dlms::obis::ObisCode;
 use crate::model::RpcRequest;
 use crate::router::mapping::RpcRoute;
-use crate::sources::dlms::apdu::{AttrRef, Data, MethodRef};
-use crate::sources::dlms::obis::ObisCode;
-use crate::sources::dlms::poller::data_to_json;
-use crate::sources::dlms::MeterHandle;
+use crate::sources::meters::poller::data_to_json;
+use crate::sources::meters::MeterHandle;
 
 /// Reply body for a failed RPC, in the shape tb-gateway uses.
 pub fn rpc_error(why: impl std::fmt::Display) -> Value {

@@ -9,12 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use dlms_bridge::config::{DlmsAuth, DlmsTransport, MeterConfig, Secret};
+use dlms_bridge::dlms::apdu::{AttrRef, Data, DataAccessResult};
+use dlms_bridge::dlms::obis::ObisCode;
 use dlms_bridge::model::RecordKind;
-use dlms_bridge::sources::dlms::apdu::{AttrRef, Data, DataAccessResult};
-use dlms_bridge::sources::dlms::client::{ReadingValue, Register};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::poller::{self, registers_of};
-use dlms_bridge::sources::dlms::{spawn_meter, spawn_meter_with};
+use dlms_bridge::sources::meters::client::{ReadingValue, Register};
+use dlms_bridge::sources::meters::poller::{self, registers_of};
+use dlms_bridge::sources::meters::{spawn_meter, spawn_meter_with};
 use dlms_bridge::sources::SourceEvent;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -495,7 +495,7 @@ async fn meter_handle_get_queues_behind_polls() {
 
 #[tokio::test]
 async fn read_cli_answers_and_fails_clearly() {
-    use dlms_bridge::sources::dlms::cli::{read, ReadArgs, Transport};
+    use dlms_bridge::sources::meters::cli::{read, ReadArgs, Transport};
     let sim = Sim::start(&[
         "--transport",
         "wrapper",

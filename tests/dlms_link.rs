@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dlms_bridge::sources::dlms::hdlc::{self, Address, AddressSizes, Control, Frame};
-use dlms_bridge::sources::dlms::link::{
+use dlms_bridge::dlms::hdlc::{self, Address, AddressSizes, Control, Frame};
+use dlms_bridge::sources::meters::link::{
     ClientLink, Error, HdlcServer, HdlcServerConfig, LinkAddress, LinkParams, Recovery,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};

@@ -6,11 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use dlms_bridge::config::{DlmsTransport, MeterConfig};
+use dlms_bridge::dlms::apdu::{AttrRef, Data, MethodRef};
+use dlms_bridge::dlms::obis::ObisCode;
 use dlms_bridge::model::{Record, RecordKind};
-use dlms_bridge::sources::dlms::apdu::{AttrRef, Data, MethodRef};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
-use dlms_bridge::sources::dlms::{spawn_meter, CommandError};
+use dlms_bridge::sim::{spawn_meters, SimOptions};
+use dlms_bridge::sources::meters::{spawn_meter, CommandError};
 use dlms_bridge::sources::SourceEvent;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -87,7 +87,7 @@ struct Poller {
     rx: mpsc::Receiver<SourceEvent>,
     tracker: TaskTracker,
     cancel: CancellationToken,
-    handle: dlms_bridge::sources::dlms::MeterHandle,
+    handle: dlms_bridge::sources::meters::MeterHandle,
 }
 
 impl Poller {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::meter_sim::{free_port, GuruxMeter as Sim};
 use dlms_bridge::config::{MeterConfig, ProfileConfig};
+use dlms_bridge::dlms::obis::ObisCode;
 use dlms_bridge::model::{now_ms, Record, RecordKind};
-use dlms_bridge::sources::dlms::cli::{read, Error as ReadError, ReadArgs, Transport};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::poller::connect;
-use dlms_bridge::sources::dlms::profile::{self, ProfileReader};
-use dlms_bridge::sources::dlms::spawn_meter;
+use dlms_bridge::sources::meters::cli::{read, Error as ReadError, ReadArgs, Transport};
+use dlms_bridge::sources::meters::poller::connect;
+use dlms_bridge::sources::meters::profile::{self, ProfileReader};
+use dlms_bridge::sources::meters::spawn_meter;
 use dlms_bridge::sources::SourceEvent;
 use serde_json::Value;
 use tokio::sync::mpsc;

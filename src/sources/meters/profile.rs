@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::apdu::{self, AttrRef, CaptureObject, Data, DataAccessResult};
 use super::client::{self, scale, DlmsClient, Link};
-use super::clock;
-use super::obis::ObisCode;
 use super::poller::{data_to_json, DEFAULT_REGISTERS};
+use crate::dlms::apdu::{self, AttrRef, CaptureObject, Data, DataAccessResult};
+use crate::dlms::clock;
+use crate::dlms::obis::ObisCode;
 
 /// With no stored position, how far back the first read goes.
 pub const DEFAULT_BACKFILL: Duration = Duration::from_secs(24 * 3600);

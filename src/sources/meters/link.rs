@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::hdlc::{self, Address, AddressSizes, Control, Frame, Parameters};
-use super::wrapper::{self, WrapperCodec};
+use crate::dlms::hdlc::{self, Address, AddressSizes, Control, Frame, Parameters};
+use crate::dlms::wrapper::{self, WrapperCodec};
 use tokio_util::codec::Decoder;
 
 /// Bytes reserved in the read buffer before each read.

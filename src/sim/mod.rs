@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::apdu::{Conformance, Data, DataAccessResult};
-use super::link::{
+use crate::config::{DlmsTransport, Secret};
+use crate::dlms::apdu::{Conformance, Data, DataAccessResult};
+use crate::sources::meters::link::{
     HdlcServer, HdlcServerConfig, LinkParams, ServerLink, WrapperServer, WrapperServerConfig,
 };
-use crate::config::{DlmsTransport, Secret};
 
 /// The public client SAP: may always associate without authentication.
 pub const PUBLIC_CLIENT: u16 = 16;
@@ -1212,9 +1212,9 @@ pub async fn simulate(args: SimulateArgs, cancel: CancellationToken) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::super::apdu::{self, AarqParams, AttrRef, GetResponse, MethodRef};
-    use super::super::obis::ObisCode;
     use super::*;
+    use crate::dlms::apdu::{self, AarqParams, AttrRef, GetResponse, MethodRef};
+    use crate::dlms::obis::ObisCode;
 
     const VOLTAGE: ObisCode = ObisCode::new(1, 0, 32, 7, 0, 255);
     const ENERGY: ObisCode = ObisCode::new(1, 0, 1, 8, 0, 255);

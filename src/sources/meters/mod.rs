@@ -1,21 +1,17 @@
-//! DLMS/COSEM meter polling (issue #3): the clonable [`MeterHandle`] front and the spawn helpers
-//! that start one actor per meter, plus the loader for the original system's meter registry.
+//! The DLMS/COSEM meter source: the clonable [`MeterHandle`] front and the spawn helpers that
+//! start one actor per meter, plus the loader for the original system's meter registry.
 //!
-//! Layers, bottom up: `hdlc`/`wrapper` framing → `link` (client/server link drivers) → `apdu`
-//! (pure codec) → `client` (association and services) → `poller` (the actor). This module only
-//! wires them; it owns no connection itself.
+//! Layers, bottom up: the pure protocol in [`crate::dlms`] (`hdlc`/`wrapper` framing, `apdu`
+//! with A-XDR, `obis`, `clock`) → `link` (async client/server link drivers with recovery) →
+//! `client` (the session: association and services) → `profile` (Profile generic reading) →
+//! `poller` (the actor); `cli` is `dlms-bridge read`. This module only wires them; it owns no
+//! connection itself.
 
-pub mod apdu;
 pub mod cli;
 pub mod client;
-pub mod clock;
-pub mod hdlc;
 pub mod link;
-pub mod obis;
 pub mod poller;
 pub mod profile;
-pub mod simulator;
-pub mod wrapper;
 
 use std::sync::Arc;
 
@@ -25,8 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::MeterConfig;
+use crate::dlms::apdu::{AttrRef, Data, MethodRef};
 use crate::sources::SourceEvent;
-use apdu::{AttrRef, Data, MethodRef};
 use poller::{Command, Meter};
 pub use poller::{CommandError, Error};
 

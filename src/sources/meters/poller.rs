@@ -19,12 +19,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
-use super::apdu::{AttrRef, Data, DataAccessResult, MethodRef};
 use super::client::{self, ClientSettings, DlmsClient, ReadingValue, Register};
 use super::link::{self, ClientLink, LinkAddress, LinkParams};
-use super::obis::ObisCode;
 use super::profile::{self, ProfileReader};
 use crate::config::{DlmsAuth, DlmsTransport, MeterConfig};
+use crate::dlms::apdu::{AttrRef, Data, DataAccessResult, MethodRef};
+use crate::dlms::obis::ObisCode;
 use crate::model::{now_ms, Record, RecordKind};
 use crate::sources::SourceEvent;
 
@@ -466,8 +466,8 @@ impl Meter {
         let failed = |e: &client::Error| CommandError::Failed(error_chain(e));
         let before = now_ms();
         let current = match c.get_one(&CLOCK).await {
-            Ok(Ok(Data::OctetString(b))) => super::clock::decode(&b).ok(),
-            Ok(Ok(Data::DateTime(b))) => super::clock::decode(&b).ok(),
+            Ok(Ok(Data::OctetString(b))) => crate::dlms::clock::decode(&b).ok(),
+            Ok(Ok(Data::DateTime(b))) => crate::dlms::clock::decode(&b).ok(),
             Ok(Ok(_)) => None,
             Ok(Err(dar)) => return Err(CommandError::Refused(dar)),
             Err(e) => {
@@ -480,7 +480,7 @@ impl Meter {
         };
         let drift = current.map_or(0.0, |t| (t.unix_ms - before) as f64 / 1000.0);
         let deviation = current.map_or(0, |t| t.deviation_min);
-        let value = Data::OctetString(super::clock::encode(now_ms(), deviation).to_vec());
+        let value = Data::OctetString(crate::dlms::clock::encode(now_ms(), deviation).to_vec());
         match c.set(&CLOCK, &value).await {
             Ok(DataAccessResult::Success) => {
                 info!(drift_s = drift, "Meter clock set.");
@@ -507,8 +507,8 @@ impl Meter {
         let r = c.get_one(&CLOCK).await;
         let mid = before + (now_ms() - before) / 2;
         self.clock_drift_s = match r {
-            Ok(Ok(Data::OctetString(b))) => super::clock::decode(&b).ok(),
-            Ok(Ok(Data::DateTime(b))) => super::clock::decode(&b).ok(),
+            Ok(Ok(Data::OctetString(b))) => crate::dlms::clock::decode(&b).ok(),
+            Ok(Ok(Data::DateTime(b))) => crate::dlms::clock::decode(&b).ok(),
             _ => None,
         }
         .map(|t| (t.unix_ms - mid) as f64 / 1000.0);

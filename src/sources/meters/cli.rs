@@ -7,11 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::apdu::{AttrRef, Data};
 use super::client::{self, ReadingValue, Register};
-use super::obis::ObisCode;
 use super::poller::{self, error_chain, DEFAULT_REGISTERS};
 use crate::config::{DlmsAuth, DlmsTransport, MeterConfig, Secret};
+use crate::dlms::apdu::{AttrRef, Data};
+use crate::dlms::obis::ObisCode;
 
 /// Why a one-shot read failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,7 @@ fn parse_targets(list: &[String]) -> Result<Vec<Register>, String> {
 pub async fn read(args: ReadArgs) -> Result<(), Error> {
     let regs = parse_targets(&args.obis).map_err(|e| {
         Error::Connect(poller::Error::Client(client::Error::Apdu(
-            super::apdu::Error::Invalid(e),
+            crate::dlms::apdu::Error::Invalid(e),
         )))
     })?;
     let cfg = MeterConfig {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use super::link::Recovery;
 
-use super::apdu::{
+use crate::dlms::apdu::{
     self, Aare, AarqParams, ActionResponse, AttrRef, Conformance, Data, DataAccessResult,
     GetDataResult, GetResponse, MethodRef,
 };
@@ -655,7 +655,7 @@ enum GetAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::dlms::obis::ObisCode;
+    use crate::dlms::obis::ObisCode;
     use std::collections::VecDeque;
 
     /// A scripted link: checks each request against an expectation and plays back an answer.
