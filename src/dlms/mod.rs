@@ -9,8 +9,10 @@
 //!   access and block transfer, SET, ACTION, RLRQ/RLRE).
 //! - [`obis`]: OBIS codes.
 //! - [`clock`]: COSEM date-time ↔ Unix milliseconds.
+//! - [`ciphering`]: security suite 0 (AES-GCM-128): ciphered APDUs and HLS-GMAC tags.
 
 pub mod apdu;
+pub mod ciphering;
 pub mod clock;
 pub mod hdlc;
 pub mod obis;
