@@ -8,12 +8,12 @@ use tracing::debug;
 
 use crate::broker::BrokerHandle;
 use crate::config::{ConfigError, RpcWrite};
+use crate::dlms::apdu::{self, AttrRef, Data, MethodRef};
+use crate::dlms::obis::ObisCode;
 use crate::model::RpcRequest;
 use crate::router::mapping::RpcRoute;
-use crate::sources::dlms::apdu::{self, AttrRef, Data, MethodRef};
-use crate::sources::dlms::obis::ObisCode;
-use crate::sources::dlms::poller::data_to_json;
-use crate::sources::dlms::MeterHandle;
+use crate::sources::meters::poller::data_to_json;
+use crate::sources::meters::MeterHandle;
 
 /// Reply body for a failed RPC, in the shape tb-gateway uses.
 pub fn rpc_error(why: impl std::fmt::Display) -> Value {
@@ -28,6 +28,7 @@ pub fn rpc_error(why: impl std::fmt::Display) -> Value {
 /// | `set` | `obis`, `class_id` (1), `attribute` (2), `value`, `type`? | `{"success":true}` |
 /// | `action` | `obis`, `class_id`, `method`, `value`?, `type`? | `{"success":true,"result":..}` |
 /// | `poll_now` | — | `{"success":true,"values":{..}}` (also sent as telemetry) |
+/// | `sync_clock` | — (needs `rpc_write = true` for the meter) | `{"success":true,"drift_s":..}` |
 ///
 /// `type` names the DLMS type of `value` (`bool`, `i8`, `u8`, `i16`, `u16`, `i32`, `u32`, `i64`,
 /// `u64`, `f32`, `f64`, `enum`, `string`, `octets` (hex)); without it a bool is a boolean, an
@@ -68,8 +69,13 @@ pub async fn meter_rpc(meter: &MeterHandle, req: &RpcRequest) -> Value {
             .await
             .map(|v| json!({ "success": true, "values": v }))
             .map_err(|e| e.to_string()),
+        "sync_clock" => meter
+            .sync_clock()
+            .await
+            .map(|drift| json!({ "success": true, "drift_s": drift }))
+            .map_err(|e| e.to_string()),
         other => Err(format!(
-            "unknown meter RPC method `{other}` (known: get, set, action, poll_now)"
+            "unknown meter RPC method `{other}` (known: get, set, action, poll_now, sync_clock)"
         )),
     };
     res.unwrap_or_else(rpc_error)

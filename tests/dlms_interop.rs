@@ -9,12 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use dlms_bridge::config::{DlmsAuth, DlmsTransport, MeterConfig, Secret};
+use dlms_bridge::dlms::apdu::{AttrRef, Data, DataAccessResult};
+use dlms_bridge::dlms::obis::ObisCode;
 use dlms_bridge::model::RecordKind;
-use dlms_bridge::sources::dlms::apdu::{AttrRef, Data, DataAccessResult};
-use dlms_bridge::sources::dlms::client::{ReadingValue, Register};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::poller::{self, registers_of};
-use dlms_bridge::sources::dlms::{spawn_meter, spawn_meter_with};
+use dlms_bridge::sources::meters::client::{ReadingValue, Register};
+use dlms_bridge::sources::meters::poller::{self, registers_of};
+use dlms_bridge::sources::meters::{spawn_meter, spawn_meter_with};
 use dlms_bridge::sources::SourceEvent;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -495,7 +495,7 @@ async fn meter_handle_get_queues_behind_polls() {
 
 #[tokio::test]
 async fn read_cli_answers_and_fails_clearly() {
-    use dlms_bridge::sources::dlms::cli::{read, ReadArgs, Transport};
+    use dlms_bridge::sources::meters::cli::{read, ReadArgs, Transport};
     let sim = Sim::start(&[
         "--transport",
         "wrapper",
@@ -516,6 +516,10 @@ async fn read_cli_answers_and_fails_clearly() {
         address_size: 1,
         password: Some("12345678".into()),
         timeout: Duration::from_secs(5),
+        retries: 3,
+        profile: None,
+        from: None,
+        to: None,
     };
     timeout(STEP, read(args.clone()))
         .await
@@ -561,4 +565,73 @@ async fn read_cli_answers_and_fails_clearly() {
         "{}",
         poller::error_chain(&e)
     );
+}
+
+/// Link recovery inside the association: under each fault mode of the Gurux meter, every poll
+/// delivers (no failed poll at all), and the recovery shows in the meter's health telemetry.
+/// `same_association`: the faults are recovered without opening a new association.
+async fn every_poll_delivers(fault: &[&str], transport: DlmsTransport, same_association: bool) {
+    let t = if transport == DlmsTransport::Hdlc {
+        "hdlc"
+    } else {
+        "wrapper"
+    };
+    let mut args = vec!["--transport", t];
+    args.extend_from_slice(fault);
+    let sim = Sim::start(&args).await;
+    let mut cfg = meter("noisy", sim.port, transport);
+    // Generous against a busy CI box: the timeout only matters when a reply is swallowed.
+    cfg.timeout = Duration::from_millis(700);
+    cfg.interval = Duration::from_millis(300);
+    let (tx, mut rx) = mpsc::channel(64);
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let _h = spawn_meter(cfg, tx, &tracker, cancel.clone());
+    let (ok, failed, _) = collect(&mut rx, "noisy", 12).await;
+    assert_eq!(failed, 0, "{fault:?}: a poll failed");
+    for v in &ok {
+        check_values(v, 0);
+        for k in [
+            "link_retries",
+            "link_retries_total",
+            "poll_overruns_total",
+            "reassociations_total",
+        ] {
+            assert!(v[k].is_u64(), "{k} missing in {v:?}");
+        }
+    }
+    let last = ok.last().expect("12 polls");
+    let retries = last["link_retries_total"].as_u64().expect("u64");
+    let reassociations = last["reassociations_total"].as_u64().expect("u64");
+    if same_association {
+        assert!(retries >= 3, "{fault:?}: {retries} retries in 12 polls");
+        assert_eq!(reassociations, 0, "{fault:?}: association was given up");
+        let per_poll: u64 = ok
+            .iter()
+            .map(|v| v["link_retries"].as_u64().expect("u64"))
+            .sum();
+        assert!(per_poll >= 3, "{fault:?}: per-poll retries {per_poll}");
+    } else {
+        assert!(reassociations >= 1, "{fault:?}: never re-associated");
+    }
+    cancel.cancel();
+    tracker.close();
+    timeout(STEP, tracker.wait()).await.expect("poller stops");
+}
+
+#[tokio::test]
+async fn recovery_corrupt_every_3_hdlc() {
+    every_poll_delivers(&["--corrupt-every", "3"], DlmsTransport::Hdlc, true).await;
+}
+
+#[tokio::test]
+async fn recovery_no_reply_every_4_hdlc_and_wrapper() {
+    every_poll_delivers(&["--no-reply-every", "4"], DlmsTransport::Hdlc, true).await;
+    every_poll_delivers(&["--no-reply-every", "4"], DlmsTransport::Wrapper, true).await;
+}
+
+#[tokio::test]
+async fn recovery_drop_every_5_reassociates_at_once() {
+    every_poll_delivers(&["--drop-every", "5"], DlmsTransport::Hdlc, false).await;
+    every_poll_delivers(&["--drop-every", "5"], DlmsTransport::Wrapper, false).await;
 }

@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dlms_bridge::sources::dlms::hdlc::{self, Address, AddressSizes, Control, Frame};
-use dlms_bridge::sources::dlms::link::{
-    ClientLink, Error, HdlcServer, HdlcServerConfig, LinkAddress, LinkParams,
+use dlms_bridge::dlms::hdlc::{self, Address, AddressSizes, Control, Frame};
+use dlms_bridge::sources::meters::link::{
+    ClientLink, Error, HdlcServer, HdlcServerConfig, LinkAddress, LinkParams, Recovery,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::timeout;
@@ -630,4 +630,220 @@ async fn gurux_wrapper_aarq_and_get() {
         .await
         .expect("in time")
         .expect("close");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Link recovery inside the association (scripted meters; an empty script entry is silence).
+// ---------------------------------------------------------------------------------------------
+
+/// A meter answering the n-th client frame with `script[n]` and recording every client frame.
+fn recording_meter(script: Vec<Vec<u8>>) -> (tokio::io::DuplexStream, Arc<Mutex<Vec<Frame>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        let mut script = script.into_iter();
+        loop {
+            match hdlc::decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    log.lock().expect("log").push(frame);
+                    match script.next() {
+                        Some(bytes) => {
+                            if b.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    }
+                }
+                Ok(None) => {
+                    if b.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    (a, seen)
+}
+
+fn i_frame(ns: u8, nr: u8, apdu: &[u8]) -> Vec<u8> {
+    let mut info = hdlc::LLC_RESPONSE.to_vec();
+    info.extend_from_slice(apdu);
+    meter_frame(Control::I { ns, nr, pf: true }, false, info)
+}
+
+fn rr(nr: u8) -> Vec<u8> {
+    meter_frame(Control::Rr { nr, pf: true }, false, Vec::new())
+}
+
+/// `frame` with one information byte flipped: its FCS no longer matches.
+fn damaged(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = frame.len() - 5;
+    frame[at] ^= 0x5A;
+    frame
+}
+
+const ANSWER: [u8; 7] = [0xC4, 0x01, 0xC1, 0x00, 0x12, 0x59, 0xE4];
+
+fn recovery(retries: u32, repeatable: bool) -> Recovery {
+    Recovery {
+        timeout: Duration::from_millis(300),
+        retries,
+        repeatable,
+    }
+}
+
+async fn open_scripted(
+    script: Vec<Vec<u8>>,
+) -> (ClientLink<tokio::io::DuplexStream>, Arc<Mutex<Vec<Frame>>>) {
+    let (io, seen) = recording_meter(script);
+    let mut link = ClientLink::hdlc(io, address(2, 17), LinkParams::default()).expect("address");
+    timeout(STEP, link.open())
+        .await
+        .expect("in time")
+        .expect("open");
+    (link, seen)
+}
+
+fn controls(seen: &Arc<Mutex<Vec<Frame>>>) -> Vec<Control> {
+    seen.lock()
+        .expect("log")
+        .iter()
+        .map(|f| f.control)
+        .collect()
+}
+
+#[tokio::test]
+async fn damaged_answer_is_polled_with_rr_and_the_retransmission_taken() {
+    let (mut link, seen) = open_scripted(vec![
+        ua(),
+        damaged(i_frame(0, 1, &ANSWER)),
+        i_frame(0, 1, &ANSWER),
+    ])
+    .await;
+    let r = timeout(
+        STEP,
+        link.exchange_recovering(&GET_VOLTAGE, recovery(3, true)),
+    )
+    .await
+    .expect("in time")
+    .expect("recovered");
+    assert_eq!(r, ANSWER);
+    assert_eq!(link.recoveries(), 1);
+    assert_eq!(
+        controls(&seen)[1..],
+        [
+            Control::I {
+                ns: 0,
+                nr: 0,
+                pf: true
+            },
+            Control::Rr { nr: 0, pf: true }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn missed_request_is_resent_with_the_same_sequence_numbers() {
+    let (mut link, seen) =
+        open_scripted(vec![ua(), Vec::new(), rr(0), i_frame(0, 1, &ANSWER)]).await;
+    let r = timeout(
+        STEP,
+        link.exchange_recovering(&GET_VOLTAGE, recovery(3, true)),
+    )
+    .await
+    .expect("in time")
+    .expect("recovered");
+    assert_eq!(r, ANSWER);
+    let frames = seen.lock().expect("log").clone();
+    assert_eq!(frames.len(), 4);
+    assert_eq!(frames[3], frames[1], "same frame, same N(S)/N(R)");
+    assert_eq!(frames[2].control, Control::Rr { nr: 0, pf: true });
+}
+
+#[tokio::test]
+async fn lost_answer_is_asked_again_as_a_new_i_frame() {
+    let (mut link, seen) =
+        open_scripted(vec![ua(), Vec::new(), rr(1), i_frame(1, 2, &ANSWER)]).await;
+    let r = timeout(
+        STEP,
+        link.exchange_recovering(&GET_VOLTAGE, recovery(3, true)),
+    )
+    .await
+    .expect("in time")
+    .expect("recovered");
+    assert_eq!(r, ANSWER);
+    assert_eq!(
+        controls(&seen)[1..],
+        [
+            Control::I {
+                ns: 0,
+                nr: 0,
+                pf: true
+            },
+            Control::Rr { nr: 0, pf: true },
+            // The lost answer's sequence number is skipped.
+            Control::I {
+                ns: 1,
+                nr: 1,
+                pf: true
+            },
+        ]
+    );
+    // A non-repeatable request (ACTION) is not executed twice.
+    let (mut link, _) = open_scripted(vec![ua(), Vec::new(), rr(1)]).await;
+    let r = timeout(
+        STEP,
+        link.exchange_recovering(&GET_VOLTAGE, recovery(3, false)),
+    )
+    .await
+    .expect("in time");
+    assert!(matches!(r, Err(Error::AnswerLost)), "{r:?}");
+}
+
+#[tokio::test]
+async fn duplicate_i_frame_is_acknowledged_and_dropped() {
+    let mut twice = i_frame(0, 1, &ANSWER);
+    twice.extend(i_frame(0, 1, &ANSWER));
+    let (mut link, seen) =
+        open_scripted(vec![ua(), twice, i_frame(1, 2, &ANSWER), Vec::new()]).await;
+    for _ in 0..2 {
+        let r = timeout(
+            STEP,
+            link.exchange_recovering(&GET_VOLTAGE, recovery(3, true)),
+        )
+        .await
+        .expect("in time")
+        .expect("answer");
+        assert_eq!(r, ANSWER);
+    }
+    let ClientLink::Hdlc(h) = &link else {
+        unreachable!("hdlc link")
+    };
+    assert_eq!(h.duplicates(), 1);
+    assert_eq!(link.recoveries(), 0);
+    assert!(controls(&seen).contains(&Control::Rr { nr: 1, pf: true }));
+}
+
+#[tokio::test]
+async fn silence_exhausts_the_retries_and_kills_the_link() {
+    let (mut link, seen) = open_scripted(vec![ua(), Vec::new(), Vec::new(), Vec::new()]).await;
+    let r = timeout(
+        STEP,
+        link.exchange_recovering(&GET_VOLTAGE, recovery(2, true)),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        matches!(r, Err(Error::NoAnswer { attempts: 2, .. })),
+        "{r:?}"
+    );
+    assert_eq!(controls(&seen).len(), 4, "request and two polls");
+    let r = link
+        .exchange_recovering(&GET_VOLTAGE, recovery(2, true))
+        .await;
+    assert!(matches!(r, Err(Error::NotOpen)), "{r:?}");
 }

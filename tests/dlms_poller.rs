@@ -6,11 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use dlms_bridge::config::{DlmsTransport, MeterConfig};
+use dlms_bridge::dlms::apdu::{AttrRef, Data, MethodRef};
+use dlms_bridge::dlms::obis::ObisCode;
 use dlms_bridge::model::{Record, RecordKind};
-use dlms_bridge::sources::dlms::apdu::{AttrRef, Data, MethodRef};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
-use dlms_bridge::sources::dlms::{spawn_meter, CommandError};
+use dlms_bridge::sim::{spawn_meters, SimOptions};
+use dlms_bridge::sources::meters::{spawn_meter, CommandError};
 use dlms_bridge::sources::SourceEvent;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -87,7 +87,7 @@ struct Poller {
     rx: mpsc::Receiver<SourceEvent>,
     tracker: TaskTracker,
     cancel: CancellationToken,
-    handle: dlms_bridge::sources::dlms::MeterHandle,
+    handle: dlms_bridge::sources::meters::MeterHandle,
 }
 
 impl Poller {
@@ -312,5 +312,58 @@ async fn rpc_commands_run_on_the_poll_association() {
         timeout(WAIT, h.get(relay)).await.expect("in time"),
         Err(CommandError::Stopped)
     );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn clock_drift_is_reported_and_sync_clock_needs_rpc_write() {
+    let sim = Sim::start(0, DlmsTransport::Hdlc).await;
+    // Default: writes disabled.
+    let mut p = Poller::start(meter_cfg("clock", sim.addr, DlmsTransport::Hdlc));
+    let first = p.until(is_ok_telemetry).await;
+    let values = &first
+        .iter()
+        .find(|r| is_ok_telemetry(r))
+        .expect("ok telemetry")
+        .payload["values"];
+    let drift = values["clock_drift_s"]
+        .as_f64()
+        .expect("drift on the first poll");
+    assert!(
+        drift.abs() < 5.0,
+        "simulator follows the host clock: {drift}"
+    );
+    let h = p.handle.clone();
+    let r = timeout(WAIT, h.sync_clock()).await.expect("in time");
+    assert_eq!(r, Err(CommandError::WritesDisabled));
+    let rpc = dlms_bridge::downlink::meter_rpc(
+        &h,
+        &dlms_bridge::model::RpcRequest {
+            device: "clock".into(),
+            id: 1,
+            method: "sync_clock".into(),
+            params: Value::Null,
+        },
+    )
+    .await;
+    assert!(
+        rpc["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rpc_write")),
+        "{rpc}"
+    );
+    p.stop().await;
+    // Enabled: the clock is written on the poll association.
+    let mut cfg = meter_cfg("clock", sim.addr, DlmsTransport::Hdlc);
+    cfg.rpc_write = dlms_bridge::config::RpcWrite::All(true);
+    let mut p = Poller::start(cfg);
+    p.until(is_ok_telemetry).await;
+    let drift = timeout(WAIT, p.handle.sync_clock())
+        .await
+        .expect("in time")
+        .expect("clock set");
+    assert!(drift.abs() < 5.0, "{drift}");
+    p.until(is_ok_telemetry).await;
+    p.stop().await;
     sim.stop().await;
 }

@@ -7,12 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use dlms_bridge::config::DlmsTransport;
-use dlms_bridge::sources::dlms::apdu::{
+use dlms_bridge::dlms::apdu::{
     self, AarqParams, AttrRef, Conformance, Data, DataAccessResult, GetResponse, MethodRef,
 };
-use dlms_bridge::sources::dlms::link::{ClientLink, LinkAddress, LinkParams};
-use dlms_bridge::sources::dlms::obis::ObisCode;
-use dlms_bridge::sources::dlms::simulator::{self, SimOptions};
+use dlms_bridge::dlms::obis::ObisCode;
+use dlms_bridge::sim::{self as simulator, SimOptions};
+use dlms_bridge::sources::meters::link::{ClientLink, LinkAddress, LinkParams};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -476,7 +476,7 @@ async fn fault_injection_drops_and_swallows_requests() {
     .await
     .expect("in time");
     assert!(
-        matches!(r, Err(dlms_bridge::sources::dlms::link::Error::Closed)),
+        matches!(r, Err(dlms_bridge::sources::meters::link::Error::Closed)),
         "{r:?}"
     );
     sim.stop().await;

@@ -509,6 +509,12 @@ fn default_attribute() -> i8 {
     2
 }
 
+/// Default recovery attempts per request before a meter's association is declared dead.
+pub const DEFAULT_METER_RETRIES: u32 = 3;
+
+/// Most recovery attempts per request a meter may be configured with.
+pub const MAX_METER_RETRIES: u32 = 10;
+
 /// One DLMS meter (or, with `database`, every meter listed in the original system's registry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -534,9 +540,12 @@ pub struct MeterConfig {
     pub password: Option<Secret>,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Per-request timeout.
+    /// Wait for each answer from the meter.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Recovery attempts per request (HDLC RR poll / re-send; wrapper re-send) before the
+    /// association is declared dead and opened again.
+    pub retries: u32,
     /// ThingsBoard profile; defaults to `DLMS Energy Meter`.
     pub device_type: Option<String>,
     /// Named register set (`default` = the five registers of the original system).
@@ -549,6 +558,13 @@ pub struct MeterConfig {
     /// Consecutive failed polls after which the meter is reported `disconnect`ed (with the
     /// reason in its health telemetry); it is `connect`ed again when it answers.
     pub disconnect_after: u32,
+    /// Profile generic objects (load profiles) read every `interval` and caught up after
+    /// outages.
+    pub profiles: Vec<ProfileConfig>,
+    /// Where profile read positions are kept: the store's directory (set by validation, not
+    /// a config key); `None` keeps them in memory only.
+    #[serde(skip)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `rpc_write`: `true`/`false`, or the OBIS codes `set`/`action` may touch.
@@ -559,10 +575,40 @@ pub enum RpcWrite {
     Obis(Vec<String>),
 }
 
+impl RpcWrite {
+    /// Whether RPCs may change the object `obis` (`sync_clock` asks for the clock's).
+    pub fn allows(&self, obis: &crate::dlms::obis::ObisCode) -> bool {
+        match self {
+            RpcWrite::All(b) => *b,
+            RpcWrite::Obis(list) => list
+                .iter()
+                .any(|o| o.parse::<crate::dlms::obis::ObisCode>().is_ok_and(|a| a == *obis)),
+        }
+    }
+}
+
 impl Default for RpcWrite {
     fn default() -> Self {
         RpcWrite::All(false)
     }
+}
+
+/// One Profile generic (class 7) of a meter, e.g. the load profile `1.0.99.1.0.255`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// OBIS code of the Profile generic object.
+    pub obis: String,
+    /// How often new entries are fetched (usually the capture period).
+    #[serde(with = "humantime_serde", default = "default_profile_interval")]
+    pub interval: Duration,
+    /// OBIS codes of the captured objects to send; empty = every column but the clock.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+fn default_profile_interval() -> Duration {
+    Duration::from_secs(900)
 }
 
 impl Default for MeterConfig {
@@ -581,11 +627,14 @@ impl Default for MeterConfig {
             password: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(5),
+            retries: DEFAULT_METER_RETRIES,
             device_type: None,
             profile: "default".into(),
             registers: Vec::new(),
             rpc_write: RpcWrite::default(),
             disconnect_after: 3,
+            profiles: Vec::new(),
+            state_dir: None,
         }
     }
 }

@@ -260,6 +260,29 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
             &m.rpc_write,
             &key("rpc_write"),
         ));
+        for (j, p) in m.profiles.iter().enumerate() {
+            let pkey = |k: &str| format!("meters[{i}].profiles[{j}].{k}");
+            if let Err(e) = parse_obis(&p.obis) {
+                errs.push(ConfigError::new(pkey("obis"), e));
+            }
+            if p.interval < Duration::from_secs(1) {
+                errs.push(ConfigError::new(pkey("interval"), "must be at least 1s"));
+            }
+            for (k, c) in p.columns.iter().enumerate() {
+                if let Err(e) = parse_obis(c) {
+                    errs.push(ConfigError::new(
+                        format!("meters[{i}].profiles[{j}].columns[{k}]"),
+                        e,
+                    ));
+                }
+            }
+        }
+        if m.retries > super::MAX_METER_RETRIES {
+            errs.push(ConfigError::new(
+                key("retries"),
+                format!("must be at most {}", super::MAX_METER_RETRIES),
+            ));
+        }
         if m.registers.is_empty() && m.profile != "default" {
             errs.push(ConfigError::new(
                 key("profile"),
@@ -305,6 +328,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         .parent()
         .map(|d| d.join("broker.db"))
         .unwrap_or_else(|| "broker.db".into());
+    let store_dir = raw
+        .store
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(std::path::Path::to_path_buf);
     Ok(Config {
         log_level: raw.log.level,
         log_format: raw.log.format,
@@ -317,7 +346,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         http: raw.http,
         http_listen,
         simulator: raw.simulator,
-        meters: raw.meters,
+        meters: raw
+            .meters
+            .into_iter()
+            .map(|m| MeterConfig {
+                // Profile read positions live beside the queue (same durability, same unit
+                // StateDirectory).
+                state_dir: Some(
+                    store_dir
+                        .clone()
+                        .unwrap_or_else(|| std::path::PathBuf::from(".")),
+                ),
+                ..m
+            })
+            .collect(),
         mappings: raw.mappings,
         gateway: raw.gateway,
     })

@@ -1,7 +1,16 @@
 //! What every source emits into the router: raw local MQTT publishes (mapped by the router) and
 //! ready-made records (meters map their own registers to keys). No I/O here.
 
-pub mod dlms;
+pub mod meters;
+
+/// The former path of the meter source, the DLMS protocol and the simulator (before the
+/// protocol / session / source / simulator split): kept so callers written against it still
+/// build. New code uses [`crate::dlms`], [`meters`] and [`crate::sim`].
+pub mod dlms {
+    pub use crate::dlms::{apdu, clock, hdlc, obis, wrapper};
+    pub use crate::sim as simulator;
+    pub use crate::sources::meters::*;
+}
 
 use std::sync::Arc;
 

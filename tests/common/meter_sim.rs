@@ -10,6 +10,12 @@ use tokio::time::timeout;
 /// Python start-up on a busy 2-core box is slow; still bounded.
 const START: Duration = Duration::from_secs(60);
 
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
 /// A Gurux meter child process; `kill_on_drop` ends it with the test.
 pub struct GuruxMeter {
     _child: tokio::process::Child,
@@ -20,10 +26,11 @@ impl GuruxMeter {
     /// Start it with extra `gurux_meter.py` arguments; returns once its banner says every
     /// listener is bound.
     pub async fn start(args: &[&str]) -> GuruxMeter {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
-            l.local_addr().expect("local addr").port()
-        };
+        Self::start_on(free_port(), args).await
+    }
+
+    /// Like `start`, on a given port (e.g. one a poller already tries in vain).
+    pub async fn start_on(port: u16, args: &[&str]) -> GuruxMeter {
         let mut child = tokio::process::Command::new("python3")
             .arg(super::meter_sim_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
