@@ -580,9 +580,10 @@ impl RpcWrite {
     pub fn allows(&self, obis: &crate::dlms::obis::ObisCode) -> bool {
         match self {
             RpcWrite::All(b) => *b,
-            RpcWrite::Obis(list) => list
-                .iter()
-                .any(|o| o.parse::<crate::dlms::obis::ObisCode>().is_ok_and(|a| a == *obis)),
+            RpcWrite::Obis(list) => list.iter().any(|o| {
+                o.parse::<crate::dlms::obis::ObisCode>()
+                    .is_ok_and(|a| a == *obis)
+            }),
         }
     }
 }

@@ -102,11 +102,7 @@ pub async fn status_json(ctx: &HttpContext) -> Value {
     // Connected clients come from the broker (address, protocol); what they published, and
     // clients seen publishing that have since left, from the live state.
     let seen = ctx.live.clients();
-    let connected = ctx
-        .broker
-        .as_ref()
-        .map(|b| b.clients())
-        .unwrap_or_default();
+    let connected = ctx.broker.as_ref().map(|b| b.clients()).unwrap_or_default();
     let mut clients: Vec<Value> = connected
         .iter()
         .map(|c| {
