@@ -23,6 +23,8 @@ fn config(dir: &Path, tb_port: u16, extra: &str) -> Config {
         r#"
 [broker]
 listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
 [thingsboard]
 port = {tb_port}
 access_token = "{TOKEN}"

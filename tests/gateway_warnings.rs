@@ -76,7 +76,7 @@ async fn each_kind_of_bad_input_is_logged_and_generated_client_ids_are_refused()
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = TbEmulator::start(TOKEN).await;
     let toml = format!(
-        "[broker]\nlisten = \"127.0.0.1:0\"\n[thingsboard]\nport = {}\naccess_token = \"{TOKEN}\"\n\
+        "[broker]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n[thingsboard]\nport = {}\naccess_token = \"{TOKEN}\"\n\
          reconnect_min = \"50ms\"\n[store]\npath = \"{}/queue.db\"\n",
         emu.port(),
         dir.path().display()
