@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::tb_emulator::TbEmulator;
 use dlms_bridge::app::{self, Running};
 use dlms_bridge::config::{self, Config};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "e2e-gateway-token";
@@ -49,32 +49,9 @@ async fn start(dir: &Path, emu: &TbEmulator, extra: &str) -> Running {
 /// A local MQTT 3.1.1 client connected to the bridge's broker; its event loop runs in a task.
 async fn local_client(running: &Running, id: &str, user: Option<&str>) -> AsyncClient {
     let addr = running.broker_addr.expect("broker enabled");
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    if let Some(u) = user {
-        opts.set_credentials(u, "");
-    }
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = AsyncClient::new(opts, 100);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    if let Some(t) = tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, rx)
+    common::local_client::connect(addr, id, user, WAIT, drop)
         .await
-        .expect("local client connects in time")
-        .expect("connack");
-    client
+        .0
 }
 
 async fn publish(c: &AsyncClient, topic: &str, payload: Value) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::tb_emulator::{Recorded, TbEmulator};
 use dlms_bridge::app::{self, Running};
 use dlms_bridge::config::{self, Config};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "gateway-e2e-token";
@@ -62,40 +62,12 @@ async fn local_client(
     tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
 ) {
     let addr = running.broker_addr.expect("broker enabled");
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    if let Some(u) = user {
-        opts.set_credentials(u, "");
-    }
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut el) = AsyncClient::new(opts, 100);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    if let Some(t) = tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let v = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&p.payload).into())
-                    });
-                    let _ = msg_tx.send((p.topic, v));
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, rx)
-        .await
-        .expect("local client connects in time")
-        .expect("connack");
-    (client, msg_rx)
+    common::local_client::connect(addr, id, user, WAIT, |p| {
+        let v = serde_json::from_slice(&p.payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into()));
+        (p.topic, v)
+    })
+    .await
 }
 
 async fn publish(c: &AsyncClient, topic: &str, payload: impl Into<Vec<u8>>) {

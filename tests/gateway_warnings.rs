@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::tb_emulator::TbEmulator;
 use dlms_bridge::app;
 use dlms_bridge::config;
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 
 const TOKEN: &str = "warn-token";
@@ -40,30 +40,9 @@ fn captured() -> String {
 }
 
 async fn client(addr: std::net::SocketAddr, id: &str) -> AsyncClient {
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (c, mut el) = AsyncClient::new(opts, 100);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    if let Some(t) = tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, rx)
+    common::local_client::connect(addr, id, None, WAIT, drop)
         .await
-        .expect("connects in time")
-        .expect("connack");
-    c
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::tb_emulator::TbEmulator;
 use http_support::*;
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
 
 const READ: &str = "read-token-1";
@@ -20,29 +20,9 @@ fn auth_section() -> String {
 }
 
 async fn local_client(addr: std::net::SocketAddr, id: &str) -> AsyncClient {
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = AsyncClient::new(opts, 100);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    if let Some(t) = tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, rx)
+    common::local_client::connect(addr, id, None, WAIT, drop)
         .await
-        .expect("local client connects in time")
-        .expect("connack");
-    client
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod broker_harness;
+pub mod local_client;
 pub mod meter_sim;
 pub mod tb_emulator;
 
