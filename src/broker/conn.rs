@@ -452,8 +452,11 @@ impl Conn {
             if buf.is_empty() && buf.capacity() > SHRINK_ABOVE_BYTES {
                 buf = BytesMut::with_capacity(INITIAL_BUF_BYTES);
             }
-            if !self.deliver() {
-                return End::Kicked;
+            match self.deliver() {
+                None => return End::Kicked,
+                // A full batch: more may be waiting; come back after this batch is written.
+                Some(full) if full => signal.notify.notify_one(),
+                Some(_) => {}
             }
             if !self.out.is_empty() {
                 if write_bounded(stream, &self.out, &signal.kick)
@@ -524,18 +527,19 @@ impl Conn {
         }
     }
 
-    /// Take what the session may send now and encode it. False when the session was taken over.
-    fn deliver(&mut self) -> bool {
+    /// Take what the session may send now and encode it. `None` when the session was taken
+    /// over; `Some(true)` when a full batch was taken (more may be queued).
+    fn deliver(&mut self) -> Option<bool> {
         let items = self.shared.state.lock().take_deliverable(
             &self.reg.client_id,
             self.reg.conn_id,
             std::time::Instant::now(),
-        );
-        let Some(items) = items else { return false };
+        )?;
+        let full = items.len() >= super::state::MAX_BATCH;
         for o in items {
             self.encode(o);
         }
-        true
+        Some(full)
     }
 
     /// Encode one outbound packet; a PUBLISH larger than the client's Maximum Packet Size is

@@ -22,6 +22,9 @@ use super::codec::Version;
 use super::topic::{self, FilterSpec, Tree};
 use super::ClientInfo;
 
+/// Most messages one connection takes from its queue at a time (see [`State::take_deliverable`]).
+pub const MAX_BATCH: usize = 64;
+
 /// Session expiry meaning "never" (MQTT 3.1.1 `clean_session = 0`, MQTT 5 `0xFFFFFFFF`).
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
@@ -459,8 +462,10 @@ impl State {
     }
 
     /// Take what connection `conn_id` may send now: queued messages up to its in-flight window
-    /// (QoS 1/2 get a packet id and enter the in-flight map). Expired messages are dropped.
-    /// `None` when the connection no longer owns the session.
+    /// (QoS 1/2 get a packet id and enter the in-flight map) and at most [`MAX_BATCH`] per call,
+    /// so a client that stops reading holds one small batch in its task, the rest stays in its
+    /// bounded queue. Expired messages are dropped. `None` when the connection no longer owns
+    /// the session.
     pub fn take_deliverable(
         &mut self,
         client_id: &str,
@@ -474,6 +479,9 @@ impl State {
         };
         let mut out = Vec::new();
         while let Some(front) = s.queue.front() {
+            if out.len() >= MAX_BATCH {
+                break;
+            }
             if front.msg.expired(now) {
                 s.queue.pop_front();
                 continue;
@@ -741,9 +749,18 @@ mod tests {
         client: &str,
         conn: u64,
     ) -> Vec<(String, String, u8, bool, Vec<usize>)> {
-        st.take_deliverable(client, conn, Instant::now())
-            .expect("owner")
-            .into_iter()
+        let mut all = Vec::new();
+        loop {
+            let batch = st
+                .take_deliverable(client, conn, Instant::now())
+                .expect("owner");
+            assert!(batch.len() <= MAX_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            all.extend(batch);
+        }
+        all.into_iter()
             .filter_map(|o| match o {
                 Out::Publish { q, .. } => Some((
                     q.msg.topic.clone(),
