@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::tb_emulator::{Recorded, TbEmulator};
 use dlms_bridge::app::{self, Running};
-use dlms_bridge::config::{self, Config};
+use dlms_bridge::config::Config;
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
@@ -19,26 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const METER_TYPE: &str = "DLMS Energy Meter";
 
 fn config(dir: &Path, tb_port: u16, extra: &str) -> Config {
-    let toml = format!(
-        r#"
-[broker]
-listen = "127.0.0.1:0"
-[http]
-listen = "127.0.0.1:0"
-[thingsboard]
-port = {tb_port}
-access_token = "{TOKEN}"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-[store]
-path = "{}/queue.db"
-[shutdown]
-grace = "5s"
-{extra}
-"#,
-        dir.display()
-    );
-    config::validate(config::load_str(&toml).expect("test config parses")).expect("valid")
+    common::bridge_config::test_config(dir, tb_port, TOKEN, extra)
 }
 
 async fn start(dir: &Path, emu: &TbEmulator, extra: &str) -> Running {

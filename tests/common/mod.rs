@@ -11,6 +11,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod bridge_config;
 pub mod broker_harness;
 pub mod local_client;
 pub mod meter_sim;

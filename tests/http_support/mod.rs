@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dlms_bridge::app::{self, Running};
-use dlms_bridge::config;
 use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -90,31 +89,7 @@ pub fn registry_rows(path: &Path) -> Vec<(String, String, u16)> {
 
 /// The bridge with `extra` TOML appended (meters, [http] tokens, ...). HTTP on an ephemeral port.
 pub async fn start(dir: &Path, emu: &TbEmulator, extra: &str) -> Running {
-    let toml = format!(
-        r#"
-[broker]
-listen = "127.0.0.1:0"
-[thingsboard]
-port = {}
-access_token = "{TOKEN}"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-[store]
-path = "{}/queue.db"
-[shutdown]
-grace = "5s"
-{extra}
-"#,
-        emu.port(),
-        dir.display()
-    );
-    let toml = if extra.contains("[http]") {
-        toml
-    } else {
-        format!("{toml}\n[http]\nlisten = \"127.0.0.1:0\"\n")
-    };
-    let cfg = config::validate(config::load_str(&toml).expect("test config parses"))
-        .expect("test config valid");
+    let cfg = crate::common::bridge_config::test_config(dir, emu.port(), TOKEN, extra);
     app::start(cfg).await.expect("bridge starts")
 }
 
