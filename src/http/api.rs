@@ -377,6 +377,17 @@ async fn pick_registry(s: &AppState, asked: Option<PathBuf>) -> Result<PathBuf, 
     }
 }
 
+/// The 409 for a name some running meter (of any origin) already has.
+async fn name_taken(s: &AppState, name: &str) -> Option<Response> {
+    s.ctx
+        .meters
+        .list()
+        .await
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| conflict_for(&m))
+}
+
 fn conflict_for(m: &MeterInfo) -> Response {
     let why = match m.origin {
         MeterOrigin::Config => format!(
@@ -428,15 +439,8 @@ pub async fn create_meter(State(s): State<AppState>, headers: HeaderMap, body: B
     let (Some(name), Some(host), Some(port)) = (b.name, b.host, b.port) else {
         return invalid(vec![field("body", "name, host and port are required")]);
     };
-    if let Some(m) = s
-        .ctx
-        .meters
-        .list()
-        .await
-        .into_iter()
-        .find(|m| m.name == name)
-    {
-        return conflict_for(&m);
+    if let Some(r) = name_taken(&s, &name).await {
+        return r;
     }
     let db = match pick_registry(&s, b.database).await {
         Ok(d) => d,
@@ -508,15 +512,8 @@ pub async fn update_meter(
     };
     let new_name = b.name.unwrap_or_else(|| m.name.clone());
     if new_name != m.name {
-        if let Some(other) = s
-            .ctx
-            .meters
-            .list()
-            .await
-            .into_iter()
-            .find(|o| o.name == new_name)
-        {
-            return conflict_for(&other);
+        if let Some(r) = name_taken(&s, &new_name).await {
+            return r;
         }
     }
     let host = b.host.unwrap_or(m.host.clone());
