@@ -1458,6 +1458,10 @@ struct Pipeline {
 }
 
 async fn pipeline() -> Pipeline {
+    pipeline_with(dlms_bridge::config::DEFAULT_COMMIT_INTERVAL).await
+}
+
+async fn pipeline_with(commit_interval: Duration) -> Pipeline {
     use dlms_bridge::config::{LocalConfig, StoreConfig};
     use dlms_bridge::router::mapping::MappingSet;
     use dlms_bridge::router::{Router, RouterInputs};
@@ -1465,6 +1469,7 @@ async fn pipeline() -> Pipeline {
     let db_path = dir.path().join("queue.db");
     let store = dlms_bridge::store::open(&StoreConfig {
         path: db_path.clone(),
+        commit_interval,
         ..StoreConfig::default()
     })
     .expect("store opens");
@@ -1557,6 +1562,56 @@ async fn puback_waits_until_the_router_has_committed_the_record() {
     assert_eq!(
         raw.recv_v4().await,
         Some(v4::Packet::PubRec(v4::PubRec::new(2)))
+    );
+}
+
+/// One publisher with many QoS 1 messages in flight, and a store whose commit window is an
+/// hour: only a group that reaches `COMMIT_EARLY_BYTES` commits. The router must keep handing
+/// what arrives to the store's open group while earlier records wait for their commit; had it
+/// waited for each commit before passing on the next batch (it did, and one publisher with a
+/// window of 1,000 was capped near 27,000 msg/s), no group would ever fill and no PUBACK come.
+#[tokio::test]
+async fn router_keeps_feeding_the_open_commit_group_while_a_commit_is_pending() {
+    const N: u16 = 800;
+    let p = pipeline_with(Duration::from_secs(3600)).await;
+    let mut raw = raw_v4_connected(p.broker.local_addr(), v4_connect("burst", 30, true)).await;
+    // ~250 bytes queued per message: 800 of them hold more than twice COMMIT_EARLY_BYTES.
+    let payload: &'static [u8] =
+        format!(r#"{{"deviceName":"Meter A","note":"{}"}}"#, "x".repeat(200))
+            .into_bytes()
+            .leak();
+    assert!(usize::from(N) * 200 > 2 * dlms_bridge::store::COMMIT_EARLY_BYTES);
+    for pkid in 1..=N {
+        raw.send_v4(publish_v4(
+            "v1/devices/me/telemetry",
+            QoS::AtLeastOnce,
+            pkid,
+            payload,
+        ))
+        .await;
+    }
+    // The first full group commits early: its PUBACKs come, in order.
+    let mut acked = 0u16;
+    while acked < 100 {
+        match timeout(Duration::from_secs(20), raw.recv_v4()).await {
+            Ok(Some(v4::Packet::PubAck(ack))) => {
+                acked += 1;
+                assert_eq!(ack.pkid, acked, "PUBACKs in publish order");
+            }
+            Ok(other) => panic!("expected PUBACK, got {other:?}"),
+            Err(_) => panic!("no commit group filled: {acked} PUBACKs within 20 s"),
+        }
+    }
+    // Acknowledged means durable; and one group held many enqueues (far more than 64 records,
+    // the most the router can take from its 64-slot input channel in one go).
+    let depth = p.store.stats().await.expect("stats").depth;
+    assert!(
+        depth >= u64::from(acked),
+        "{depth} rows for {acked} PUBACKs"
+    );
+    assert!(
+        depth > 64,
+        "one commit group gathered several enqueues: {depth}"
     );
 }
 

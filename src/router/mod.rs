@@ -11,7 +11,7 @@ pub mod expr;
 pub mod mapping;
 pub mod warn;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -31,12 +31,28 @@ use crate::store::StoreHandle;
 
 /// Most events folded into one store enqueue (one transaction).
 pub const MAX_EVENTS_PER_ENQUEUE: usize = 1024;
+/// Records the router keeps in flight to the store at once (submitted, commit not yet answered).
+/// One enqueue at a time would make everything that arrives during a commit wait for the next
+/// group: one publisher with a window of 1,000 messages was capped near 27,000 msg/s by that.
+/// With several in flight, new records join the store's open group at once, and that group
+/// commits early once it holds `store::COMMIT_EARLY_BYTES`. The bound is in records, not
+/// enqueues, so that many tiny enqueues cannot stall the router before the group is big enough
+/// to commit early (8,192 records are far more than 64 KiB); it also bounds what a QoS 0 flood
+/// can pile up in memory.
+pub const MAX_RECORDS_IN_FLIGHT: usize = 8 * MAX_EVENTS_PER_ENQUEUE;
 /// How often periodic report strategies are evaluated.
 const DUE_EVERY: Duration = Duration::from_millis(500);
 /// How often the router logs its counters at INFO.
 const STATS_EVERY: Duration = Duration::from_secs(60);
 /// Longest a malformed message is quoted in a log line.
 const LOG_SNIPPET: usize = 120;
+
+/// One enqueue handed to the store, awaiting its commit.
+struct InFlight {
+    done: crate::store::PendingEnqueue,
+    n: u64,
+    acks: Vec<Durable>,
+}
 
 /// Meter name → actor handle, replaced on reload; read (briefly, never across an await) to route
 /// an RPC.
@@ -178,7 +194,8 @@ impl Router {
         self.stats.clone()
     }
 
-    /// Runs until every source has gone (the events channel closed), then returns.
+    /// Runs until every source has gone (the events channel closed), then returns once every
+    /// enqueue it submitted has been answered.
     pub async fn run(mut self) {
         let mut due = tokio::time::interval(DUE_EVERY);
         due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -187,20 +204,33 @@ impl Router {
         let mut downlink_open = true;
         let mut reload_open = true;
         let mut batch = Vec::with_capacity(MAX_EVENTS_PER_ENQUEUE);
+        // Enqueues handed to the store and not yet committed, oldest first. Several may be in
+        // flight so that what arrives while one waits for its commit joins the store's open
+        // group at once instead of waiting for the next one (see `MAX_RECORDS_IN_FLIGHT`).
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut records_in_flight = 0usize;
         loop {
             tokio::select! {
-                n = self.events_rx.recv_many(&mut batch, MAX_EVENTS_PER_ENQUEUE) => {
+                // Oldest first: commits are answered in the order submitted.
+                res = async { (&mut in_flight.front_mut().expect("guarded").done).await },
+                    if !in_flight.is_empty() =>
+                {
+                    let f = in_flight.pop_front().expect("guarded");
+                    records_in_flight -= f.n as usize;
+                    self.committed(f.n, f.acks, res);
+                }
+                n = self.events_rx.recv_many(&mut batch, MAX_EVENTS_PER_ENQUEUE),
+                    if records_in_flight < MAX_RECORDS_IN_FLIGHT =>
+                {
                     if n == 0 {
                         break;
                     }
                     let (records, acks) = self.map_events(batch.drain(..));
                     let records = self.fit_packets(records);
-                    // Local QoS 1/2 publishers are acknowledged once this batch is durable
-                    // (acks fire when dropped), or never when the store refused it.
-                    if !self.enqueue(records).await {
-                        acks.iter().for_each(Durable::fail);
+                    if let Some(f) = self.submit(records, acks).await {
+                        records_in_flight += f.n as usize;
+                        in_flight.push_back(f);
                     }
-                    drop(acks);
                 }
                 dl = self.downlink_rx.recv(), if downlink_open => match dl {
                     Some(dl) => self.downlink(dl).await,
@@ -216,10 +246,17 @@ impl Router {
                 _ = due.tick() => {
                     let records = self.mappings.due(now_ms());
                     let records = self.fit_packets(records);
-                    self.enqueue(records).await;
+                    if let Some(f) = self.submit(records, Vec::new()).await {
+                        records_in_flight += f.n as usize;
+                        in_flight.push_back(f);
+                    }
                 }
                 _ = stats_tick.tick() => self.log_stats(),
             }
+        }
+        while let Some(f) = in_flight.pop_front() {
+            let res = f.done.await;
+            self.committed(f.n, f.acks, res);
         }
         self.log_stats();
         debug!("Router drained; all sources are gone.");
@@ -404,10 +441,15 @@ impl Router {
         out
     }
 
-    /// Make `records` durable. False when the store refused them (they are lost).
-    async fn enqueue(&self, records: Vec<Record>) -> bool {
+    /// Hand `records` to the store; `acks` (the completion handles of their local QoS 1/2
+    /// messages) are released by [`Router::committed`] once they are durable. `None` when there
+    /// was nothing to store or the store refused at once (then the acks are withheld: those
+    /// publishers never get a PUBACK for records that are lost).
+    async fn submit(&self, records: Vec<Record>, acks: Vec<Durable>) -> Option<InFlight> {
         if records.is_empty() {
-            return true;
+            // Nothing to make durable (unmatched or malformed messages): ack at once.
+            drop(acks);
+            return None;
         }
         let n = records.len() as u64;
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -415,17 +457,29 @@ impl Router {
                 debug!(device = %r.device, data = %r.payload, "Queued telemetry.");
             }
         }
-        match self.store.enqueue(records).await {
+        match self.store.submit(records).await {
+            Ok(done) => Some(InFlight { done, n, acks }),
+            Err(e) => {
+                self.committed(n, acks, Err(e));
+                None
+            }
+        }
+    }
+
+    /// The store answered an enqueue: count it and release (or withhold) its acks.
+    fn committed(&self, n: u64, acks: Vec<Durable>, res: Result<(), crate::store::Error>) {
+        match res {
             Ok(()) => {
                 self.stats.records_queued.fetch_add(n, Ordering::Relaxed);
-                true
             }
             Err(e) => {
                 self.stats.store_rejected.fetch_add(n, Ordering::Relaxed);
                 error!(error = %e, records = n, "Queue refused records; they are lost.");
-                false
+                acks.iter().for_each(Durable::fail);
             }
         }
+        // Dropping the handles sends the PUBACKs of the ones not failed.
+        drop(acks);
     }
 
     async fn downlink(&mut self, dl: Downlink) {

@@ -26,8 +26,10 @@
 //!
 //! Latency and throughput: every `enqueue` waits for its group's commit, up to one
 //! `commit_interval` plus the fsync. A group that reaches [`COMMIT_EARLY_BYTES`] commits at once,
-//! so one caller sending big batches one at a time (the router drains its input into one `Vec`)
-//! is not capped at one batch per interval; `benches/store.rs` measures both shapes.
+//! so a busy caller is not capped at one group per interval. A caller that must not wait for one
+//! commit before handing over its next records (the router) uses [`StoreHandle::submit`] and
+//! keeps several enqueues in flight; they join the open group as they come. `benches/store.rs`
+//! measures the shapes.
 //!
 //! `max_age` is measured on `created_ms`, the wall clock at commit. Stamps never go backwards,
 //! but a clock that jumps forward (a box without RTC syncing NTP after boot) makes older rows
@@ -36,8 +38,11 @@
 pub mod devices;
 mod sqlite;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -226,13 +231,26 @@ impl StoreHandle {
     /// means none of them was stored. `Error::Full` when `on_full = "drop_newest"` and the store
     /// is at its size cap (counted in `dropped_full`).
     pub async fn enqueue(&self, records: Vec<Record>) -> Result<(), Error> {
+        self.submit(records).await?.await
+    }
+
+    /// The first half of [`StoreHandle::enqueue`]: hands `records` to the worker (waiting only
+    /// while its request channel is full) and returns the commit still to be awaited. A caller
+    /// can so keep several enqueues in flight; they are committed in the order submitted, and
+    /// each [`PendingEnqueue`] resolves exactly as `enqueue` would have. Dropping it does not
+    /// withdraw the records.
+    pub async fn submit(&self, records: Vec<Record>) -> Result<PendingEnqueue, Error> {
         // Serialise here, on the caller's task: the worker thread is the bottleneck.
         let records = records
             .into_iter()
             .map(encode)
             .collect::<Result<Vec<_>, _>>()?;
-        self.call(|reply_tx| Request::Enqueue { records, reply_tx })
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.req_tx
+            .send(Request::Enqueue { records, reply_tx })
             .await
+            .map_err(|_| Error::Closed)?;
+        Ok(PendingEnqueue(reply_rx))
     }
 
     /// Up to `max_records` rows with `id > after_id`, oldest first. Rows this version cannot
@@ -285,6 +303,22 @@ impl StoreHandle {
             .await
             .map_err(|_| Error::Closed)?;
         reply_rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// A submitted enqueue whose commit is awaited (see [`StoreHandle::submit`]): resolves `Ok` once
+/// the records are committed, `Err` when none of them was stored.
+#[derive(Debug)]
+#[must_use = "the records are durable only once this resolves Ok"]
+pub struct PendingEnqueue(oneshot::Receiver<Result<(), Error>>);
+
+impl Future for PendingEnqueue {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
     }
 }
 
