@@ -598,9 +598,14 @@ impl Worker {
                 }
                 Ok(Some(req)) => req,
             };
-            let group = self.collect_group(rt, first);
-            if self.serve_group(group) == Flow::Stop {
-                return;
+            if first.is_read() {
+                // Never held for a commit, even when writes are waiting behind it.
+                self.serve_read(first);
+            } else {
+                let group = self.collect_group(rt, first);
+                if self.serve_group(group) == Flow::Stop {
+                    return;
+                }
             }
             if Instant::now() >= next_tick {
                 self.maintain();
@@ -627,9 +632,11 @@ impl Worker {
         let mut group = vec![first];
         let full =
             |bytes: usize, len: usize| len >= REQUEST_CHANNEL_CAPACITY || bytes >= MAX_GROUP_BYTES;
-        // Everything already waiting joins this transaction.
+        // Everything already waiting joins this transaction; reads are answered at once (one
+        // held until the commit would stall its caller, the uplink, for a whole interval).
         while !closing && !full(bytes, group.len()) {
             match self.req_rx.try_recv() {
+                Ok(req) if req.is_read() => self.serve_read(req),
                 Ok(req) => {
                     bytes += req.write_bytes();
                     writes += usize::from(req.is_write());
@@ -1001,6 +1008,102 @@ mod tests {
             None,
             "no news, no WARN"
         );
+    }
+
+    /// Reads already waiting behind a write when a group starts are answered at once, not
+    /// after that group's commit: the uplink's `next_batch` must never wait out an interval.
+    /// (The channel is filled before the worker starts, so the order is certain.)
+    #[test]
+    fn reads_queued_behind_a_write_are_not_held_for_its_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig {
+            path: dir.path().join("queue.db"),
+            commit_interval: Duration::from_secs(3600),
+            ..StoreConfig::default()
+        };
+        let (req_tx, req_rx) = mpsc::channel(8);
+        let (enq_tx, mut enq_rx) = oneshot::channel();
+        let (batch_tx, batch_rx) = oneshot::channel();
+        let (stats_tx, stats_rx) = oneshot::channel();
+        let (close_tx, close_rx) = oneshot::channel();
+        let record = encode(Record {
+            device: "Meter A".into(),
+            device_type: String::new(),
+            kind: crate::model::RecordKind::Telemetry,
+            payload: serde_json::json!({"v": 1}),
+        })
+        .expect("encode");
+        for req in [
+            Request::Enqueue {
+                records: vec![record],
+                reply_tx: enq_tx,
+            },
+            Request::NextBatch {
+                after_id: 0,
+                max_records: 10,
+                reply_tx: batch_tx,
+            },
+            Request::Stats { reply_tx: stats_tx },
+        ] {
+            req_tx.try_send(req).map_err(|_| "full").expect("queued");
+        }
+        let (committed_tx, _committed_rx) = watch::channel(0);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let limits = Limits::from_config(&cfg);
+        let path = cfg.path.clone();
+        let worker = std::thread::spawn(move || {
+            worker_main(
+                path,
+                limits,
+                Arc::new(now_ms),
+                req_rx,
+                committed_tx,
+                ready_tx,
+            )
+        });
+        ready_rx.recv().expect("worker ready").expect("store opens");
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let within = Duration::from_secs(20);
+            let batch = tokio::time::timeout(within, batch_rx).await;
+            let batch = batch
+                .expect("next_batch answered during the window")
+                .expect("reply");
+            assert!(
+                batch.expect("next_batch").is_empty(),
+                "nothing committed yet"
+            );
+            let stats = tokio::time::timeout(within, stats_rx).await;
+            let stats = stats
+                .expect("stats answered during the window")
+                .expect("reply");
+            assert_eq!(stats.expect("stats").depth, 0);
+            assert!(
+                enq_rx.try_recv().is_err(),
+                "the enqueue still waits for its commit"
+            );
+            // Close ends the window: the enqueue is committed, then answered.
+            req_tx
+                .send(Request::Close { reply_tx: close_tx })
+                .await
+                .map_err(|_| "closed")
+                .expect("close sent");
+            tokio::time::timeout(within, enq_rx)
+                .await
+                .expect("enqueue answered")
+                .expect("reply")
+                .expect("enqueue committed");
+            tokio::time::timeout(within, close_rx)
+                .await
+                .expect("close answered")
+                .expect("reply")
+                .expect("closed");
+        });
+        worker.join().expect("worker ends");
     }
 
     #[test]
