@@ -489,7 +489,17 @@ impl Conn {
                 }
                 r = stream.read_buf(&mut buf), if can_read => match r {
                     Ok(0) => return End::Lost("closed by client"),
-                    Ok(_) => deadline = Instant::now() + self.keep_alive,
+                    Ok(_) => {
+                        deadline = Instant::now() + self.keep_alive;
+                        #[cfg(target_os = "linux")]
+                        if !self.pending.is_empty() {
+                            // Our PUBACKs wait for the commit, and Linux delays its TCP ACK to
+                            // piggyback it on them: a client with Nagle on (rumqttc's and
+                            // paho's default) then holds its next publishes until our PUBACKs
+                            // go out, up to a whole commit interval. ACK at once instead.
+                            let _ = stream.set_quickack(true);
+                        }
+                    }
                     Err(_) => return End::Lost("read failed"),
                 },
                 _ = signal.notify.notified() => {}
