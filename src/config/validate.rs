@@ -213,7 +213,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
 
     let mut names = HashSet::new();
+    let mut hls_keys: Vec<Option<HlsKeys>> = Vec::with_capacity(raw.meters.len());
     for (i, m) in raw.meters.iter().enumerate() {
+        match resolve_hls(m, &format!("meters[{i}]")) {
+            Ok(k) => hls_keys.push(k),
+            Err(e) => {
+                errs.extend(e);
+                hls_keys.push(None);
+            }
+        }
         let key = |k: &str| format!("meters[{i}].{k}");
         if m.database.is_some() {
             if !m.name.is_empty() || !m.host.is_empty() {
@@ -349,7 +357,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         meters: raw
             .meters
             .into_iter()
-            .map(|m| MeterConfig {
+            .zip(hls_keys)
+            .map(|(m, hls)| MeterConfig {
+                hls,
                 // Profile read positions live beside the queue (same durability, same unit
                 // StateDirectory).
                 state_dir: Some(
@@ -363,6 +373,160 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         mappings: raw.mappings,
         gateway: raw.gateway,
     })
+}
+
+/// The HLS-GMAC keys of meter `m` (config key prefix `at`, e.g. `meters[0]`): from its own keys
+/// and its `key_file` (owner-readable only), each given exactly once, as hex of the right size.
+/// `None` for other `auth` values, which must not carry keys. Messages never quote a key.
+fn resolve_hls(m: &MeterConfig, at: &str) -> Result<Option<HlsKeys>, Vec<ConfigError>> {
+    let key = |k: &str| format!("{at}.{k}");
+    let mut errs = Vec::new();
+    let given = [
+        ("authentication_key", m.authentication_key.is_some()),
+        ("block_cipher_key", m.block_cipher_key.is_some()),
+        ("system_title", m.system_title.is_some()),
+        ("key_file", m.key_file.is_some()),
+    ];
+    if m.auth != DlmsAuth::HlsGmac {
+        for (k, set) in given {
+            if set {
+                errs.push(ConfigError::new(
+                    key(k),
+                    "is only used with auth = \"hls-gmac\"",
+                ));
+            }
+        }
+        return if errs.is_empty() { Ok(None) } else { Err(errs) };
+    }
+    let mut from_file: std::collections::HashMap<String, String> = Default::default();
+    if let Some(path) = &m.key_file {
+        match read_key_file(path) {
+            Ok(map) => from_file = map,
+            Err(message) => return Err(vec![ConfigError::new(key("key_file"), message)]),
+        }
+    }
+    let mut pick = |name: &str, inline: Option<&str>, len: usize| -> Option<Vec<u8>> {
+        let file = from_file.remove(name);
+        let (value, where_) = match (inline, file) {
+            (Some(_), Some(_)) => {
+                errs.push(ConfigError::new(
+                    key(name),
+                    "is set both here and in key_file: keep one",
+                ));
+                return None;
+            }
+            (Some(v), None) => (v.to_string(), key(name)),
+            (None, Some(v)) => (v, format!("{} ({name})", key("key_file"))),
+            (None, None) => {
+                errs.push(ConfigError::new(
+                    key(name),
+                    format!("auth = \"hls-gmac\" needs {name} (here or in key_file)"),
+                ));
+                return None;
+            }
+        };
+        match parse_hex(&value, len) {
+            Some(b) => Some(b),
+            None => {
+                errs.push(ConfigError::new(
+                    where_,
+                    format!("must be {len} bytes written as {} hex digits", 2 * len),
+                ));
+                None
+            }
+        }
+    };
+    let ak = pick(
+        "authentication_key",
+        m.authentication_key.as_ref().map(Secret::expose),
+        16,
+    );
+    let ek = pick(
+        "block_cipher_key",
+        m.block_cipher_key.as_ref().map(Secret::expose),
+        16,
+    );
+    let st = pick("system_title", m.system_title.as_deref(), 8);
+    for unknown in from_file.keys() {
+        errs.push(ConfigError::new(
+            key("key_file"),
+            format!("unknown key `{unknown}` (known: authentication_key, block_cipher_key, system_title)"),
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    match (ak, ek, st) {
+        (Some(ak), Some(ek), Some(st)) => {
+            let mut keys = crate::dlms::ciphering::Keys {
+                block_cipher: [0; 16],
+                authentication: [0; 16],
+            };
+            keys.authentication.copy_from_slice(&ak);
+            keys.block_cipher.copy_from_slice(&ek);
+            let mut system_title = [0u8; 8];
+            system_title.copy_from_slice(&st);
+            Ok(Some(HlsKeys { keys, system_title }))
+        }
+        _ => Err(vec![ConfigError::new(key("auth"), "incomplete HLS keys")]),
+    }
+}
+
+/// `len` bytes from hex digits (spaces and colons between bytes allowed).
+fn parse_hex(s: &str, len: usize) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b':' | b'-'))
+        .collect();
+    if digits.len() != 2 * len {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|p| {
+            let d = std::str::from_utf8(p).ok()?;
+            u8::from_str_radix(d, 16).ok()
+        })
+        .collect()
+}
+
+/// A key file: `name = value` lines (TOML strings or bare hex), `#` comments. Refused when
+/// group or others may read it. The error text never quotes a value.
+fn read_key_file(
+    path: &std::path::Path,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    crate::uplink::tls::check_key_permissions(path).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!(
+                "{} line {}: expected `name = value`",
+                path.display(),
+                n + 1
+            ));
+        };
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(v);
+        if out.insert(k.trim().to_string(), v.to_string()).is_some() {
+            return Err(format!(
+                "{} line {}: `{}` given twice",
+                path.display(),
+                n + 1,
+                k.trim()
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
