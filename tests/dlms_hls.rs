@@ -241,3 +241,256 @@ async fn poller_telemetry_over_hls_on_the_wrapper() {
     let ics = poll_twice(&mut sim, cfg).await;
     assert!(ics.len() >= 4, "{ics:?}");
 }
+
+/// Log lines written by the code under test, for assertions.
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+/// With a wrong key the meter refuses us: the poll reports the HLS failure, an ERROR names the
+/// meter and the keys to check, no key appears in any log line, and the meter sees one
+/// association attempt, not a retry storm.
+async fn wrong_key(ak: &str, ek: &str) {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sim = Sim::start_hls(free_port(), &sim_args(DlmsTransport::Hdlc)).await;
+    let mut cfg = meter(sim.port, DlmsTransport::Hdlc, keys(ak, ek), dir.path());
+    cfg.interval = Duration::from_millis(50);
+    assert!(!format!("{cfg:?}").contains(ak) && !format!("{cfg:?}").contains(ek));
+    let mut run = Run::start(cfg);
+    let v = run.next_poll().await;
+    assert_eq!(v["poll_ok"], Value::Bool(false), "{v:?}");
+    let err = v["last_error"].as_str().expect("last_error");
+    assert!(err.contains("HLS authentication failed"), "{err}");
+    assert!(err.contains("authentication_key"), "{err}");
+    // A storm would associate every 50 ms; a permanent failure waits at least 30 s.
+    let window = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < window {
+        if let Ok(Some(SourceEvent::Records(r))) =
+            timeout(window - Instant::now(), run.rx.recv()).await
+        {
+            assert!(
+                r.iter().all(|r| r.kind != RecordKind::Telemetry),
+                "another poll during the backoff: {r:?}"
+            );
+        }
+    }
+    run.stop().await;
+    let (mut ics, mut other) = (Vec::new(), Vec::new());
+    accepted_counters(&mut sim, &mut ics, &mut other);
+    let attempts = other.iter().filter(|l| *l == "aarq").count();
+    assert_eq!(attempts, 1, "association attempts: {other:?}");
+    let text = logs.text();
+    let error_line = text
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("HLS authentication failed"))
+        .unwrap_or_else(|| panic!("no ERROR about HLS in {text}"));
+    assert!(error_line.contains("HLS Meter"), "{error_line}");
+    for key in [AK, EK, "d0d1d2d3d4d5d6d7", "0001020304050607"] {
+        assert!(
+            !text.to_uppercase().contains(&key.to_uppercase()),
+            "key material {key} in the logs"
+        );
+    }
+    for key in [ak, ek] {
+        assert!(!text.to_uppercase().contains(&key.to_uppercase()));
+    }
+}
+
+#[tokio::test]
+async fn wrong_authentication_key_is_a_clear_error_without_retry_storm() {
+    wrong_key("D0D1D2D3D4D5D6D7D8D9DADBDCDDDE00", EK).await;
+}
+
+#[tokio::test]
+async fn wrong_block_cipher_key_is_a_clear_error_without_retry_storm() {
+    wrong_key(AK, "000102030405060708090A0B0C0D0E00").await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_dlms-bridge");
+
+/// Run the binary (blocking, off the runtime's thread); (exit code, stdout, stderr).
+async fn run_bin(args: Vec<String>) -> (i32, String, String) {
+    let out = timeout(
+        STEP,
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(&args)
+                .env_remove("RUST_LOG")
+                .env_remove("DLMS_BRIDGE_READ_PASSWORD")
+                .output()
+                .expect("run dlms-bridge")
+        }),
+    )
+    .await
+    .expect("dlms-bridge finished in time")
+    .expect("join");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[tokio::test]
+async fn read_cli_with_hls_gmac_keys_and_key_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start_hls(free_port(), &sim_args(DlmsTransport::Hdlc)).await;
+    let counter = dir.path().join("read.ic");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sim.port.to_string(),
+            "--client-address",
+            "1",
+            "--auth",
+            "hls-gmac",
+            "--counter-file",
+            &counter.display().to_string(),
+            "--obis",
+            "1.0.32.7.0.255",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let (code, out, err) = run_bin(base(&[
+        "--authentication-key",
+        AK,
+        "--block-cipher-key",
+        EK,
+        "--system-title",
+        CLIENT_TITLE,
+    ]))
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("voltage_l1") && l.ends_with(" V")),
+        "{out}"
+    );
+    assert!(!out.contains(AK) && !err.contains(AK), "{out}{err}");
+
+    // The same from a key file (TOML-style quoting); the counter file makes the second run
+    // continue above the first, which the meter checks.
+    let keys = dir.path().join("meter.keys");
+    let text = format!(
+        "# HLS keys\nauthentication_key = \"{AK}\"\nblock_cipher_key = \"{EK}\"\nsystem_title = {CLIENT_TITLE}\n"
+    );
+    write_mode(&keys, &text, 0o600);
+    let with_file = base(&["--key-file", &keys.display().to_string()]);
+    let (code, out, err) = run_bin(with_file.clone()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("voltage_l1"), "{out}");
+
+    // Readable by others: refused, naming the file, before any connection.
+    write_mode(&keys, &text, 0o644);
+    let (code, out, err) = run_bin(with_file).await;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("--key-file") && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    // A wrong key: the clear error, non-zero exit.
+    let (code, out, err) = run_bin(base(&[
+        "--authentication-key",
+        AK,
+        "--block-cipher-key",
+        "000102030405060708090A0B0C0D0E00",
+        "--system-title",
+        CLIENT_TITLE,
+    ]))
+    .await;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("HLS authentication failed"), "{err}");
+}
+
+#[tokio::test]
+async fn config_key_file_mode_and_bad_keys_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("meter.keys");
+    let user = dlms_bridge::config::preflight::current_user();
+    let config = |meter: &str| {
+        let p = dir.path().join("config.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[thingsboard]\naccess_token = \"t0k\"\n[store]\npath = \"{}\"\n\
+                 [[meters]]\nname = \"HLS Meter\"\nhost = \"127.0.0.1\"\nport = 4059\n\
+                 auth = \"hls-gmac\"\n{meter}",
+                dir.path().join("q.db").display()
+            ),
+        )
+        .expect("write config");
+        vec![
+            "--config".to_string(),
+            p.display().to_string(),
+            "check-config".into(),
+            "--as-user".into(),
+            user.clone(),
+        ]
+    };
+    let key_file = format!("key_file = \"{}\"\n", keys.display());
+    write_mode(
+        &keys,
+        &format!(
+            "authentication_key = {AK}\nblock_cipher_key = {EK}\nsystem_title = {CLIENT_TITLE}\n"
+        ),
+        0o640,
+    );
+    let (code, out, err) = run_bin(config(&key_file)).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("meters[0].key_file") && err.contains("readable by group or others"),
+        "{err}"
+    );
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let (code, out, err) = run_bin(config(&key_file)).await;
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Keys in the config: a short one is named, never quoted; a missing one is named.
+    let (code, out, err) = run_bin(config(&format!(
+        "authentication_key = \"D0D1D2\"\nblock_cipher_key = \"{EK}\"\n"
+    )))
+    .await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("meters[0].authentication_key"), "{err}");
+    assert!(err.contains("meters[0].system_title"), "{err}");
+    assert!(!err.contains("D0D1D2") && !err.contains(EK), "{err}");
+}

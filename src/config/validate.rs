@@ -378,7 +378,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
 /// The HLS-GMAC keys of meter `m` (config key prefix `at`, e.g. `meters[0]`): from its own keys
 /// and its `key_file` (owner-readable only), each given exactly once, as hex of the right size.
 /// `None` for other `auth` values, which must not carry keys. Messages never quote a key.
-fn resolve_hls(m: &MeterConfig, at: &str) -> Result<Option<HlsKeys>, Vec<ConfigError>> {
+pub fn resolve_hls(m: &MeterConfig, at: &str) -> Result<Option<HlsKeys>, Vec<ConfigError>> {
     let key = |k: &str| format!("{at}.{k}");
     let mut errs = Vec::new();
     let given = [
