@@ -618,6 +618,90 @@ pub fn check_topic_filter(f: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn hls_meter(extra: &str) -> String {
+        format!("[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 4059\nauth = \"hls-gmac\"\n{extra}")
+    }
+
+    #[test]
+    fn hls_keys_resolve_from_config_or_key_file_and_are_never_quoted() {
+        let ok = hls_meter(
+            "authentication_key = \"D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\"\n\
+             block_cipher_key = \"00 01 02 03 04 05 06 07 08 09 0A 0B 0C 0D 0E 0F\"\n\
+             system_title = \"4D4D4D0000BC614E\"\n",
+        );
+        let c = validate(load_str(&ok).expect("parses")).expect("valid");
+        let hls = c.meters[0].hls.as_ref().expect("resolved");
+        assert_eq!(hls.keys.authentication[0], 0xD0);
+        assert_eq!(hls.keys.block_cipher[15], 0x0F);
+        assert_eq!(hls.system_title, [0x4D, 0x4D, 0x4D, 0, 0, 0xBC, 0x61, 0x4E]);
+        let shown = format!("{:?}", c.meters[0]);
+        assert!(!shown.contains("D0D1") && !shown.contains("208"), "{shown}");
+
+        let errs = validate(
+            load_str(&hls_meter(
+                "authentication_key = \"D0D1XX\"\nsystem_title = \"4D4D\"\n",
+            ))
+            .expect("parses"),
+        )
+        .expect_err("bad keys");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "meters[0].authentication_key",
+                "meters[0].block_cipher_key",
+                "meters[0].system_title"
+            ]
+        );
+        assert!(errs.iter().all(|e| !e.message.contains("D0D1XX")));
+
+        let errs = validate(
+            load_str(
+                "[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 1\nblock_cipher_key = \"00\"\n",
+            )
+            .expect("parses"),
+        )
+        .expect_err("keys without hls");
+        assert_eq!(errs[0].key, "meters[0].block_cipher_key");
+        assert!(errs[0].message.contains("hls-gmac"));
+
+        // A key file: owner-only, its keys merged, none given twice, nothing unknown.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("keys");
+        std::fs::write(
+            &f,
+            "# meter 1\nauthentication_key = \"D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\"\n\
+             block_cipher_key = 000102030405060708090A0B0C0D0E0F\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with_file = |extra: &str| {
+            hls_meter(&format!(
+                "key_file = {:?}\nsystem_title = \"4D4D4D0000BC614E\"\n{extra}",
+                f.display().to_string()
+            ))
+        };
+        let c = validate(load_str(&with_file("")).expect("parses")).expect("valid");
+        assert_eq!(
+            c.meters[0].hls.as_ref().map(|h| h.keys.authentication[15]),
+            Some(0xDF)
+        );
+        let errs = validate(
+            load_str(&with_file(
+                "block_cipher_key = \"000102030405060708090A0B0C0D0E0F\"\n",
+            ))
+            .expect("parses"),
+        )
+        .expect_err("twice");
+        assert_eq!(errs[0].key, "meters[0].block_cipher_key");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let errs =
+            validate(load_str(&with_file("")).expect("parses")).expect_err("readable by others");
+        assert_eq!(errs[0].key, "meters[0].key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
+    }
+
     #[test]
     fn defaults_are_valid() {
         let c = validate(RawConfig::default()).expect("defaults validate");
