@@ -88,6 +88,29 @@ pub struct ReadArgs {
     /// LLS password; associates with low-level security when given.
     #[arg(long, env = "DLMS_BRIDGE_READ_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// `--auth` and the HLS-GMAC keys.
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    /// Per-request timeout.
+    #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "5s")]
+    pub timeout: Duration,
+}
+
+/// Authentication on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Auth {
+    /// No authentication (lowest level security).
+    None,
+    /// Low-level security: `--password`.
+    Lls,
+    /// High-level security with GMAC (security suite 0): keys and system title.
+    #[value(name = "hls-gmac")]
+    HlsGmac,
+}
+
+/// `dlms-bridge read` authentication beyond `--password`: `--auth` and the HLS-GMAC keys.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
     /// Authentication: `none`, `lls` (with `--password`) or `hls-gmac` (with the keys and
     /// `--system-title`, or `--key-file`). Default: `lls` when a password is given, else `none`.
     #[arg(long, value_enum)]
@@ -121,21 +144,6 @@ pub struct ReadArgs {
     /// current Unix time in seconds (grows between runs; see docs/DLMS.md).
     #[arg(long)]
     pub invocation_counter: Option<u32>,
-    /// Per-request timeout.
-    #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "5s")]
-    pub timeout: Duration,
-}
-
-/// Authentication on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Auth {
-    /// No authentication (lowest level security).
-    None,
-    /// Low-level security: `--password`.
-    Lls,
-    /// High-level security with GMAC (security suite 0): keys and system title.
-    #[value(name = "hls-gmac")]
-    HlsGmac,
 }
 
 /// Parse `--obis` values: a bare OBIS code is a register value (3/obis/2).
@@ -192,17 +200,17 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
         logical_address: args.logical_address,
         physical_address: args.physical_address,
         address_size: args.address_size,
-        auth: match (args.auth, &args.password) {
+        auth: match (args.security.auth, &args.password) {
             (Some(Auth::None), _) => DlmsAuth::None,
             (Some(Auth::Lls), _) | (None, Some(_)) => DlmsAuth::Lls,
             (Some(Auth::HlsGmac), _) => DlmsAuth::HlsGmac,
             (None, None) => DlmsAuth::None,
         },
         password: args.password.clone().map(Secret::new),
-        authentication_key: args.authentication_key.clone().map(Secret::new),
-        block_cipher_key: args.block_cipher_key.clone().map(Secret::new),
-        system_title: args.system_title.clone(),
-        key_file: args.key_file.clone(),
+        authentication_key: args.security.authentication_key.clone().map(Secret::new),
+        block_cipher_key: args.security.block_cipher_key.clone().map(Secret::new),
+        system_title: args.security.system_title.clone(),
+        key_file: args.security.key_file.clone(),
         timeout: args.timeout,
         retries: args.retries,
         ..MeterConfig::default()
@@ -223,17 +231,18 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
     };
     let counter = match cfg.auth {
         DlmsAuth::HlsGmac => {
-            let start = args.invocation_counter.unwrap_or_else(|| {
+            let start = args.security.invocation_counter.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_secs().min(u64::from(u32::MAX / 2)) as u32)
             });
             Some(
-                super::counter::InvocationCounter::shared(args.counter_file.clone(), start)
-                    .await
-                    .map_err(|e| {
-                        Error::Connect(poller::Error::Client(client::Error::Counter(e)))
-                    })?,
+                super::counter::InvocationCounter::shared(
+                    args.security.counter_file.clone(),
+                    start,
+                )
+                .await
+                .map_err(|e| Error::Connect(poller::Error::Client(client::Error::Counter(e))))?,
             )
         }
         _ => None,
