@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::meter_sim::{free_port, GuruxMeter as Sim};
 use dlms_bridge::config::{DlmsAuth, DlmsTransport, HlsKeys, MeterConfig};
+use dlms_bridge::dlms::apdu::DataAccessResult;
 use dlms_bridge::dlms::ciphering::Keys;
 use dlms_bridge::model::{Record, RecordKind};
 use dlms_bridge::sources::meters::client::ReadingValue;
@@ -115,6 +116,16 @@ async fn read_direct(transport: DlmsTransport) {
             }
         }
     }
+    // A SET goes out ciphered as well, and its (ciphered) answer is opened: the fixture's
+    // registers are read-only (Gurux's write path answers hardware-fault for them).
+    let denied = timeout(
+        STEP,
+        c.set(&regs[0].attr, &dlms_bridge::dlms::apdu::Data::U16(23000)),
+    )
+    .await
+    .expect("set in time")
+    .expect("set answered");
+    assert_ne!(denied, DataAccessResult::Success);
     timeout(STEP, c.release())
         .await
         .expect("release in time")
@@ -126,8 +137,8 @@ async fn read_direct(transport: DlmsTransport) {
         other.iter().any(|l| l == "hls pass3 accepted"),
         "pass 3 not accepted: {other:?}"
     );
-    // AARQ, pass 3 and the GETs: every request ciphered, counters strictly increasing.
-    assert!(ics.len() >= 4, "{ics:?}");
+    // AARQ, pass 3, the GETs and the SET: every request ciphered, counters strictly increasing.
+    assert!(ics.len() >= 5, "{ics:?}");
     assert!(ics.windows(2).all(|w| w[0] < w[1]), "{ics:?}");
 }
 
