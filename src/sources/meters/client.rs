@@ -1095,6 +1095,195 @@ mod tests {
         assert!(c.association().is_some());
     }
 
+    /// A meter side of HLS-GMAC built from our own ciphering, for the session's rules (the
+    /// interop with an independent meter is `tests/dlms_hls.rs`).
+    struct FakeHlsMeter {
+        keys: Keys,
+        title: [u8; 8],
+        client_title: [u8; 8],
+        ctos: Vec<u8>,
+        ic: u32,
+        /// What to break.
+        fault: Fault,
+        /// Requests seen (plain), for assertions.
+        seen: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        /// Every answer after the association reuses the previous counter.
+        Replay,
+        /// The GET answer comes plain.
+        PlainAnswer,
+        /// Pass 4 is computed over a wrong challenge.
+        BadPass4,
+        /// Pass 3 is refused.
+        RefusePass3,
+    }
+
+    const STOC: [u8; 8] = *b"StoC1234";
+
+    impl FakeHlsMeter {
+        fn new(fault: Fault) -> Self {
+            FakeHlsMeter {
+                keys: Keys {
+                    block_cipher: [7; 16],
+                    authentication: [9; 16],
+                },
+                title: *b"METER001",
+                client_title: *b"CLIENT01",
+                ctos: Vec::new(),
+                ic: 100,
+                fault,
+                seen: Vec::new(),
+            }
+        }
+
+        fn seal(&mut self, plain: &[u8]) -> Vec<u8> {
+            if self.fault != Fault::Replay || self.ic == 100 {
+                self.ic += 1;
+            }
+            ciphering::encrypt_glo(&self.keys, &self.title, self.ic, plain).expect("cipher")
+        }
+
+        fn answer(&mut self, req: &[u8]) -> Vec<u8> {
+            if req[0] == 0x60 {
+                let at = req
+                    .windows(4)
+                    .position(|w| w == [0xAC, 0x12, 0x80, 0x10])
+                    .expect("CtoS in the AARQ")
+                    + 4;
+                self.ctos = req[at..at + CTOS_LEN].to_vec();
+                let init = self.seal(&[
+                    0x08, 0x00, 0x06, 0x5F, 0x1F, 0x04, 0x00, 0x00, 0x18, 0x1D, 0x04, 0x00, 0x00,
+                    0x07,
+                ]);
+                let mut body = vec![0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01];
+                body.extend_from_slice(&[0x03, 0xA2, 0x03, 0x02, 0x01, 0x00]);
+                body.extend_from_slice(&[0xA3, 0x05, 0xA1, 0x03, 0x02, 0x01, 0x0E]);
+                body.extend_from_slice(&[0xA4, 0x0A, 0x04, 0x08]);
+                body.extend_from_slice(&self.title);
+                body.extend_from_slice(&[0xAA, 0x0A, 0x80, 0x08]);
+                body.extend_from_slice(&STOC);
+                body.extend_from_slice(&[0xBE, init.len() as u8 + 2, 0x04, init.len() as u8]);
+                body.extend_from_slice(&init);
+                let mut out = vec![0x61, body.len() as u8];
+                out.extend_from_slice(&body);
+                return out;
+            }
+            let (_, plain) = ciphering::decrypt(
+                &self.keys.block_cipher,
+                &self.keys.authentication,
+                &self.client_title,
+                req,
+            )
+            .expect("the client's request opens");
+            self.seen.push(plain.clone());
+            match plain[0] {
+                0xC3 => {
+                    let f_stoc = &plain[plain.len() - 17..];
+                    ciphering::verify_hls(&self.keys, &self.client_title, &STOC, f_stoc)
+                        .expect("pass 3 verifies");
+                    if self.fault == Fault::RefusePass3 {
+                        return self.seal(&[0xC7, 0x01, plain[2], 0x03, 0x00]);
+                    }
+                    let challenge = if self.fault == Fault::BadPass4 {
+                        b"other".to_vec()
+                    } else {
+                        self.ctos.clone()
+                    };
+                    let f = ciphering::hls_response(&self.keys, &self.title, 5, &challenge);
+                    let mut a = vec![0xC7, 0x01, plain[2], 0x00, 0x01, 0x00, 0x09, 0x11];
+                    a.extend_from_slice(&f);
+                    self.seal(&a)
+                }
+                _ => {
+                    let a = [0xC4, 0x01, plain[2], 0x00, 0x12, 0x59, 0xE4];
+                    if self.fault == Fault::PlainAnswer {
+                        a.to_vec()
+                    } else {
+                        self.seal(&a)
+                    }
+                }
+            }
+        }
+    }
+
+    impl Link for FakeHlsMeter {
+        async fn open(&mut self) -> std::result::Result<(), LinkError> {
+            Ok(())
+        }
+        async fn exchange(
+            &mut self,
+            apdu: &[u8],
+            rec: Recovery,
+        ) -> std::result::Result<Vec<u8>, LinkError> {
+            if apdu[0] != 0x60 {
+                assert!(!rec.repeatable, "a ciphered request must never be re-sent");
+            }
+            Ok(self.answer(apdu))
+        }
+        async fn close(&mut self) -> std::result::Result<(), LinkError> {
+            Ok(())
+        }
+    }
+
+    async fn hls_client(fault: Fault) -> DlmsClient<FakeHlsMeter> {
+        let meter = FakeHlsMeter::new(fault);
+        let security = Security {
+            keys: meter.keys.clone(),
+            system_title: meter.client_title,
+            counter: counter::InvocationCounter::shared(None, 1)
+                .await
+                .expect("counter"),
+        };
+        DlmsClient::new(
+            meter,
+            ClientSettings {
+                security: Some(security),
+                ..settings()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn hls_association_ciphers_every_request_and_checks_every_answer() {
+        let attr = regs()[0].attr;
+        let mut c = hls_client(Fault::None).await;
+        let aare = c.associate().await.expect("associate");
+        assert_eq!(aare.server_max_receive_pdu, 1024);
+        assert_eq!(c.get_one(&attr).await.expect("get"), Ok(Data::U16(23012)));
+        assert_eq!(c.get_one(&attr).await.expect("get"), Ok(Data::U16(23012)));
+        // pass 3 and two GETs reached the meter as plain APDUs inside ciphered ones.
+        let tags: Vec<u8> = c.link.seen.iter().map(|p| p[0]).collect();
+        assert_eq!(tags, [0xC3, 0xC0, 0xC0]);
+        let shown = format!("{:?}", c.settings);
+        assert!(!shown.contains("7, 7") && shown.contains("***"), "{shown}");
+
+        let mut c = hls_client(Fault::Replay).await;
+        let e = c.associate().await.expect_err("replayed counter in pass 4");
+        assert!(e.to_string().contains("replayed invocation counter"), "{e}");
+        assert!(e.is_permanent() && e.is_authentication());
+
+        let mut c = hls_client(Fault::PlainAnswer).await;
+        c.associate().await.expect("associate");
+        let e = c.get_one(&attr).await.expect_err("plain answer refused");
+        assert!(matches!(e, Error::Ciphered(_)), "{e}");
+        assert!(c.association().is_none(), "association dropped");
+
+        let mut c = hls_client(Fault::BadPass4).await;
+        let e = c.associate().await.expect_err("pass 4 must verify");
+        assert!(matches!(e, Error::HlsVerify(_)), "{e}");
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        assert!(c.association().is_none());
+
+        let mut c = hls_client(Fault::RefusePass3).await;
+        let e = c.associate().await.expect_err("pass 3 refused");
+        assert!(matches!(e, Error::HlsRefused(_)), "{e}");
+        assert!(e.to_string().contains("refused our response"), "{e}");
+    }
+
     #[test]
     fn list_capacity_follows_pdu() {
         let c = DlmsClient::new(
