@@ -2,8 +2,10 @@
 //! suite-0 cipher and known keys (`tests/fixtures/gurux_hls_meter.py`, built on the Gurux
 //! library, which also checks our invocation counters for replays and prints each one it
 //! accepts). Covers the four-pass association and ciphered GETs over HDLC and the wrapper,
-//! telemetry through the poller, wrong keys (clear error, bounded attempts), the invocation
-//! counter across a restart, `dlms-bridge read --auth hls-gmac`, and keys kept out of logs.
+//! telemetry through the poller and through the whole bridge to the ThingsBoard emulator, wrong
+//! keys (clear error, bounded attempts), the invocation counter across a restart of the meter
+//! actor and of the bridge, `dlms-bridge read --auth hls-gmac`, key file permissions, and keys
+//! kept out of logs.
 
 mod common;
 
@@ -504,4 +506,58 @@ async fn config_key_file_mode_and_bad_keys_exit_2_naming_the_key() {
     assert!(err.contains("meters[0].authentication_key"), "{err}");
     assert!(err.contains("meters[0].system_title"), "{err}");
     assert!(!err.contains("D0D1D2") && !err.contains(EK), "{err}");
+}
+
+/// The whole bridge, twice on the same queue directory: a `[[meters]]` entry with
+/// `auth = "hls-gmac"` and a key file, telemetry reaching the ThingsBoard emulator, and after
+/// the restart the invocation counter continues above the first run's (the meter accepts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_restart_continues_the_invocation_counter() {
+    use common::tb_emulator::TbEmulator;
+    const TOKEN: &str = "hls-gateway-token";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sim = Sim::start_hls(free_port(), &sim_args(DlmsTransport::Wrapper)).await;
+    let emu = TbEmulator::start(TOKEN).await;
+    let keys = dir.path().join("meter.keys");
+    write_mode(
+        &keys,
+        &format!("authentication_key = \"{AK}\"\nblock_cipher_key = \"{EK}\"\n"),
+        0o600,
+    );
+    let extra = format!(
+        "[[meters]]\nname = \"HLS Meter\"\nhost = \"127.0.0.1\"\nport = {}\n\
+         transport = \"wrapper\"\nclient_address = 1\ninterval = \"200ms\"\ntimeout = \"3s\"\n\
+         auth = \"hls-gmac\"\nsystem_title = \"{CLIENT_TITLE}\"\nkey_file = {:?}\n",
+        sim.port,
+        keys.display().to_string()
+    );
+    let (mut ics, mut other) = (Vec::new(), Vec::new());
+    let mut last_of_first = 0;
+    for round in 1..=2usize {
+        let cfg = common::bridge_config::test_config(dir.path(), emu.port(), TOKEN, &extra);
+        let running = dlms_bridge::app::start(cfg).await.expect("bridge starts");
+        let rec = emu
+            .wait_for("HLS meter telemetry", STEP, |r| {
+                r.telemetry
+                    .get("HLS Meter")
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e["values"]["voltage_l1"].is_number())
+                    .count()
+                    >= 2 * round
+            })
+            .await;
+        assert!(rec.connect_precedes_data());
+        assert!(running.shutdown().await.expect("shutdown"));
+        accepted_counters(&mut sim, &mut ics, &mut other);
+        if round == 1 {
+            last_of_first = *ics.last().expect("counters in the first run");
+            ics.clear();
+        }
+    }
+    assert!(
+        ics.first().is_some_and(|&f| f > last_of_first),
+        "second run {ics:?} after {last_of_first}"
+    );
+    assert!(!other.iter().any(|l| l.starts_with("replay")), "{other:?}");
 }
