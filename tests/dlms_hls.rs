@@ -78,17 +78,38 @@ fn meter(port: u16, transport: DlmsTransport, hls: HlsKeys, state_dir: &Path) ->
     }
 }
 
-/// The client invocation counters the fixture accepted so far (`client-ic <title> <n>` lines).
+/// Sort one fixture line: a `client-ic <title> <n>` counter, or anything else.
+fn sort_line(line: String, seen: &mut Vec<u32>, other: &mut Vec<String>) {
+    match line.strip_prefix("client-ic ") {
+        Some(rest) => {
+            let (title, n) = rest.split_once(' ').expect("title and counter");
+            assert_eq!(title, CLIENT_TITLE);
+            seen.push(n.parse().expect("counter"));
+        }
+        None => other.push(line),
+    }
+}
+
+/// The client invocation counters the fixture accepted so far, and its other lines.
 fn accepted_counters(sim: &mut Sim, seen: &mut Vec<u32>, other: &mut Vec<String>) {
     while let Ok(line) = sim.lines.try_recv() {
-        match line.strip_prefix("client-ic ") {
-            Some(rest) => {
-                let (title, n) = rest.split_once(' ').expect("title and counter");
-                assert_eq!(title, CLIENT_TITLE);
-                seen.push(n.parse().expect("counter"));
-            }
-            None => other.push(line),
+        sort_line(line, seen, other);
+    }
+}
+
+/// Like [`accepted_counters`], up to the fixture's `release` line: every counter of the
+/// released association is in (its stdout is read by another task).
+async fn counters_until_release(sim: &mut Sim, seen: &mut Vec<u32>, other: &mut Vec<String>) {
+    loop {
+        let line = timeout(STEP, sim.lines.recv())
+            .await
+            .expect("the meter saw the release in time")
+            .expect("meter output open");
+        if line == "release" {
+            other.push(line);
+            return;
         }
+        sort_line(line, seen, other);
     }
 }
 
@@ -133,8 +154,7 @@ async fn read_direct(transport: DlmsTransport) {
         .expect("release in time")
         .expect("release");
     let (mut ics, mut other) = (Vec::new(), Vec::new());
-    // The release answer arrived after the fixture printed its last counter.
-    accepted_counters(&mut sim, &mut ics, &mut other);
+    counters_until_release(&mut sim, &mut ics, &mut other).await;
     assert!(
         other.iter().any(|l| l == "hls pass3 accepted"),
         "pass 3 not accepted: {other:?}"
@@ -216,7 +236,7 @@ async fn poll_twice(sim: &mut Sim, cfg: MeterConfig) -> Vec<u32> {
     }
     run.stop().await;
     let (mut ics, mut other) = (Vec::new(), Vec::new());
-    accepted_counters(sim, &mut ics, &mut other);
+    counters_until_release(sim, &mut ics, &mut other).await;
     assert!(!other.iter().any(|l| l.starts_with("replay")), "{other:?}");
     ics
 }
@@ -549,7 +569,7 @@ async fn bridge_restart_continues_the_invocation_counter() {
             .await;
         assert!(rec.connect_precedes_data());
         assert!(running.shutdown().await.expect("shutdown"));
-        accepted_counters(&mut sim, &mut ics, &mut other);
+        counters_until_release(&mut sim, &mut ics, &mut other).await;
         if round == 1 {
             last_of_first = *ics.last().expect("counters in the first run");
             ics.clear();
