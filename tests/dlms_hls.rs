@@ -113,10 +113,13 @@ async fn counters_until_release(sim: &mut Sim, seen: &mut Vec<u32>, other: &mut 
     }
 }
 
-async fn read_direct(transport: DlmsTransport) {
+async fn read_direct(transport: DlmsTransport, dedicated_key: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut sim = Sim::start_hls(free_port(), &sim_args(transport)).await;
-    let cfg = meter(sim.port, transport, keys(AK, EK), dir.path());
+    let cfg = MeterConfig {
+        dedicated_key,
+        ..meter(sim.port, transport, keys(AK, EK), dir.path())
+    };
     let mut c = timeout(STEP, poller::connect(&cfg, 1024))
         .await
         .expect("connect in time")
@@ -166,12 +169,19 @@ async fn read_direct(transport: DlmsTransport) {
 
 #[tokio::test]
 async fn hls_gmac_reads_registers_over_hdlc() {
-    read_direct(DlmsTransport::Hdlc).await;
+    read_direct(DlmsTransport::Hdlc, false).await;
 }
 
 #[tokio::test]
 async fn hls_gmac_reads_registers_over_the_wrapper() {
-    read_direct(DlmsTransport::Wrapper).await;
+    read_direct(DlmsTransport::Wrapper, false).await;
+}
+
+/// With a dedicated key Gurux answers ded- APDUs and opens requests only under that key, so
+/// this passes only when both directions use it.
+#[tokio::test]
+async fn hls_gmac_with_a_dedicated_key() {
+    read_direct(DlmsTransport::Hdlc, true).await;
 }
 
 /// A meter actor feeding a channel, as the bridge runs it (the router takes its records).

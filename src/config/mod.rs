@@ -560,6 +560,9 @@ pub struct MeterConfig {
     /// A file (owner-readable only) with `authentication_key`, `block_cipher_key` and/or
     /// `system_title` as `key = "value"` lines, instead of writing them in the config.
     pub key_file: Option<PathBuf>,
+    /// HLS-GMAC: propose a random dedicated key per association (the meter then answers
+    /// ded-ciphered APDUs).
+    pub dedicated_key: bool,
     /// The resolved HLS keys (set by validation for `auth = "hls-gmac"`, not a config key).
     #[serde(skip)]
     pub hls: Option<HlsKeys>,
@@ -655,6 +658,7 @@ impl Default for MeterConfig {
             block_cipher_key: None,
             system_title: None,
             key_file: None,
+            dedicated_key: false,
             hls: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(5),

@@ -386,6 +386,7 @@ pub fn resolve_hls(m: &MeterConfig, at: &str) -> Result<Option<HlsKeys>, Vec<Con
         ("block_cipher_key", m.block_cipher_key.is_some()),
         ("system_title", m.system_title.is_some()),
         ("key_file", m.key_file.is_some()),
+        ("dedicated_key", m.dedicated_key),
     ];
     if m.auth != DlmsAuth::HlsGmac {
         for (k, set) in given {
@@ -664,6 +665,12 @@ mod tests {
         .expect_err("keys without hls");
         assert_eq!(errs[0].key, "meters[0].block_cipher_key");
         assert!(errs[0].message.contains("hls-gmac"));
+        let errs = validate(
+            load_str("[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 1\ndedicated_key = true\n")
+                .expect("parses"),
+        )
+        .expect_err("dedicated key without hls");
+        assert_eq!(errs[0].key, "meters[0].dedicated_key");
 
         // A key file: owner-only, its keys merged, none given twice, nothing unknown.
         use std::os::unix::fs::PermissionsExt;

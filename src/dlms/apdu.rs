@@ -894,10 +894,26 @@ pub fn encode_aarq(p: &AarqParams<'_>) -> Vec<u8> {
 /// The xDLMS InitiateRequest of an AARQ (no dedicated key, response allowed, no QoS), plain.
 /// With ciphering it is sent as a glo-initiate-request (see `ciphering::encrypt_glo`).
 pub fn encode_initiate_request(conformance: Conformance, max_receive_pdu: u16) -> Vec<u8> {
+    encode_initiate_request_with(conformance, max_receive_pdu, None)
+}
+
+/// [`encode_initiate_request`] proposing a dedicated key for the association (only ever sent
+/// ciphered: the key is in it).
+pub fn encode_initiate_request_with(
+    conformance: Conformance,
+    max_receive_pdu: u16,
+    dedicated_key: Option<&[u8; 16]>,
+) -> Vec<u8> {
     let c = conformance.0.to_be_bytes();
-    let mut initiate = vec![
-        xdlms::INITIATE_REQUEST,
-        0x00, // dedicated-key absent
+    let mut initiate = vec![xdlms::INITIATE_REQUEST];
+    match dedicated_key {
+        Some(k) => {
+            initiate.extend_from_slice(&[0x01, 0x10]);
+            initiate.extend_from_slice(k);
+        }
+        None => initiate.push(0x00), // dedicated-key absent
+    }
+    initiate.extend_from_slice(&[
         0x00, // response-allowed: default (true)
         0x00, // proposed-quality-of-service absent
         xdlms::DLMS_VERSION,
@@ -908,7 +924,7 @@ pub fn encode_initiate_request(conformance: Conformance, max_receive_pdu: u16) -
         c[1],
         c[2],
         c[3],
-    ];
+    ]);
     initiate.extend_from_slice(&max_receive_pdu.to_be_bytes());
     initiate
 }

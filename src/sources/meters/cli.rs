@@ -136,6 +136,9 @@ pub struct SecurityArgs {
     /// as `key_file` of `[[meters]]`.
     #[arg(long)]
     pub key_file: Option<std::path::PathBuf>,
+    /// HLS-GMAC: propose a dedicated key (the meter then answers ded-ciphered APDUs).
+    #[arg(long)]
+    pub dedicated_key: bool,
     /// HLS-GMAC: keep the invocation counter in this file (created if missing; reserved in
     /// blocks, like the bridge's). Without it, counting starts at `--invocation-counter`.
     #[arg(long)]
@@ -211,6 +214,7 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
         block_cipher_key: args.security.block_cipher_key.clone().map(Secret::new),
         system_title: args.security.system_title.clone(),
         key_file: args.security.key_file.clone(),
+        dedicated_key: args.security.dedicated_key,
         timeout: args.timeout,
         retries: args.retries,
         ..MeterConfig::default()

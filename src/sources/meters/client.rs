@@ -8,8 +8,10 @@
 //! object with f(StoC); pass 4, the meter's f(CtoS) checked. Afterwards every request goes out
 //! glo-ciphered (authenticated and encrypted) under a fresh invocation counter value, every
 //! answer must be ciphered, open under the global key and carry a counter above the meter's
-//! previous one in this association (replay). A ciphered request is never sent twice: a lost
-//! answer ends the association instead (its counter value would be refused as a replay).
+//! previous one in this association (replay). With `dedicated_key`, a random dedicated key goes
+//! in the ciphered initiate-request, and once pass 4 verified, requests are ded-ciphered under
+//! it; ded- answers open under it. A ciphered request is never sent twice: a lost answer ends
+//! the association instead (its counter value would be refused as a replay).
 //!
 //! It drives a [`Link`] (HDLC or wrapper, provided by `link.rs`) and never opens sockets, never
 //! reconnects and never sleeps: retry policy belongs to the poller. Every exchange is bounded by
@@ -177,6 +179,9 @@ pub struct Security {
     pub system_title: [u8; 8],
     /// Our invocation counter, shared by the meter's successive associations.
     pub counter: SharedCounter,
+    /// Propose a fresh random dedicated key with each association; once it is complete,
+    /// requests go out ded-ciphered under it and the meter answers ded- APDUs.
+    pub dedicated_key: bool,
 }
 
 impl std::fmt::Debug for Security {
@@ -184,6 +189,7 @@ impl std::fmt::Debug for Security {
         f.debug_struct("Security")
             .field("keys", &self.keys)
             .field("system_title", &hex(&self.system_title))
+            .field("dedicated_key", &self.dedicated_key)
             .finish()
     }
 }
@@ -285,13 +291,18 @@ pub struct DlmsClient<L> {
     ciphered: Option<Ciphered>,
 }
 
-/// A ciphered association: who the meter is and the last invocation counter it used.
-#[derive(Debug, Clone, Copy)]
+/// A ciphered association: who the meter is, the last invocation counter it used, and the
+/// dedicated key, if one was agreed. No `Debug`: it holds a key.
+#[derive(Clone, Copy)]
 struct Ciphered {
     /// The meter's system title (responding-AP-title): the IV prefix of its APDUs.
     server_title: [u8; 8],
     /// The meter's last invocation counter in this association; a lower or equal one is a replay.
     server_ic: Option<u32>,
+    /// The dedicated key we proposed in the (ciphered) initiate-request.
+    dedicated: Option<[u8; 16]>,
+    /// Whether requests go out ded-ciphered (after the association is complete).
+    use_dedicated: bool,
 }
 
 impl<L: Link> DlmsClient<L> {
@@ -358,8 +369,27 @@ impl<L: Link> DlmsClient<L> {
             self.assoc = None;
             Error::Counter(e)
         })?;
-        ciphering::encrypt_glo(&sec.keys, &sec.system_title, ic, req)
-            .map_err(|e| Error::Ciphered(e.to_string()))
+        let plain = req.first().copied().unwrap_or(0);
+        match self
+            .ciphered
+            .and_then(|c| c.dedicated.filter(|_| c.use_dedicated))
+        {
+            Some(key) => {
+                let tag = ciphering::ded_tag(plain).ok_or_else(|| {
+                    Error::Ciphered(format!("apdu 0x{plain:02x} has no ded form"))
+                })?;
+                Ok(ciphering::encrypt(
+                    &key,
+                    &sec.keys.authentication,
+                    tag,
+                    &sec.system_title,
+                    ic,
+                    req,
+                ))
+            }
+            None => ciphering::encrypt_glo(&sec.keys, &sec.system_title, ic, req)
+                .map_err(|e| Error::Ciphered(e.to_string())),
+        }
     }
 
     /// Open a ciphered answer of the meter and check its invocation counter; plain answers are
@@ -378,18 +408,16 @@ impl<L: Link> DlmsClient<L> {
                 ))),
             };
         }
-        if (0xD0..=0xD7).contains(&tag) {
-            return Err(Error::Ciphered(
-                "ded-ciphered answer, but no dedicated key was agreed".into(),
-            ));
-        }
-        let (ic, plain) = ciphering::decrypt(
-            &sec.keys.block_cipher,
-            &sec.keys.authentication,
-            &state.server_title,
-            resp,
-        )
-        .map_err(|e| Error::Ciphered(e.to_string()))?;
+        let key = if (0xD0..=0xD7).contains(&tag) {
+            state.dedicated.ok_or_else(|| {
+                Error::Ciphered("ded-ciphered answer, but no dedicated key was agreed".into())
+            })?
+        } else {
+            sec.keys.block_cipher
+        };
+        let (ic, plain) =
+            ciphering::decrypt(&key, &sec.keys.authentication, &state.server_title, resp)
+                .map_err(|e| Error::Ciphered(e.to_string()))?;
         if let Some(last) = state.server_ic {
             if ic <= last {
                 return Err(Error::Ciphered(format!(
@@ -457,9 +485,15 @@ impl<L: Link> DlmsClient<L> {
             .take()
             .await
             .map_err(Error::Counter)?;
-        let initiate = apdu::encode_initiate_request(
+        let dedicated = sec.dedicated_key.then(|| {
+            let mut k = [0u8; 16];
+            rand::Rng::fill(&mut rand::rng(), &mut k[..]);
+            k
+        });
+        let initiate = apdu::encode_initiate_request_with(
             Conformance::CLIENT_PROPOSED,
             self.settings.max_receive_pdu,
+            dedicated.as_ref(),
         );
         let ciphered_initiate = ciphering::encrypt_glo(&sec.keys, &sec.system_title, ic, &initiate)
             .map_err(|e| Error::Ciphered(e.to_string()))?;
@@ -507,6 +541,8 @@ impl<L: Link> DlmsClient<L> {
         self.ciphered = Some(Ciphered {
             server_title,
             server_ic: None,
+            dedicated,
+            use_dedicated: false,
         });
         let initiate = if ciphering::is_ciphered(ui.first().copied().unwrap_or(0)) {
             self.open(ui)
@@ -554,6 +590,9 @@ impl<L: Link> DlmsClient<L> {
         if let Err(e) = ciphering::verify_hls(&sec.keys, &server_title, &ctos, &answer) {
             self.assoc = None;
             return Err(Error::HlsVerify(format!("pass 4: {e}")));
+        }
+        if let Some(c) = self.ciphered.as_mut() {
+            c.use_dedicated = c.dedicated.is_some();
         }
         Ok(aare)
     }
@@ -1236,6 +1275,7 @@ mod tests {
             counter: counter::InvocationCounter::shared(None, 1)
                 .await
                 .expect("counter"),
+            dedicated_key: false,
         };
         DlmsClient::new(
             meter,

@@ -242,6 +242,7 @@ pub async fn connect_with(
             keys: k.keys.clone(),
             system_title: k.system_title,
             counter,
+            dedicated_key: cfg.dedicated_key,
         }),
         (DlmsAuth::HlsGmac, None, _) => {
             return Err(Error::Config(
