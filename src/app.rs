@@ -220,6 +220,8 @@ impl MeterSetInner {
             serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
                 && a.password.as_ref().map(|p| p.expose().to_string())
                     == b.password.as_ref().map(|p| p.expose().to_string())
+                // HLS keys as resolved (config or key_file), which serialising masks or skips.
+                && a.hls == b.hls
         };
         let stop: Vec<String> = self
             .slots

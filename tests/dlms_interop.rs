@@ -520,6 +520,7 @@ async fn read_cli_answers_and_fails_clearly() {
         profile: None,
         from: None,
         to: None,
+        security: Default::default(),
     };
     timeout(STEP, read(args.clone()))
         .await

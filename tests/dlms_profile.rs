@@ -295,6 +295,7 @@ async fn read_cli_reads_a_profile_range() {
         profile: Some("1.0.99.1.0.255".into()),
         from: Some(to - Duration::from_secs(6 * 3600)),
         to: Some(to),
+        security: Default::default(),
     };
     timeout(STEP, read(args.clone()))
         .await

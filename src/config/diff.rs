@@ -49,10 +49,17 @@ pub fn changed_keys(old: &RawConfig, new: &RawConfig) -> Vec<String> {
     if pw(old) != pw(new) && !out.iter().any(|k| k == "broker.password") {
         out.push("broker.password".into());
     }
-    let mpw = |c: &RawConfig| -> Vec<Option<String>> {
+    let mpw = |c: &RawConfig| -> Vec<[Option<String>; 3]> {
+        let show = |s: &Option<super::Secret>| s.as_ref().map(|p| p.expose().to_string());
         c.meters
             .iter()
-            .map(|m| m.password.as_ref().map(|p| p.expose().to_string()))
+            .map(|m| {
+                [
+                    show(&m.password),
+                    show(&m.authentication_key),
+                    show(&m.block_cipher_key),
+                ]
+            })
             .collect()
     };
     if mpw(old) != mpw(new) && !out.iter().any(|k| k == "meters") {

@@ -18,7 +18,14 @@ use super::{env_provider, ConfigError, Error, RawConfig};
 const MAX_ERRORS: usize = 100;
 
 /// Key names whose values are never quoted in a message.
-const SECRET_KEYS: &[&str] = &["access_token", "password", "token", "secret"];
+const SECRET_KEYS: &[&str] = &[
+    "access_token",
+    "password",
+    "token",
+    "secret",
+    "authentication_key",
+    "block_cipher_key",
+];
 
 /// Where the TOML text comes from, for messages.
 pub(super) enum Source<'a> {

@@ -487,6 +487,19 @@ pub enum DlmsAuth {
     None,
     /// Low-level security: password.
     Lls,
+    /// High-level security with GMAC, security suite 0: authentication and block cipher keys,
+    /// our system title, every APDU ciphered.
+    #[serde(rename = "hls-gmac")]
+    HlsGmac,
+}
+
+/// A meter's HLS-GMAC keys and our system title, resolved by validation from the config and
+/// its `key_file`. `Debug` never prints the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HlsKeys {
+    pub keys: crate::dlms::ciphering::Keys,
+    /// Our (the client's) system title.
+    pub system_title: [u8; 8],
 }
 
 /// One register to read: `key` is the ThingsBoard telemetry key.
@@ -538,6 +551,21 @@ pub struct MeterConfig {
     pub address_size: u8,
     pub auth: DlmsAuth,
     pub password: Option<Secret>,
+    /// HLS-GMAC authentication key: 16 bytes as 32 hex digits.
+    pub authentication_key: Option<Secret>,
+    /// HLS-GMAC global unicast encryption (block cipher) key: 16 bytes as 32 hex digits.
+    pub block_cipher_key: Option<Secret>,
+    /// Our (client) system title for HLS-GMAC: 8 bytes as 16 hex digits.
+    pub system_title: Option<String>,
+    /// A file (owner-readable only) with `authentication_key`, `block_cipher_key` and/or
+    /// `system_title` as `key = "value"` lines, instead of writing them in the config.
+    pub key_file: Option<PathBuf>,
+    /// HLS-GMAC: propose a random dedicated key per association (the meter then answers
+    /// ded-ciphered APDUs).
+    pub dedicated_key: bool,
+    /// The resolved HLS keys (set by validation for `auth = "hls-gmac"`, not a config key).
+    #[serde(skip)]
+    pub hls: Option<HlsKeys>,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Wait for each answer from the meter.
@@ -626,6 +654,12 @@ impl Default for MeterConfig {
             address_size: 1,
             auth: DlmsAuth::None,
             password: None,
+            authentication_key: None,
+            block_cipher_key: None,
+            system_title: None,
+            key_file: None,
+            dedicated_key: false,
+            hls: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(5),
             retries: DEFAULT_METER_RETRIES,

@@ -213,7 +213,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
 
     let mut names = HashSet::new();
+    let mut hls_keys: Vec<Option<HlsKeys>> = Vec::with_capacity(raw.meters.len());
     for (i, m) in raw.meters.iter().enumerate() {
+        match resolve_hls(m, &format!("meters[{i}]")) {
+            Ok(k) => hls_keys.push(k),
+            Err(e) => {
+                errs.extend(e);
+                hls_keys.push(None);
+            }
+        }
         let key = |k: &str| format!("meters[{i}].{k}");
         if m.database.is_some() {
             if !m.name.is_empty() || !m.host.is_empty() {
@@ -349,7 +357,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         meters: raw
             .meters
             .into_iter()
-            .map(|m| MeterConfig {
+            .zip(hls_keys)
+            .map(|(m, hls)| MeterConfig {
+                hls,
                 // Profile read positions live beside the queue (same durability, same unit
                 // StateDirectory).
                 state_dir: Some(
@@ -363,6 +373,161 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         mappings: raw.mappings,
         gateway: raw.gateway,
     })
+}
+
+/// The HLS-GMAC keys of meter `m` (config key prefix `at`, e.g. `meters[0]`): from its own keys
+/// and its `key_file` (owner-readable only), each given exactly once, as hex of the right size.
+/// `None` for other `auth` values, which must not carry keys. Messages never quote a key.
+pub fn resolve_hls(m: &MeterConfig, at: &str) -> Result<Option<HlsKeys>, Vec<ConfigError>> {
+    let key = |k: &str| format!("{at}.{k}");
+    let mut errs = Vec::new();
+    let given = [
+        ("authentication_key", m.authentication_key.is_some()),
+        ("block_cipher_key", m.block_cipher_key.is_some()),
+        ("system_title", m.system_title.is_some()),
+        ("key_file", m.key_file.is_some()),
+        ("dedicated_key", m.dedicated_key),
+    ];
+    if m.auth != DlmsAuth::HlsGmac {
+        for (k, set) in given {
+            if set {
+                errs.push(ConfigError::new(
+                    key(k),
+                    "is only used with auth = \"hls-gmac\"",
+                ));
+            }
+        }
+        return if errs.is_empty() { Ok(None) } else { Err(errs) };
+    }
+    let mut from_file: std::collections::HashMap<String, String> = Default::default();
+    if let Some(path) = &m.key_file {
+        match read_key_file(path) {
+            Ok(map) => from_file = map,
+            Err(message) => return Err(vec![ConfigError::new(key("key_file"), message)]),
+        }
+    }
+    let mut pick = |name: &str, inline: Option<&str>, len: usize| -> Option<Vec<u8>> {
+        let file = from_file.remove(name);
+        let (value, where_) = match (inline, file) {
+            (Some(_), Some(_)) => {
+                errs.push(ConfigError::new(
+                    key(name),
+                    "is set both here and in key_file: keep one",
+                ));
+                return None;
+            }
+            (Some(v), None) => (v.to_string(), key(name)),
+            (None, Some(v)) => (v, format!("{} ({name})", key("key_file"))),
+            (None, None) => {
+                errs.push(ConfigError::new(
+                    key(name),
+                    format!("auth = \"hls-gmac\" needs {name} (here or in key_file)"),
+                ));
+                return None;
+            }
+        };
+        match parse_hex(&value, len) {
+            Some(b) => Some(b),
+            None => {
+                errs.push(ConfigError::new(
+                    where_,
+                    format!("must be {len} bytes written as {} hex digits", 2 * len),
+                ));
+                None
+            }
+        }
+    };
+    let ak = pick(
+        "authentication_key",
+        m.authentication_key.as_ref().map(Secret::expose),
+        16,
+    );
+    let ek = pick(
+        "block_cipher_key",
+        m.block_cipher_key.as_ref().map(Secret::expose),
+        16,
+    );
+    let st = pick("system_title", m.system_title.as_deref(), 8);
+    for unknown in from_file.keys() {
+        errs.push(ConfigError::new(
+            key("key_file"),
+            format!("unknown key `{unknown}` (known: authentication_key, block_cipher_key, system_title)"),
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    match (ak, ek, st) {
+        (Some(ak), Some(ek), Some(st)) => {
+            let mut keys = crate::dlms::ciphering::Keys {
+                block_cipher: [0; 16],
+                authentication: [0; 16],
+            };
+            keys.authentication.copy_from_slice(&ak);
+            keys.block_cipher.copy_from_slice(&ek);
+            let mut system_title = [0u8; 8];
+            system_title.copy_from_slice(&st);
+            Ok(Some(HlsKeys { keys, system_title }))
+        }
+        _ => Err(vec![ConfigError::new(key("auth"), "incomplete HLS keys")]),
+    }
+}
+
+/// `len` bytes from hex digits (spaces and colons between bytes allowed).
+fn parse_hex(s: &str, len: usize) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b':' | b'-'))
+        .collect();
+    if digits.len() != 2 * len {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|p| {
+            let d = std::str::from_utf8(p).ok()?;
+            u8::from_str_radix(d, 16).ok()
+        })
+        .collect()
+}
+
+/// A key file: `name = value` lines (TOML strings or bare hex), `#` comments. Refused when
+/// group or others may read it. The error text never quotes a value.
+fn read_key_file(
+    path: &std::path::Path,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    crate::uplink::tls::check_key_permissions(path).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!(
+                "{} line {}: expected `name = value`",
+                path.display(),
+                n + 1
+            ));
+        };
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(v);
+        if out.insert(k.trim().to_string(), v.to_string()).is_some() {
+            return Err(format!(
+                "{} line {}: `{}` given twice",
+                path.display(),
+                n + 1,
+                k.trim()
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
@@ -453,6 +618,96 @@ pub fn check_topic_filter(f: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hls_meter(extra: &str) -> String {
+        format!("[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 4059\nauth = \"hls-gmac\"\n{extra}")
+    }
+
+    #[test]
+    fn hls_keys_resolve_from_config_or_key_file_and_are_never_quoted() {
+        let ok = hls_meter(
+            "authentication_key = \"D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\"\n\
+             block_cipher_key = \"00 01 02 03 04 05 06 07 08 09 0A 0B 0C 0D 0E 0F\"\n\
+             system_title = \"4D4D4D0000BC614E\"\n",
+        );
+        let c = validate(load_str(&ok).expect("parses")).expect("valid");
+        let hls = c.meters[0].hls.as_ref().expect("resolved");
+        assert_eq!(hls.keys.authentication[0], 0xD0);
+        assert_eq!(hls.keys.block_cipher[15], 0x0F);
+        assert_eq!(hls.system_title, [0x4D, 0x4D, 0x4D, 0, 0, 0xBC, 0x61, 0x4E]);
+        let shown = format!("{:?}", c.meters[0]);
+        assert!(!shown.contains("D0D1") && !shown.contains("208"), "{shown}");
+
+        let errs = validate(
+            load_str(&hls_meter(
+                "authentication_key = \"D0D1XX\"\nsystem_title = \"4D4D\"\n",
+            ))
+            .expect("parses"),
+        )
+        .expect_err("bad keys");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "meters[0].authentication_key",
+                "meters[0].block_cipher_key",
+                "meters[0].system_title"
+            ]
+        );
+        assert!(errs.iter().all(|e| !e.message.contains("D0D1XX")));
+
+        let errs = validate(
+            load_str(
+                "[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 1\nblock_cipher_key = \"00\"\n",
+            )
+            .expect("parses"),
+        )
+        .expect_err("keys without hls");
+        assert_eq!(errs[0].key, "meters[0].block_cipher_key");
+        assert!(errs[0].message.contains("hls-gmac"));
+        let errs = validate(
+            load_str("[[meters]]\nname = \"M\"\nhost = \"h\"\nport = 1\ndedicated_key = true\n")
+                .expect("parses"),
+        )
+        .expect_err("dedicated key without hls");
+        assert_eq!(errs[0].key, "meters[0].dedicated_key");
+
+        // A key file: owner-only, its keys merged, none given twice, nothing unknown.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("keys");
+        std::fs::write(
+            &f,
+            "# meter 1\nauthentication_key = \"D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\"\n\
+             block_cipher_key = 000102030405060708090A0B0C0D0E0F\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with_file = |extra: &str| {
+            hls_meter(&format!(
+                "key_file = {:?}\nsystem_title = \"4D4D4D0000BC614E\"\n{extra}",
+                f.display().to_string()
+            ))
+        };
+        let c = validate(load_str(&with_file("")).expect("parses")).expect("valid");
+        assert_eq!(
+            c.meters[0].hls.as_ref().map(|h| h.keys.authentication[15]),
+            Some(0xDF)
+        );
+        let errs = validate(
+            load_str(&with_file(
+                "block_cipher_key = \"000102030405060708090A0B0C0D0E0F\"\n",
+            ))
+            .expect("parses"),
+        )
+        .expect_err("twice");
+        assert_eq!(errs[0].key, "meters[0].block_cipher_key");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let errs =
+            validate(load_str(&with_file("")).expect("parses")).expect_err("readable by others");
+        assert_eq!(errs[0].key, "meters[0].key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -12,7 +12,9 @@
 //! session would still tie us to a 0.1 crate we cannot patch or vendor, for what is a small,
 //! fully specified surface (LN services a poller needs). This module is that surface, tested on
 //! byte vectors and against the independent Gurux stack (`tests/dlms_interop.rs`).
-//! Not covered: short-name referencing, ciphering/HLS, and block transfer of SET/ACTION requests.
+//! HLS-GMAC: the AARQ with calling-AP-title and CtoS, and the AARE's fields split out
+//! ([`parse_aare_parts`]); the ciphering itself is `ciphering.rs`, the pass 3/4 logic the session's.
+//! Not covered: short-name referencing and block transfer of SET/ACTION requests.
 
 use std::fmt;
 
@@ -827,6 +829,10 @@ mod acse {
     pub const CONTEXT_LN: [u8; 7] = [0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 0x01];
     /// mechanism-name: low-level security (2.16.756.5.8.2.1).
     pub const MECHANISM_LLS: [u8; 7] = [0x60, 0x85, 0x74, 0x05, 0x08, 0x02, 0x01];
+    /// application-context-name: LN referencing with ciphering (2.16.756.5.8.1.3).
+    pub const CONTEXT_LN_CIPHERED: [u8; 7] = [0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 0x03];
+    /// mechanism-name: high-level security with GMAC (2.16.756.5.8.2.5).
+    pub const MECHANISM_HLS_GMAC: [u8; 7] = [0x60, 0x85, 0x74, 0x05, 0x08, 0x02, 0x05];
 }
 
 /// xDLMS APDU tags.
@@ -875,10 +881,39 @@ pub fn encode_aarq(p: &AarqParams<'_>) -> Vec<u8> {
         put_len(&mut body, inner.len());
         body.extend_from_slice(&inner);
     }
-    let c = p.conformance.0.to_be_bytes();
-    let mut initiate = vec![
-        xdlms::INITIATE_REQUEST,
-        0x00, // dedicated-key absent
+    put_user_information(
+        &mut body,
+        &encode_initiate_request(p.conformance, p.max_receive_pdu),
+    );
+    let mut out = vec![acse::AARQ];
+    put_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The xDLMS InitiateRequest of an AARQ (no dedicated key, response allowed, no QoS), plain.
+/// With ciphering it is sent as a glo-initiate-request (see `ciphering::encrypt_glo`).
+pub fn encode_initiate_request(conformance: Conformance, max_receive_pdu: u16) -> Vec<u8> {
+    encode_initiate_request_with(conformance, max_receive_pdu, None)
+}
+
+/// [`encode_initiate_request`] proposing a dedicated key for the association (only ever sent
+/// ciphered: the key is in it).
+pub fn encode_initiate_request_with(
+    conformance: Conformance,
+    max_receive_pdu: u16,
+    dedicated_key: Option<&[u8; 16]>,
+) -> Vec<u8> {
+    let c = conformance.0.to_be_bytes();
+    let mut initiate = vec![xdlms::INITIATE_REQUEST];
+    match dedicated_key {
+        Some(k) => {
+            initiate.extend_from_slice(&[0x01, 0x10]);
+            initiate.extend_from_slice(k);
+        }
+        None => initiate.push(0x00), // dedicated-key absent
+    }
+    initiate.extend_from_slice(&[
         0x00, // response-allowed: default (true)
         0x00, // proposed-quality-of-service absent
         xdlms::DLMS_VERSION,
@@ -889,15 +924,51 @@ pub fn encode_aarq(p: &AarqParams<'_>) -> Vec<u8> {
         c[1],
         c[2],
         c[3],
-    ];
-    initiate.extend_from_slice(&p.max_receive_pdu.to_be_bytes());
+    ]);
+    initiate.extend_from_slice(&max_receive_pdu.to_be_bytes());
+    initiate
+}
+
+/// user-information [30]: an OCTET STRING holding the (possibly ciphered) initiate APDU.
+fn put_user_information(body: &mut Vec<u8>, initiate: &[u8]) {
     let mut ui = vec![0x04];
     put_len(&mut ui, initiate.len());
-    ui.extend_from_slice(&initiate);
+    ui.extend_from_slice(initiate);
     body.push(0xBE);
-    put_len(&mut body, ui.len());
+    put_len(body, ui.len());
     body.extend_from_slice(&ui);
+}
 
+/// What an HLS-GMAC AARQ carries besides the fixed fields.
+#[derive(Clone, Copy)]
+pub struct HlsAarq<'a> {
+    /// Our (the client's) system title: calling-AP-title.
+    pub system_title: [u8; 8],
+    /// Our challenge CtoS (8 to 64 bytes): calling-authentication-value.
+    pub ctos: &'a [u8],
+    /// The glo-initiate-request (ciphered [`encode_initiate_request`]).
+    pub ciphered_initiate: &'a [u8],
+}
+
+/// Build an AARQ for HLS with GMAC (mechanism 5) in the ciphered LN context (security suite 0):
+/// calling-AP-title, acse-requirements, mechanism-name, CtoS and the ciphered initiate-request.
+pub fn encode_aarq_hls(p: &HlsAarq<'_>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96 + p.ciphered_initiate.len());
+    body.extend_from_slice(&[0xA1, 0x09, 0x06, 0x07]);
+    body.extend_from_slice(&acse::CONTEXT_LN_CIPHERED);
+    // calling-AP-title [6]: OCTET STRING system title.
+    body.extend_from_slice(&[0xA6, 0x0A, 0x04, 0x08]);
+    body.extend_from_slice(&p.system_title);
+    body.extend_from_slice(&[0x8A, 0x02, 0x07, 0x80]);
+    body.extend_from_slice(&[0x8B, 0x07]);
+    body.extend_from_slice(&acse::MECHANISM_HLS_GMAC);
+    let mut inner = vec![0x80];
+    put_len(&mut inner, p.ctos.len());
+    inner.extend_from_slice(p.ctos);
+    body.push(0xAC);
+    put_len(&mut body, inner.len());
+    body.extend_from_slice(&inner);
+    put_user_information(&mut body, p.ciphered_initiate);
     let mut out = vec![acse::AARQ];
     put_len(&mut out, body.len());
     out.extend_from_slice(&body);
@@ -915,32 +986,48 @@ pub struct Aare {
     pub dlms_version: u8,
 }
 
-/// Parse an AARE. A rejection becomes [`Error::AssociationRejected`]. A missing mechanism-name
-/// (common with LLS) is fine: only the result and the initiate-response matter to us.
-pub fn parse_aare(buf: &[u8]) -> Result<Aare> {
+/// The fields of an AARE, before interpretation (an HLS client needs the ones [`parse_aare`]
+/// skips, and must decipher the user-information itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AareParts {
+    pub result: AssociationResult,
+    pub diagnostic: AcseDiagnostic,
+    /// Last arc of the application-context-name: 1 LN, 2 SN, 3 LN with ciphering, 4 SN with
+    /// ciphering; 1 when the field is absent or oddly encoded.
+    pub context: u8,
+    /// responding-AP-title: the meter's system title (HLS-GMAC and ciphered contexts).
+    pub responding_ap_title: Option<Vec<u8>>,
+    /// responding-authentication-value: the meter's challenge StoC (HLS).
+    pub responding_authentication: Option<Vec<u8>>,
+    /// The user-information octet string: initiate-response, its glo- form, or an error APDU.
+    pub user_information: Option<Vec<u8>>,
+}
+
+/// Split an AARE into its fields; decides nothing but the structure.
+pub fn parse_aare_parts(buf: &[u8]) -> Result<AareParts> {
     check_error_apdu(buf)?;
     let mut r = Reader::new(buf);
     r.expect(acse::AARE, "aare")?;
     let n = r.bounded_len("aare length")?;
     let mut r = Reader::new(r.take(n, "aare")?);
     let mut result = None;
-    let mut diagnostic = AcseDiagnostic::None;
-    let mut initiate: Option<&[u8]> = None;
+    let mut parts = AareParts {
+        result: AssociationResult::Unknown(255),
+        diagnostic: AcseDiagnostic::None,
+        context: 1,
+        responding_ap_title: None,
+        responding_authentication: None,
+        user_information: None,
+    };
     while !r.is_empty() {
         let t = r.u8("aare field tag")?;
         let len = r.bounded_len("aare field length")?;
         let v = r.take(len, "aare field")?;
         match t {
-            // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4). Only a
-            // well-formed DLMS context other than LN is refused; odd encodings are ignored.
-            0xA1 if v.len() == 9
-                && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01]
-                && v[8] != 1 =>
-            {
-                return Err(Error::Invalid(format!(
-                    "meter answered with application context {} (only LN without ciphering is supported)",
-                    v[8]
-                )));
+            // 06 07 <oid>: the last byte says LN (1) / SN (2) / ciphered (3, 4). Odd encodings
+            // are ignored.
+            0xA1 if v.len() == 9 && v[..8] == [0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01] => {
+                parts.context = v[8];
             }
             0xA2 => {
                 let mut f = Reader::new(v);
@@ -965,27 +1052,64 @@ pub fn parse_aare(buf: &[u8]) -> Result<Aare> {
                 let code = *b
                     .last()
                     .ok_or(Error::Truncated("result-source-diagnostic"))?;
-                diagnostic = match which {
+                parts.diagnostic = match which {
                     0xA1 => AcseDiagnostic::User(code),
                     _ => AcseDiagnostic::Provider(code),
                 };
+            }
+            // responding-AP-title [4]: OCTET STRING.
+            0xA4 => {
+                let mut f = Reader::new(v);
+                f.expect(0x04, "responding-ap-title")?;
+                let l = f.bounded_len("responding-ap-title")?;
+                parts.responding_ap_title = Some(f.take(l, "responding-ap-title")?.to_vec());
+            }
+            // responding-authentication-value [10]: charstring [0].
+            0xAA => {
+                let mut f = Reader::new(v);
+                f.expect(0x80, "responding-authentication-value")?;
+                let l = f.bounded_len("responding-authentication-value")?;
+                parts.responding_authentication =
+                    Some(f.take(l, "responding-authentication-value")?.to_vec());
             }
             0xBE => {
                 let mut f = Reader::new(v);
                 f.expect(0x04, "user-information")?;
                 let l = f.bounded_len("user-information")?;
-                initiate = Some(f.take(l, "user-information")?);
+                parts.user_information = Some(f.take(l, "user-information")?.to_vec());
             }
-            // responder-acse-requirements, mechanism-name, responding-authentication-value and
-            // anything else: not needed for LN + none/LLS.
+            // responder-acse-requirements, mechanism-name and anything else: not needed.
             _ => {}
         }
     }
-    let result = result.ok_or(Error::Invalid("aare without association-result".into()))?;
-    if result != AssociationResult::Accepted {
-        return Err(Error::AssociationRejected { result, diagnostic });
+    parts.result = result.ok_or(Error::Invalid("aare without association-result".into()))?;
+    Ok(parts)
+}
+
+/// Parse an AARE. A rejection becomes [`Error::AssociationRejected`]. A missing mechanism-name
+/// (common with LLS) is fine: only the result and the initiate-response matter to us.
+pub fn parse_aare(buf: &[u8]) -> Result<Aare> {
+    let parts = parse_aare_parts(buf)?;
+    if parts.context != 1 {
+        return Err(Error::Invalid(format!(
+            "meter answered with application context {} (only LN without ciphering is supported here)",
+            parts.context
+        )));
     }
-    let ui = initiate.ok_or(Error::Invalid("aare without initiate-response".into()))?;
+    if parts.result != AssociationResult::Accepted {
+        return Err(Error::AssociationRejected {
+            result: parts.result,
+            diagnostic: parts.diagnostic,
+        });
+    }
+    let ui = parts
+        .user_information
+        .ok_or(Error::Invalid("aare without initiate-response".into()))?;
+    parse_initiate_response(&ui)
+}
+
+/// Parse a plain xDLMS InitiateResponse (or the error APDU a meter sends instead).
+pub fn parse_initiate_response(ui: &[u8]) -> Result<Aare> {
     check_error_apdu(ui)?;
     let mut r = Reader::new(ui);
     r.expect(xdlms::INITIATE_RESPONSE, "initiate-response")?;
@@ -1572,6 +1696,55 @@ mod tests {
         let mut out = vec![0x61, body.len() as u8];
         out.extend_from_slice(&body);
         out
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// Gurux's own client (GXDLMSSecureClient, gurux-dlms 1.0.203) sent this AARQ: HLS-GMAC,
+    /// system title "ABCDEFGH", a 16-byte CtoS and its glo-initiate-request.
+    const GURUX_HLS_AARQ: &str = "605da109060760857405080103a60a040841424344454647488a0207808b0760857405080205ac12801065acc4cefe164f931b021268f27cd717be230421211f3000000064ee64d83e86d28d6bd94ae16e164ce3b611af99257e4168080357";
+
+    #[test]
+    fn hls_aarq_is_laid_out_as_guruxs() {
+        let gurux = unhex(GURUX_HLS_AARQ);
+        let ctos = unhex("65acc4cefe164f931b021268f27cd717");
+        let initiate = &gurux[gurux.len() - 33..];
+        let ours = encode_aarq_hls(&HlsAarq {
+            system_title: *b"ABCDEFGH",
+            ctos: &ctos,
+            ciphered_initiate: initiate,
+        });
+        assert_eq!(hex(&ours), hex(&gurux));
+    }
+
+    #[test]
+    fn hls_aare_parts_and_initiate_response() {
+        // The HLS AARE of tests/fixtures/gurux_hls_meter.py (accepted, authentication required).
+        let aare = unhex("6169a109060760857405080103a203020100a305a10302010ea40a04084d4d4d0000bc614e88020780890760857405080205aa128010f6b27c683f325fc2932ac5601fcff413be230421281f30000000006048a9287105610c48b05c20b21e1f8281ced174ac196a025ee6");
+        let p = parse_aare_parts(&aare).expect("parts");
+        assert_eq!(p.result, AssociationResult::Accepted);
+        assert_eq!(p.diagnostic, AcseDiagnostic::User(14));
+        assert_eq!(p.context, 3);
+        assert_eq!(p.responding_ap_title, Some(unhex("4d4d4d0000bc614e")));
+        assert_eq!(
+            p.responding_authentication,
+            Some(unhex("f6b27c683f325fc2932ac5601fcff413"))
+        );
+        assert_eq!(p.user_information.as_deref().map(|u| u[0]), Some(0x28));
+        // The plain reader refuses the ciphered context rather than misreading it.
+        assert!(matches!(parse_aare(&aare), Err(Error::Invalid(_))));
+        let plain = unhex("0800065f1f040000181d04000007");
+        let a = parse_initiate_response(&plain).expect("initiate-response");
+        assert_eq!(a.server_max_receive_pdu, 0x0400);
+        assert_eq!(a.dlms_version, 6);
+        for cut in 0..aare.len() {
+            let _ = parse_aare_parts(&aare[..cut]);
+        }
     }
 
     #[test]

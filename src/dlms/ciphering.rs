@@ -325,6 +325,24 @@ mod tests {
         );
     }
 
+    /// Gurux's client ciphered its initiate-request (AARQ user-information) under system title
+    /// "ABCDEFGH", counter 100; Gurux's server its initiate-response under 4D4D4D0000BC614E.
+    #[test]
+    fn gurux_glo_initiate_request_and_response_open() {
+        let k = keys();
+        let req = hex("211f3000000064ee64d83e86d28d6bd94ae16e164ce3b611af99257e4168080357");
+        let (ic, plain) =
+            decrypt(&k.block_cipher, &k.authentication, b"ABCDEFGH", &req).expect("opens");
+        assert_eq!(ic, 100);
+        assert_eq!(plain[..5], [0x01, 0x00, 0x00, 0x00, 0x06]);
+        let resp = hex("281f30000000006048a9287105610c48b05c20b21e1f8281ced174ac196a025ee6");
+        let (ic, plain) =
+            decrypt(&k.block_cipher, &k.authentication, &TITLE, &resp).expect("opens");
+        assert_eq!(ic, 0);
+        let a = crate::dlms::apdu::parse_initiate_response(&plain).expect("initiate-response");
+        assert_eq!(a.dlms_version, 6);
+    }
+
     #[test]
     fn tampering_wrong_keys_and_garbage_are_errors_not_panics() {
         let c = encrypt_glo(&keys(), &TITLE, 7, &hex("C401C1000600000001")).expect("cipher");

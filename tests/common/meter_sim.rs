@@ -1,5 +1,7 @@
 //! The independent Gurux meter (`shared/meter-sim/gurux_meter.py`) as a child process on a free
-//! loopback port, for the interop tests. Killed when dropped.
+//! loopback port, for the interop tests, or our HLS-GMAC fixture built on it
+//! (`tests/fixtures/gurux_hls_meter.py`). Killed when dropped; its stdout lines (fault logs,
+//! the HLS fixture's `client-ic` lines) are kept for the test to read.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -20,6 +22,13 @@ pub fn free_port() -> u16 {
 pub struct GuruxMeter {
     _child: tokio::process::Child,
     pub port: u16,
+    /// Every stdout line after the banner, in order.
+    pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// The HLS-GMAC fixture meter (Gurux with a suite-0 cipher and known keys).
+pub fn hls_fixture_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gurux_hls_meter.py")
 }
 
 impl GuruxMeter {
@@ -31,8 +40,19 @@ impl GuruxMeter {
 
     /// Like `start`, on a given port (e.g. one a poller already tries in vain).
     pub async fn start_on(port: u16, args: &[&str]) -> GuruxMeter {
+        Self::start_script(super::meter_sim_path(), port, args).await
+    }
+
+    /// The HLS-GMAC fixture with `gurux_meter.py` arguments plus its own (`--authentication-key`,
+    /// `--block-cipher-key`, `--server-system-title`, `--hls-only`).
+    pub async fn start_hls(port: u16, args: &[&str]) -> GuruxMeter {
+        Self::start_script(hls_fixture_path(), port, args).await
+    }
+
+    async fn start_script(script: std::path::PathBuf, port: u16, args: &[&str]) -> GuruxMeter {
         let mut child = tokio::process::Command::new("python3")
-            .arg(super::meter_sim_path())
+            .arg(script)
+            .env("METER_SIM", super::meter_sim_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
             .stdin(Stdio::null())
@@ -54,10 +74,16 @@ impl GuruxMeter {
             "unexpected meter-sim output {banner:?}"
         );
         // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
         GuruxMeter {
             _child: child,
             port,
+            lines: rx,
         }
     }
 

@@ -88,9 +88,65 @@ pub struct ReadArgs {
     /// LLS password; associates with low-level security when given.
     #[arg(long, env = "DLMS_BRIDGE_READ_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// `--auth` and the HLS-GMAC keys.
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Per-request timeout.
     #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "5s")]
     pub timeout: Duration,
+}
+
+/// Authentication on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Auth {
+    /// No authentication (lowest level security).
+    None,
+    /// Low-level security: `--password`.
+    Lls,
+    /// High-level security with GMAC (security suite 0): keys and system title.
+    #[value(name = "hls-gmac")]
+    HlsGmac,
+}
+
+/// `dlms-bridge read` authentication beyond `--password`: `--auth` and the HLS-GMAC keys.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// Authentication: `none`, `lls` (with `--password`) or `hls-gmac` (with the keys and
+    /// `--system-title`, or `--key-file`). Default: `lls` when a password is given, else `none`.
+    #[arg(long, value_enum)]
+    pub auth: Option<Auth>,
+    /// HLS-GMAC authentication key (32 hex digits).
+    #[arg(
+        long,
+        env = "DLMS_BRIDGE_READ_AUTHENTICATION_KEY",
+        hide_env_values = true
+    )]
+    pub authentication_key: Option<String>,
+    /// HLS-GMAC global unicast block cipher key (32 hex digits).
+    #[arg(
+        long,
+        env = "DLMS_BRIDGE_READ_BLOCK_CIPHER_KEY",
+        hide_env_values = true
+    )]
+    pub block_cipher_key: Option<String>,
+    /// HLS-GMAC client system title (16 hex digits).
+    #[arg(long)]
+    pub system_title: Option<String>,
+    /// File with the HLS keys and/or system title as `name = value` lines (owner-readable only),
+    /// as `key_file` of `[[meters]]`.
+    #[arg(long)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// HLS-GMAC: propose a dedicated key (the meter then answers ded-ciphered APDUs).
+    #[arg(long)]
+    pub dedicated_key: bool,
+    /// HLS-GMAC: keep the invocation counter in this file (created if missing; reserved in
+    /// blocks, like the bridge's). Without it, counting starts at `--invocation-counter`.
+    #[arg(long)]
+    pub counter_file: Option<std::path::PathBuf>,
+    /// HLS-GMAC: first invocation counter value when no counter file exists yet. Default: the
+    /// current Unix time in seconds (grows between runs; see docs/DLMS.md).
+    #[arg(long)]
+    pub invocation_counter: Option<u32>,
 }
 
 /// Parse `--obis` values: a bare OBIS code is a register value (3/obis/2).
@@ -147,18 +203,56 @@ pub async fn read(args: ReadArgs) -> Result<(), Error> {
         logical_address: args.logical_address,
         physical_address: args.physical_address,
         address_size: args.address_size,
-        auth: if args.password.is_some() {
-            DlmsAuth::Lls
-        } else {
-            DlmsAuth::None
+        auth: match (args.security.auth, &args.password) {
+            (Some(Auth::None), _) => DlmsAuth::None,
+            (Some(Auth::Lls), _) | (None, Some(_)) => DlmsAuth::Lls,
+            (Some(Auth::HlsGmac), _) => DlmsAuth::HlsGmac,
+            (None, None) => DlmsAuth::None,
         },
         password: args.password.clone().map(Secret::new),
+        authentication_key: args.security.authentication_key.clone().map(Secret::new),
+        block_cipher_key: args.security.block_cipher_key.clone().map(Secret::new),
+        system_title: args.security.system_title.clone(),
+        key_file: args.security.key_file.clone(),
+        dedicated_key: args.security.dedicated_key,
         timeout: args.timeout,
         retries: args.retries,
         ..MeterConfig::default()
     };
+    let cfg = MeterConfig {
+        hls: crate::config::validate::resolve_hls(&cfg, "read").map_err(|errs| {
+            Error::Argument(
+                errs.iter()
+                    .map(|e| {
+                        let flag = e.key.strip_prefix("read.").unwrap_or(&e.key);
+                        format!("--{}: {}", flag.replace('_', "-"), e.message)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?,
+        ..cfg
+    };
+    let counter = match cfg.auth {
+        DlmsAuth::HlsGmac => {
+            let start = args.security.invocation_counter.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_secs().min(u64::from(u32::MAX / 2)) as u32)
+            });
+            Some(
+                super::counter::InvocationCounter::shared(
+                    args.security.counter_file.clone(),
+                    start,
+                )
+                .await
+                .map_err(|e| Error::Connect(poller::Error::Client(client::Error::Counter(e))))?,
+            )
+        }
+        _ => None,
+    };
     let started = Instant::now();
-    let mut c = poller::connect(&cfg, client::DEFAULT_MAX_RECEIVE_PDU)
+    let mut c = poller::connect_with(&cfg, client::DEFAULT_MAX_RECEIVE_PDU, counter)
         .await
         .map_err(Error::Connect)?;
     if let Some(obis) = &args.profile {

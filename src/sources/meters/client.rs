@@ -2,6 +2,17 @@
 //! with-list packed to the negotiated PDU, block transfer), SET, ACTION and release, plus the
 //! register helper that applies each register's cached scaler and unit.
 //!
+//! With [`Security`] (HLS-GMAC, security suite 0) the association is the four-pass one: AARQ with
+//! our system title, CtoS and a glo-initiate-request; AARE with the meter's system title, StoC
+//! and glo-initiate-response; pass 3, ACTION reply_to_HLS_authentication on the Association LN
+//! object with f(StoC); pass 4, the meter's f(CtoS) checked. Afterwards every request goes out
+//! glo-ciphered (authenticated and encrypted) under a fresh invocation counter value, every
+//! answer must be ciphered, open under the global key and carry a counter above the meter's
+//! previous one in this association (replay). With `dedicated_key`, a random dedicated key goes
+//! in the ciphered initiate-request, and once pass 4 verified, requests are ded-ciphered under
+//! it; ded- answers open under it. A ciphered request is never sent twice: a lost answer ends
+//! the association instead (its counter value would be refused as a replay).
+//!
 //! It drives a [`Link`] (HDLC or wrapper, provided by `link.rs`) and never opens sockets, never
 //! reconnects and never sleeps: retry policy belongs to the poller. Every exchange is bounded by
 //! the per-request timeout given in [`ClientSettings`].
@@ -12,10 +23,13 @@ use std::time::Duration;
 
 pub use super::link::Recovery;
 
+use super::counter::{self, SharedCounter};
 use crate::dlms::apdu::{
     self, Aare, AarqParams, ActionResponse, AttrRef, Conformance, Data, DataAccessResult,
     GetDataResult, GetResponse, MethodRef,
 };
+use crate::dlms::ciphering::{self, Keys};
+use crate::dlms::obis::ObisCode;
 
 /// Error type links report; the client only needs to display and chain it.
 pub type LinkError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -26,6 +40,19 @@ pub const MAX_BLOCK_TRANSFER_BYTES: usize = 1 << 20;
 
 /// Default max-receive-pdu-size we propose (what typical meters and Gurux use).
 pub const DEFAULT_MAX_RECEIVE_PDU: u16 = 1024;
+
+/// The Association LN object's reply_to_HLS_authentication (HLS pass 3).
+pub const REPLY_TO_HLS_AUTHENTICATION: MethodRef = MethodRef {
+    class_id: 15,
+    obis: ObisCode::new(0, 0, 40, 0, 0, 255),
+    method: 1,
+};
+
+/// Length of our HLS challenge CtoS (the Green Book allows 8 to 64 bytes).
+pub const CTOS_LEN: usize = 16;
+
+/// What the hint of every HLS failure says.
+const CHECK_KEYS: &str = "check authentication_key, block_cipher_key and system_title";
 
 /// What went wrong in a client operation.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +72,24 @@ pub enum Error {
     /// The association is not open (call `associate` first).
     #[error("no association with the meter")]
     NotAssociated,
+    /// HLS: the meter refused the AARQ (its ciphered initiate-request did not open, or it does
+    /// not accept our system title or mechanism).
+    #[error(
+        "HLS authentication failed: the meter refused our association request ({0}); {CHECK_KEYS}"
+    )]
+    HlsRejected(String),
+    /// HLS pass 3: the meter refused our f(StoC).
+    #[error("HLS authentication failed: the meter refused our response to its challenge ({0}); {CHECK_KEYS}")]
+    HlsRefused(String),
+    /// HLS: the meter's AARE or its pass-4 f(CtoS) does not verify under our keys.
+    #[error("HLS authentication failed: the meter's response does not verify ({0}); {CHECK_KEYS}")]
+    HlsVerify(String),
+    /// A ciphered answer that does not open, is not ciphered, or replays a counter.
+    #[error("ciphered answer refused: {0}")]
+    Ciphered(String),
+    /// No invocation counter value could be reserved.
+    #[error("invocation counter unavailable")]
+    Counter(#[source] counter::Error),
 }
 
 impl Error {
@@ -55,7 +100,18 @@ impl Error {
             Error::Apdu(apdu::Error::AssociationRejected {
                 result: apdu::AssociationResult::RejectedPermanent,
                 ..
-            })
+            }) | Error::HlsRejected(_)
+                | Error::HlsRefused(_)
+                | Error::HlsVerify(_)
+                | Error::Counter(_)
+        )
+    }
+
+    /// True for an HLS authentication failure (wrong keys or system title).
+    pub fn is_authentication(&self) -> bool {
+        matches!(
+            self,
+            Error::HlsRejected(_) | Error::HlsRefused(_) | Error::HlsVerify(_)
         )
     }
 
@@ -114,11 +170,41 @@ where
     }
 }
 
+/// HLS-GMAC (security suite 0) parameters of a meter's associations.
+#[derive(Clone)]
+pub struct Security {
+    /// Authentication key and global unicast block cipher key.
+    pub keys: Keys,
+    /// Our system title: calling-AP-title, and the IV prefix of everything we cipher.
+    pub system_title: [u8; 8],
+    /// Our invocation counter, shared by the meter's successive associations.
+    pub counter: SharedCounter,
+    /// Propose a fresh random dedicated key with each association; once it is complete,
+    /// requests go out ded-ciphered under it and the meter answers ded- APDUs.
+    pub dedicated_key: bool,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("keys", &self.keys)
+            .field("system_title", &hex(&self.system_title))
+            .field("dedicated_key", &self.dedicated_key)
+            .finish()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|c| format!("{c:02X}")).collect()
+}
+
 /// Association parameters.
 #[derive(Clone)]
 pub struct ClientSettings {
-    /// LLS password; `None` associates without authentication.
+    /// LLS password; `None` associates without authentication (or with `security`).
     pub password: Option<Vec<u8>>,
+    /// HLS-GMAC with ciphered APDUs; takes precedence over `password`.
+    pub security: Option<Security>,
     /// Largest APDU we accept; smaller values force the meter into block transfer.
     pub max_receive_pdu: u16,
     /// Bound on every wait for an answer (and on opening the link).
@@ -131,6 +217,7 @@ impl std::fmt::Debug for ClientSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSettings")
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("security", &self.security)
             .field("max_receive_pdu", &self.max_receive_pdu)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
@@ -200,6 +287,22 @@ pub struct DlmsClient<L> {
     scalers: HashMap<AttrRef, (i8, u8)>,
     /// Set when the meter advertised multiple-references but failed a with-list request.
     list_broken: bool,
+    /// The ciphered association's state (HLS-GMAC), once the AARE is in.
+    ciphered: Option<Ciphered>,
+}
+
+/// A ciphered association: who the meter is, the last invocation counter it used, and the
+/// dedicated key, if one was agreed. No `Debug`: it holds a key.
+#[derive(Clone, Copy)]
+struct Ciphered {
+    /// The meter's system title (responding-AP-title): the IV prefix of its APDUs.
+    server_title: [u8; 8],
+    /// The meter's last invocation counter in this association; a lower or equal one is a replay.
+    server_ic: Option<u32>,
+    /// The dedicated key we proposed in the (ciphered) initiate-request.
+    dedicated: Option<[u8; 16]>,
+    /// Whether requests go out ded-ciphered (after the association is complete).
+    use_dedicated: bool,
 }
 
 impl<L: Link> DlmsClient<L> {
@@ -211,6 +314,7 @@ impl<L: Link> DlmsClient<L> {
             invoke: 0,
             scalers: HashMap::new(),
             list_broken: false,
+            ciphered: None,
         }
     }
 
@@ -237,6 +341,96 @@ impl<L: Link> DlmsClient<L> {
     /// One request/response round trip, the link recovering lost answers; on any failure the
     /// association is considered lost unless the error says otherwise.
     async fn exchange_as(&mut self, req: &[u8], repeatable: bool) -> Result<Vec<u8>> {
+        if self.ciphered.is_none() {
+            return self.exchange_raw(req, repeatable).await;
+        }
+        let sealed = match ciphering::glo_tag(req.first().copied().unwrap_or(0)) {
+            Some(_) => self.seal(req).await?,
+            // RLRQ and other ACSE APDUs have no ciphered form.
+            None => req.to_vec(),
+        };
+        // A re-sent ciphered request would repeat its invocation counter: never repeat it.
+        let resp = self.exchange_raw(&sealed, false).await?;
+        match self.open(&resp) {
+            Ok(plain) => Ok(plain),
+            Err(e) => {
+                self.assoc = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Cipher a plain xDLMS request under the next invocation counter value.
+    async fn seal(&mut self, req: &[u8]) -> Result<Vec<u8>> {
+        let Some(sec) = self.settings.security.clone() else {
+            return Ok(req.to_vec());
+        };
+        let ic = sec.counter.lock().await.take().await.map_err(|e| {
+            self.assoc = None;
+            Error::Counter(e)
+        })?;
+        let plain = req.first().copied().unwrap_or(0);
+        match self
+            .ciphered
+            .and_then(|c| c.dedicated.filter(|_| c.use_dedicated))
+        {
+            Some(key) => {
+                let tag = ciphering::ded_tag(plain).ok_or_else(|| {
+                    Error::Ciphered(format!("apdu 0x{plain:02x} has no ded form"))
+                })?;
+                Ok(ciphering::encrypt(
+                    &key,
+                    &sec.keys.authentication,
+                    tag,
+                    &sec.system_title,
+                    ic,
+                    req,
+                ))
+            }
+            None => ciphering::encrypt_glo(&sec.keys, &sec.system_title, ic, req)
+                .map_err(|e| Error::Ciphered(e.to_string())),
+        }
+    }
+
+    /// Open a ciphered answer of the meter and check its invocation counter; plain answers are
+    /// accepted only for error APDUs and the release.
+    fn open(&mut self, resp: &[u8]) -> Result<Vec<u8>> {
+        let (Some(sec), Some(state)) = (self.settings.security.as_ref(), self.ciphered.as_mut())
+        else {
+            return Ok(resp.to_vec());
+        };
+        let tag = resp.first().copied().unwrap_or(0);
+        if !ciphering::is_ciphered(tag) {
+            return match tag {
+                0x63 | 0xD8 | 0x0E => Ok(resp.to_vec()),
+                _ => Err(Error::Ciphered(format!(
+                    "plain apdu 0x{tag:02x} in a ciphered association"
+                ))),
+            };
+        }
+        let key = if (0xD0..=0xD7).contains(&tag) {
+            state.dedicated.ok_or_else(|| {
+                Error::Ciphered("ded-ciphered answer, but no dedicated key was agreed".into())
+            })?
+        } else {
+            sec.keys.block_cipher
+        };
+        let (ic, plain) =
+            ciphering::decrypt(&key, &sec.keys.authentication, &state.server_title, resp)
+                .map_err(|e| Error::Ciphered(e.to_string()))?;
+        if let Some(last) = state.server_ic {
+            if ic <= last {
+                return Err(Error::Ciphered(format!(
+                    "replayed invocation counter {ic} (meter's last {last})"
+                )));
+            }
+        }
+        state.server_ic = Some(ic);
+        Ok(plain)
+    }
+
+    /// One exchange of the APDU as given (already ciphered, when the association is).
+    async fn exchange_raw(&mut self, req: &[u8], repeatable: bool) -> Result<Vec<u8>> {
         let rec = Recovery {
             timeout: self.settings.timeout,
             retries: self.settings.retries,
@@ -262,9 +456,13 @@ impl<L: Link> DlmsClient<L> {
     /// different meter behind the same address.
     pub async fn associate(&mut self) -> Result<Aare> {
         self.assoc = None;
+        self.ciphered = None;
         self.scalers.clear();
         self.list_broken = false;
         timed(self.settings.timeout, self.link.open()).await?;
+        if let Some(sec) = self.settings.security.clone() {
+            return self.associate_hls(&sec).await;
+        }
         let aarq = apdu::encode_aarq(&AarqParams {
             password: self.settings.password.as_deref(),
             conformance: Conformance::CLIENT_PROPOSED,
@@ -273,6 +471,129 @@ impl<L: Link> DlmsClient<L> {
         let resp = self.exchange(&aarq).await?;
         let aare = apdu::parse_aare(&resp).map_err(Error::Apdu)?;
         self.assoc = Some(aare);
+        Ok(aare)
+    }
+
+    /// The four-pass HLS-GMAC association (see the module documentation).
+    async fn associate_hls(&mut self, sec: &Security) -> Result<Aare> {
+        let mut ctos = [0u8; CTOS_LEN];
+        rand::Rng::fill(&mut rand::rng(), &mut ctos[..]);
+        let ic = sec
+            .counter
+            .lock()
+            .await
+            .take()
+            .await
+            .map_err(Error::Counter)?;
+        let dedicated = sec.dedicated_key.then(|| {
+            let mut k = [0u8; 16];
+            rand::Rng::fill(&mut rand::rng(), &mut k[..]);
+            k
+        });
+        let initiate = apdu::encode_initiate_request_with(
+            Conformance::CLIENT_PROPOSED,
+            self.settings.max_receive_pdu,
+            dedicated.as_ref(),
+        );
+        let ciphered_initiate = ciphering::encrypt_glo(&sec.keys, &sec.system_title, ic, &initiate)
+            .map_err(|e| Error::Ciphered(e.to_string()))?;
+        let aarq = apdu::encode_aarq_hls(&apdu::HlsAarq {
+            system_title: sec.system_title,
+            ctos: &ctos,
+            ciphered_initiate: &ciphered_initiate,
+        });
+        // Not re-sent either: its initiate-request carries a counter value.
+        let resp = self.exchange_raw(&aarq, false).await?;
+        let parts = match apdu::parse_aare_parts(&resp) {
+            Ok(p) => p,
+            // An exception-response or service error instead of an AARE: the meter could not
+            // even open our request.
+            Err(e @ (apdu::Error::Exception { .. } | apdu::Error::ServiceError { .. })) => {
+                return Err(Error::HlsRejected(e.to_string()))
+            }
+            Err(e) => return Err(Error::Apdu(e)),
+        };
+        if parts.result != apdu::AssociationResult::Accepted {
+            return Err(Error::HlsRejected(format!(
+                "association rejected ({}): {}",
+                parts.result, parts.diagnostic
+            )));
+        }
+        let server_title: [u8; 8] = parts
+            .responding_ap_title
+            .as_deref()
+            .and_then(|t| t.try_into().ok())
+            .ok_or_else(|| {
+                Error::Apdu(apdu::Error::Invalid(
+                    "HLS aare without an 8-byte responding-AP-title".into(),
+                ))
+            })?;
+        let stoc = parts.responding_authentication.clone().ok_or_else(|| {
+            Error::Apdu(apdu::Error::Invalid(
+                "HLS aare without the meter's challenge".into(),
+            ))
+        })?;
+        let ui = parts.user_information.as_deref().ok_or_else(|| {
+            Error::Apdu(apdu::Error::Invalid(
+                "aare without initiate-response".into(),
+            ))
+        })?;
+        self.ciphered = Some(Ciphered {
+            server_title,
+            server_ic: None,
+            dedicated,
+            use_dedicated: false,
+        });
+        let initiate = if ciphering::is_ciphered(ui.first().copied().unwrap_or(0)) {
+            self.open(ui)
+                .map_err(|e| Error::HlsVerify(format!("initiate-response: {e}")))?
+        } else {
+            ui.to_vec()
+        };
+        let aare = apdu::parse_initiate_response(&initiate).map_err(Error::Apdu)?;
+        self.assoc = Some(aare);
+
+        // Pass 3: f(StoC) = SC ‖ IC ‖ GMAC(StoC), under our title and a fresh counter value.
+        let ic = sec
+            .counter
+            .lock()
+            .await
+            .take()
+            .await
+            .map_err(Error::Counter)?;
+        let f_stoc = ciphering::hls_response(&sec.keys, &sec.system_title, ic, &stoc);
+        let r = self
+            .action(
+                &REPLY_TO_HLS_AUTHENTICATION,
+                Some(&Data::OctetString(f_stoc)),
+            )
+            .await
+            .map_err(|e| match e {
+                Error::Apdu(e) => Error::HlsRefused(e.to_string()),
+                Error::Ciphered(e) => Error::HlsVerify(e),
+                other => other,
+            })?;
+        if r.result != DataAccessResult::Success {
+            self.assoc = None;
+            return Err(Error::HlsRefused(r.result.to_string()));
+        }
+        // Pass 4: the meter's f(CtoS), under its title.
+        let answer = match r.returned {
+            Some(Ok(Data::OctetString(a))) => a,
+            other => {
+                self.assoc = None;
+                return Err(Error::HlsVerify(format!(
+                    "pass 4 answer missing or not an octet string ({other:?})"
+                )));
+            }
+        };
+        if let Err(e) = ciphering::verify_hls(&sec.keys, &server_title, &ctos, &answer) {
+            self.assoc = None;
+            return Err(Error::HlsVerify(format!("pass 4: {e}")));
+        }
+        if let Some(c) = self.ciphered.as_mut() {
+            c.use_dedicated = c.dedicated.is_some();
+        }
         Ok(aare)
     }
 
@@ -696,6 +1017,7 @@ mod tests {
     fn settings() -> ClientSettings {
         ClientSettings {
             password: None,
+            security: None,
             max_receive_pdu: 1024,
             timeout: Duration::from_secs(1),
             retries: 3,
@@ -811,6 +1133,194 @@ mod tests {
         let r = c.get_one(&regs()[0].attr).await.expect("accepted");
         assert_eq!(r, Ok(Data::U8(1)));
         assert!(c.association().is_some());
+    }
+
+    /// A meter side of HLS-GMAC built from our own ciphering, for the session's rules (the
+    /// interop with an independent meter is `tests/dlms_hls.rs`).
+    struct FakeHlsMeter {
+        keys: Keys,
+        title: [u8; 8],
+        client_title: [u8; 8],
+        ctos: Vec<u8>,
+        ic: u32,
+        /// What to break.
+        fault: Fault,
+        /// Requests seen (plain), for assertions.
+        seen: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        /// Every answer after the association reuses the previous counter.
+        Replay,
+        /// The GET answer comes plain.
+        PlainAnswer,
+        /// Pass 4 is computed over a wrong challenge.
+        BadPass4,
+        /// Pass 3 is refused.
+        RefusePass3,
+    }
+
+    const STOC: [u8; 8] = *b"StoC1234";
+
+    impl FakeHlsMeter {
+        fn new(fault: Fault) -> Self {
+            FakeHlsMeter {
+                keys: Keys {
+                    block_cipher: [7; 16],
+                    authentication: [9; 16],
+                },
+                title: *b"METER001",
+                client_title: *b"CLIENT01",
+                ctos: Vec::new(),
+                ic: 100,
+                fault,
+                seen: Vec::new(),
+            }
+        }
+
+        fn seal(&mut self, plain: &[u8]) -> Vec<u8> {
+            if self.fault != Fault::Replay || self.ic == 100 {
+                self.ic += 1;
+            }
+            ciphering::encrypt_glo(&self.keys, &self.title, self.ic, plain).expect("cipher")
+        }
+
+        fn answer(&mut self, req: &[u8]) -> Vec<u8> {
+            if req[0] == 0x60 {
+                let at = req
+                    .windows(4)
+                    .position(|w| w == [0xAC, 0x12, 0x80, 0x10])
+                    .expect("CtoS in the AARQ")
+                    + 4;
+                self.ctos = req[at..at + CTOS_LEN].to_vec();
+                let init = self.seal(&[
+                    0x08, 0x00, 0x06, 0x5F, 0x1F, 0x04, 0x00, 0x00, 0x18, 0x1D, 0x04, 0x00, 0x00,
+                    0x07,
+                ]);
+                let mut body = vec![0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01];
+                body.extend_from_slice(&[0x03, 0xA2, 0x03, 0x02, 0x01, 0x00]);
+                body.extend_from_slice(&[0xA3, 0x05, 0xA1, 0x03, 0x02, 0x01, 0x0E]);
+                body.extend_from_slice(&[0xA4, 0x0A, 0x04, 0x08]);
+                body.extend_from_slice(&self.title);
+                body.extend_from_slice(&[0xAA, 0x0A, 0x80, 0x08]);
+                body.extend_from_slice(&STOC);
+                body.extend_from_slice(&[0xBE, init.len() as u8 + 2, 0x04, init.len() as u8]);
+                body.extend_from_slice(&init);
+                let mut out = vec![0x61, body.len() as u8];
+                out.extend_from_slice(&body);
+                return out;
+            }
+            let (_, plain) = ciphering::decrypt(
+                &self.keys.block_cipher,
+                &self.keys.authentication,
+                &self.client_title,
+                req,
+            )
+            .expect("the client's request opens");
+            self.seen.push(plain.clone());
+            match plain[0] {
+                0xC3 => {
+                    let f_stoc = &plain[plain.len() - 17..];
+                    ciphering::verify_hls(&self.keys, &self.client_title, &STOC, f_stoc)
+                        .expect("pass 3 verifies");
+                    if self.fault == Fault::RefusePass3 {
+                        return self.seal(&[0xC7, 0x01, plain[2], 0x03, 0x00]);
+                    }
+                    let challenge = if self.fault == Fault::BadPass4 {
+                        b"other".to_vec()
+                    } else {
+                        self.ctos.clone()
+                    };
+                    let f = ciphering::hls_response(&self.keys, &self.title, 5, &challenge);
+                    let mut a = vec![0xC7, 0x01, plain[2], 0x00, 0x01, 0x00, 0x09, 0x11];
+                    a.extend_from_slice(&f);
+                    self.seal(&a)
+                }
+                _ => {
+                    let a = [0xC4, 0x01, plain[2], 0x00, 0x12, 0x59, 0xE4];
+                    if self.fault == Fault::PlainAnswer {
+                        a.to_vec()
+                    } else {
+                        self.seal(&a)
+                    }
+                }
+            }
+        }
+    }
+
+    impl Link for FakeHlsMeter {
+        async fn open(&mut self) -> std::result::Result<(), LinkError> {
+            Ok(())
+        }
+        async fn exchange(
+            &mut self,
+            apdu: &[u8],
+            rec: Recovery,
+        ) -> std::result::Result<Vec<u8>, LinkError> {
+            assert!(!rec.repeatable, "a ciphered request must never be re-sent");
+            Ok(self.answer(apdu))
+        }
+        async fn close(&mut self) -> std::result::Result<(), LinkError> {
+            Ok(())
+        }
+    }
+
+    async fn hls_client(fault: Fault) -> DlmsClient<FakeHlsMeter> {
+        let meter = FakeHlsMeter::new(fault);
+        let security = Security {
+            keys: meter.keys.clone(),
+            system_title: meter.client_title,
+            counter: counter::InvocationCounter::shared(None, 1)
+                .await
+                .expect("counter"),
+            dedicated_key: false,
+        };
+        DlmsClient::new(
+            meter,
+            ClientSettings {
+                security: Some(security),
+                ..settings()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn hls_association_ciphers_every_request_and_checks_every_answer() {
+        let attr = regs()[0].attr;
+        let mut c = hls_client(Fault::None).await;
+        let aare = c.associate().await.expect("associate");
+        assert_eq!(aare.server_max_receive_pdu, 1024);
+        assert_eq!(c.get_one(&attr).await.expect("get"), Ok(Data::U16(23012)));
+        assert_eq!(c.get_one(&attr).await.expect("get"), Ok(Data::U16(23012)));
+        // pass 3 and two GETs reached the meter as plain APDUs inside ciphered ones.
+        let tags: Vec<u8> = c.link.seen.iter().map(|p| p[0]).collect();
+        assert_eq!(tags, [0xC3, 0xC0, 0xC0]);
+        let shown = format!("{:?}", c.settings);
+        assert!(!shown.contains("7, 7") && shown.contains("***"), "{shown}");
+
+        let mut c = hls_client(Fault::Replay).await;
+        let e = c.associate().await.expect_err("replayed counter in pass 4");
+        assert!(e.to_string().contains("replayed invocation counter"), "{e}");
+        assert!(e.is_permanent() && e.is_authentication());
+
+        let mut c = hls_client(Fault::PlainAnswer).await;
+        c.associate().await.expect("associate");
+        let e = c.get_one(&attr).await.expect_err("plain answer refused");
+        assert!(matches!(e, Error::Ciphered(_)), "{e}");
+        assert!(c.association().is_none(), "association dropped");
+
+        let mut c = hls_client(Fault::BadPass4).await;
+        let e = c.associate().await.expect_err("pass 4 must verify");
+        assert!(matches!(e, Error::HlsVerify(_)), "{e}");
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        assert!(c.association().is_none());
+
+        let mut c = hls_client(Fault::RefusePass3).await;
+        let e = c.associate().await.expect_err("pass 3 refused");
+        assert!(matches!(e, Error::HlsRefused(_)), "{e}");
+        assert!(e.to_string().contains("refused our response"), "{e}");
     }
 
     #[test]

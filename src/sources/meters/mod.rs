@@ -3,12 +3,14 @@
 //!
 //! Layers, bottom up: the pure protocol in [`crate::dlms`] (`hdlc`/`wrapper` framing, `apdu`
 //! with A-XDR, `obis`, `clock`) → `link` (async client/server link drivers with recovery) →
-//! `client` (the session: association and services) → `profile` (Profile generic reading) →
+//! `client` (the session: association, HLS-GMAC and ciphering, services; `counter` keeps its
+//! invocation counter) → `profile` (Profile generic reading) →
 //! `poller` (the actor); `cli` is `dlms-bridge read`. This module only wires them; it owns no
 //! connection itself.
 
 pub mod cli;
 pub mod client;
+pub mod counter;
 pub mod link;
 pub mod poller;
 pub mod profile;

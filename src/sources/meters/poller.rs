@@ -19,7 +19,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
-use super::client::{self, ClientSettings, DlmsClient, ReadingValue, Register};
+use super::client::{self, ClientSettings, DlmsClient, ReadingValue, Register, Security};
+use super::counter::{self, InvocationCounter, SharedCounter};
 use super::link::{self, ClientLink, LinkAddress, LinkParams};
 use super::profile::{self, ProfileReader};
 use crate::config::{DlmsAuth, DlmsTransport, MeterConfig};
@@ -90,6 +91,9 @@ pub enum Error {
     /// Association, request or response failed.
     #[error("dlms request failed")]
     Client(#[source] client::Error),
+    /// The meter's configuration cannot work (e.g. HLS without keys).
+    #[error("meter configuration: {0}")]
+    Config(String),
     /// The meter registry database could not be read.
     #[error("cannot read meter registry {path}")]
     Registry {
@@ -102,7 +106,8 @@ pub enum Error {
 impl Error {
     /// Retrying will not help (credentials refused): back off at the slowest rate.
     fn is_permanent(&self) -> bool {
-        matches!(self, Error::Client(e) if e.is_permanent()) || matches!(self, Error::Link(_))
+        matches!(self, Error::Client(e) if e.is_permanent())
+            || matches!(self, Error::Link(_) | Error::Config(_))
     }
 }
 
@@ -200,11 +205,57 @@ pub fn registers_of(cfg: &MeterConfig) -> Vec<Register> {
         .collect()
 }
 
-/// Connect, open the link and associate, bounded by the meter's timeout at each step.
+/// Connect, open the link and associate, bounded by the meter's timeout at each step. An
+/// HLS-GMAC meter's invocation counter is opened from its file in `state_dir` (or starts at 1
+/// in memory): use [`connect_with`] to keep one counter across connections.
 pub async fn connect(
     cfg: &MeterConfig,
     max_receive_pdu: u16,
 ) -> Result<DlmsClient<ClientLink<TcpStream>>, Error> {
+    let security = match cfg.auth {
+        DlmsAuth::HlsGmac => Some(open_counter(cfg, 1).await?),
+        _ => None,
+    };
+    connect_with(cfg, max_receive_pdu, security).await
+}
+
+/// The invocation counter of an HLS meter: its file beside the queue (`state_dir`), or memory
+/// only (starting at `start`) when there is no state directory.
+pub async fn open_counter(cfg: &MeterConfig, start: u32) -> Result<SharedCounter, Error> {
+    let path = cfg
+        .state_dir
+        .as_deref()
+        .map(|d| counter::counter_path(d, &cfg.name));
+    InvocationCounter::shared(path, start)
+        .await
+        .map_err(|e| Error::Client(client::Error::Counter(e)))
+}
+
+/// [`connect`] with the meter's HLS invocation counter (`None` unless `auth = "hls-gmac"`).
+pub async fn connect_with(
+    cfg: &MeterConfig,
+    max_receive_pdu: u16,
+    counter: Option<SharedCounter>,
+) -> Result<DlmsClient<ClientLink<TcpStream>>, Error> {
+    let security = match (cfg.auth, &cfg.hls, counter) {
+        (DlmsAuth::HlsGmac, Some(k), Some(counter)) => Some(Security {
+            keys: k.keys.clone(),
+            system_title: k.system_title,
+            counter,
+            dedicated_key: cfg.dedicated_key,
+        }),
+        (DlmsAuth::HlsGmac, None, _) => {
+            return Err(Error::Config(
+                "auth = \"hls-gmac\" without keys (the configuration was not validated)".into(),
+            ))
+        }
+        (DlmsAuth::HlsGmac, _, None) => {
+            return Err(Error::Config(
+                "auth = \"hls-gmac\" without an invocation counter".into(),
+            ))
+        }
+        _ => None,
+    };
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let stream = match tokio::time::timeout(cfg.timeout, TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
@@ -228,12 +279,13 @@ pub async fn connect(
     let password = match (cfg.auth, &cfg.password) {
         (DlmsAuth::Lls, Some(p)) => Some(p.expose().as_bytes().to_vec()),
         (DlmsAuth::Lls, None) => Some(Vec::new()),
-        (DlmsAuth::None, _) => None,
+        (DlmsAuth::None | DlmsAuth::HlsGmac, _) => None,
     };
     let mut c = DlmsClient::new(
         link,
         ClientSettings {
             password,
+            security,
             max_receive_pdu,
             timeout: cfg.timeout,
             retries: cfg.retries,
@@ -338,6 +390,9 @@ pub struct Meter {
     profiles: Vec<ProfileState>,
     /// Meter clock minus our clock (s), read on association; sent with the next telemetry.
     clock_drift_s: Option<f64>,
+    /// HLS-GMAC: our invocation counter, opened on the first association and kept across
+    /// reconnects (its file keeps it across restarts).
+    counter: Option<SharedCounter>,
 }
 
 impl Meter {
@@ -389,6 +444,7 @@ impl Meter {
             reassociations: 0,
             profiles,
             clock_drift_s: None,
+            counter: None,
         }
     }
 
@@ -473,8 +529,16 @@ impl Meter {
             return Ok(false);
         }
         self.drop_client();
+        let counter = match (self.cfg.auth, &self.counter) {
+            (DlmsAuth::HlsGmac, None) => {
+                let c = self.cancellable(open_counter(&self.cfg, 1)).await?;
+                self.counter = Some(c.clone());
+                Some(c)
+            }
+            (_, c) => c.clone(),
+        };
         let c = self
-            .cancellable(connect(&self.cfg, self.max_receive_pdu))
+            .cancellable(connect_with(&self.cfg, self.max_receive_pdu, counter))
             .await?;
         debug!("Associated.");
         self.client = Some(c);
@@ -676,7 +740,7 @@ impl Meter {
                 let text = error_chain(&error);
                 self.last_poll = Some(Err(text.clone()));
                 if permanent {
-                    error!(error = %text, "Meter refused the association; check address and password.");
+                    error!(error = %text, "Meter refused the association; check address and credentials (password or HLS keys). Retrying slowly.");
                 } else if failures == self.cfg.disconnect_after.max(1) {
                     warn!(error = %text, failures, "Meter is down; backing off.");
                 } else {

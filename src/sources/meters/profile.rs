@@ -295,18 +295,24 @@ fn entries(layout: &Layout, rows: &Data) -> Result<Vec<Entry>, Error> {
 /// (the meter name hex-encoded when it is not plain), holding the last delivered entry's time
 /// in Unix ms.
 pub fn position_path(dir: &Path, meter: &str, obis: ObisCode) -> PathBuf {
+    dir.join(format!(
+        "profile-{}-{}.pos",
+        file_stem(meter),
+        obis.to_string().replace('.', "_")
+    ))
+}
+
+/// A meter name as part of a file name: as is when plain, hex otherwise (no separators, no
+/// dots, no collisions between names).
+pub fn file_stem(meter: &str) -> String {
     let plain = meter
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    let name = if plain {
+    if plain {
         meter.to_string()
     } else {
         meter.bytes().map(|b| format!("{b:02x}")).collect()
-    };
-    dir.join(format!(
-        "profile-{name}-{}.pos",
-        obis.to_string().replace('.', "_")
-    ))
+    }
 }
 
 /// The stored position, if any (an unreadable file counts as none, with a warning).
