@@ -344,6 +344,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     } else {
         None
     };
+    if http_listener.is_some() {
+        // The recorder must exist before the first meter polls: counts made before it are lost.
+        http::metrics::recorder();
+    }
     let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
     let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CAPACITY);
     let (reload_tx, reload_rx) = mpsc::channel(RELOAD_CAPACITY);

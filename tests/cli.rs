@@ -764,7 +764,7 @@ fn lines_until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<Stri
 
 fn bridge_config(dir: &Path, extra: &str) -> String {
     let text = format!(
-        "{extra}\n[broker]\nlisten = \"127.0.0.1:{}\"\n[thingsboard]\nport = {}\naccess_token = \"log-token-77\"\n[store]\npath = \"{}\"\n",
+        "{extra}\n[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n[thingsboard]\nport = {}\naccess_token = \"log-token-77\"\n[store]\npath = \"{}\"\n",
         free_port(),
         free_port(),
         dir.join("q.db").display()
