@@ -29,7 +29,8 @@ use crate::http::{self, state::LiveState};
 use crate::router::mapping::MappingSet;
 use crate::router::{MeterMap, Router, RouterInputs, RELOAD_CAPACITY};
 use crate::shutdown::Tasks;
-use crate::sources::dlms;
+use crate::sim;
+use crate::sources::meters;
 use crate::sources::{SourceEvent, EVENTS_CAPACITY};
 use crate::store::{self, StoreHandle};
 use crate::uplink::tls::TlsSettings;
@@ -195,7 +196,7 @@ impl MeterSetInner {
             return false;
         }
         let cancel = self.sources_cancel.child_token();
-        let h = dlms::spawn_meter(m.clone(), events_tx, &self.tracker, cancel.clone());
+        let h = meters::spawn_meter(m.clone(), events_tx, &self.tracker, cancel.clone());
         if let Ok(mut g) = self.meters.write() {
             g.insert(name.clone(), h);
         }
@@ -301,7 +302,7 @@ fn expand_meters(meters: &[MeterConfig]) -> anyhow::Result<Vec<(MeterConfig, Met
     let mut out = Vec::new();
     for m in meters {
         if let Some(db) = &m.database {
-            let rows = dlms::load_meter_registry(m).context("reading the meter registry")?;
+            let rows = meters::load_meter_registry(m).context("reading the meter registry")?;
             out.extend(
                 rows.into_iter()
                     .map(|r| (r, MeterOrigin::Registry(db.clone()))),
@@ -372,11 +373,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let mut simulated = Vec::new();
     let mut simulated_meters = Vec::new();
     if cfg.simulator.meters > 0 {
-        let opts = dlms::simulator::SimOptions {
+        let opts = sim::SimOptions {
             transport: cfg.simulator.transport,
             ..Default::default()
         };
-        let sims = dlms::simulator::spawn_meters(
+        let sims = sim::spawn_meters(
             std::net::Ipv4Addr::LOCALHOST.into(),
             0,
             cfg.simulator.meters,

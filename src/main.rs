@@ -11,8 +11,8 @@ use tracing::{error, info, warn};
 use dlms_bridge::config::{self, preflight, Config, RawConfig};
 use dlms_bridge::logging::{self, FilterHandle};
 use dlms_bridge::shutdown::{self, Signal};
-use dlms_bridge::sources::dlms::cli::ReadArgs;
-use dlms_bridge::sources::dlms::simulator::SimulateArgs;
+use dlms_bridge::sim::SimulateArgs;
+use dlms_bridge::sources::meters::cli::ReadArgs;
 use dlms_bridge::systemd;
 
 #[derive(Parser, Debug)]
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
         },
         Command::Status => status(cli.config),
         Command::Read(args) => block_on(async move {
-            dlms_bridge::sources::dlms::cli::read(args)
+            dlms_bridge::sources::meters::cli::read(args)
                 .await
                 .map_err(anyhow::Error::from)
         }),
@@ -366,7 +366,7 @@ fn status(path: Option<PathBuf>) -> ExitCode {
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let cancel = tokio_util::sync::CancellationToken::new();
     shutdown::cancel_on_terminate(cancel.clone());
-    dlms_bridge::sources::dlms::simulator::simulate(args, cancel)
+    dlms_bridge::sim::simulate(args, cancel)
         .await
         .context("running simulated meters")
 }

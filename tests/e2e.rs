@@ -416,7 +416,7 @@ async fn reload_starts_and_stops_meters() {
     // second instead.
     let tracker = tokio_util::task::TaskTracker::new();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let sims = dlms_bridge::sources::dlms::simulator::spawn_meters(
+    let sims = dlms_bridge::sim::spawn_meters(
         std::net::Ipv4Addr::LOCALHOST.into(),
         0,
         2,

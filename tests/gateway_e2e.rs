@@ -336,7 +336,7 @@ async fn gateway_rpcs_and_statistics_telemetry_count_what_was_sent() {
 
 /// A simulated meter on loopback, outside the bridge, so a `[[meters]]` entry can name it.
 async fn sim_meter() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
-    use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
+    use dlms_bridge::sim::{spawn_meters, SimOptions};
     let cancel = tokio_util::sync::CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
     let addrs = spawn_meters(
@@ -660,7 +660,7 @@ async fn poll_interval_shared_attribute_is_synced_on_connect_and_applied_live() 
 /// `disconnect`ed with its health telemetry saying why, and `connect`ed again once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_that_stops_answering_is_disconnected_then_connected_again() {
-    use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
+    use dlms_bridge::sim::{spawn_meters, SimOptions};
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = TbEmulator::start(TOKEN).await;
     // A port with nothing listening yet.

@@ -62,7 +62,7 @@ async fn ready_watchdog_reload_and_stop_under_pretend_systemd() {
     let tb = common::tb_emulator::TbEmulator::start("TEST_TOKEN").await;
     let sims_tracker = tokio_util::task::TaskTracker::new();
     let sims_cancel = tokio_util::sync::CancellationToken::new();
-    let sims = dlms_bridge::sources::dlms::simulator::spawn_meters(
+    let sims = dlms_bridge::sim::spawn_meters(
         std::net::Ipv4Addr::LOCALHOST.into(),
         0,
         2,

@@ -410,7 +410,7 @@ async fn blocking(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            crate::sources::dlms::poller::error_chain(&e),
+            crate::sources::meters::poller::error_chain(&e),
         )),
         Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }

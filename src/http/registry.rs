@@ -1,5 +1,5 @@
 //! Writes to the original system's meter registry database (`[[meters]] database = ...`), the
-//! table `meters(id, name, ip_address, port, ...)` that `sources::dlms::load_meter_registry`
+//! table `meters(id, name, ip_address, port, ...)` that `sources::meters::load_meter_registry`
 //! reads. Blocking (SQLite): callers run these in `spawn_blocking`. Only the three columns the
 //! bridge reads are written; the obsolete tb_* columns are left as they are (NULL for new rows).
 
@@ -104,14 +104,14 @@ mod tests {
             database: Some(path.clone()),
             ..Default::default()
         };
-        let m = crate::sources::dlms::load_meter_registry(&entry).expect("load");
+        let m = crate::sources::meters::load_meter_registry(&entry).expect("load");
         assert_eq!(
             (m[0].name.as_str(), m[0].host.as_str(), m[0].port),
             ("B", "10.0.0.2", 3333)
         );
         assert!(matches!(delete(&path, "A"), Err(Error::NotFound { .. })));
         delete(&path, "B").expect("delete");
-        assert!(crate::sources::dlms::load_meter_registry(&entry)
+        assert!(crate::sources::meters::load_meter_registry(&entry)
             .expect("load")
             .is_empty());
     }

@@ -25,7 +25,7 @@ use crate::config::LocalConfig;
 use crate::model::{now_ms, Downlink, Record, RecordKind, RpcRequest};
 use crate::router::mapping::MappingSet;
 use crate::router::warn::{Verdict, WarnLimiter};
-use crate::sources::dlms::MeterHandle;
+use crate::sources::meters::MeterHandle;
 use crate::sources::{Durable, LocalPublish, SourceEvent};
 use crate::store::StoreHandle;
 

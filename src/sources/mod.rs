@@ -3,15 +3,6 @@
 
 pub mod meters;
 
-/// The former path of the meter source, the DLMS protocol and the simulator (before the
-/// protocol / session / source / simulator split): kept so callers written against it still
-/// build. New code uses [`crate::dlms`], [`meters`] and [`crate::sim`].
-pub mod dlms {
-    pub use crate::dlms::{apdu, clock, hdlc, obis, wrapper};
-    pub use crate::sim as simulator;
-    pub use crate::sources::meters::*;
-}
-
 use std::sync::Arc;
 
 use bytes::Bytes;

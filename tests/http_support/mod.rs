@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dlms_bridge::app::{self, Running};
-use dlms_bridge::sources::dlms::simulator::{spawn_meters, SimOptions};
+use dlms_bridge::sim::{spawn_meters, SimOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
