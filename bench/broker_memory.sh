@@ -18,7 +18,8 @@ if [ -z "${BRIDGE_BIN:-}" ]; then
     BRIDGE_BIN="$TARGET/release/dlms-bridge"
 fi
 # 10,000 connections: this process's sockets plus the bridge's (same limit, inherited).
-ulimit -n "$(ulimit -Hn)"
+hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=65536
+ulimit -n "$hard" 2>/dev/null || true
 [ "$(ulimit -n)" -ge 12000 ] || echo "warning: open-file limit $(ulimit -n) is below what 10,000 connections need" >&2
 
 dir=$(mktemp -d)
