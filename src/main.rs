@@ -180,11 +180,22 @@ fn check_config(path: Option<&std::path::Path>, as_user: Option<String>) -> Exit
     }
 }
 
+/// glibc keeps what the process frees in its arenas; `malloc_trim(0)` returns the free pages of
+/// every arena to the system. The broker calls it once it has shrunk (src/broker/memory.rs), so
+/// RSS comes back down after a flood or a crowd of clients has gone.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() -> bool {
+    // SAFETY: malloc_trim takes no pointers and is thread-safe (glibc locks each arena in turn).
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 fn run(path: Option<PathBuf>) -> ExitCode {
     let (raw, cfg) = match load(path.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    dlms_bridge::broker::memory::set_release(release_freed_memory);
     let filter = logging::init(&cfg.log_level, cfg.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -1371,6 +1371,58 @@ async fn panic_in_one_connection_closes_only_that_connection() {
     let _again = raw_v4_connected(b.addr(), v4_connect("doomed", 30, true)).await;
 }
 
+static RELEASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Stands in for glibc's `malloc_trim` (installed by the binary): counts the calls.
+fn count_release() -> bool {
+    RELEASES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    RELEASED.notify_one();
+    true
+}
+
+/// Once clients have come, published and gone, the broker's housekeeping asks the allocator to
+/// return freed memory (`Tuning::release_memory`; the binary installs glibc's `malloc_trim`).
+/// When exactly is the pure policy's (unit tests in `src/broker/memory.rs`); here: the broker
+/// calls it once the activity has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_memory_is_released_after_the_clients_leave() {
+    let tuning = Tuning {
+        release_memory: Some(count_release),
+        ..Tuning::default()
+    };
+    let mut b = TestBroker::start_tuned(config(), tuning).await;
+    let mut subscribers = Vec::new();
+    for i in 0..20 {
+        let mut s = raw_v4_connected(b.addr(), v4_connect(&format!("mem-sub-{i}"), 30, true)).await;
+        s.send_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+            "mem/#",
+            QoS::AtLeastOnce,
+        )))
+        .await;
+        assert!(matches!(s.recv_v4().await, Some(v4::Packet::SubAck(_))));
+        subscribers.push(s);
+    }
+    let mut publisher = raw_v4_connected(b.addr(), v4_connect("mem-pub", 30, true)).await;
+    for _ in 0..200 {
+        publisher
+            .send_v4(publish_v4("mem/t", QoS::AtMostOnce, 0, &[0u8; 1024]))
+            .await;
+    }
+    assert_eq!(b.next_local().await.client_id, "mem-pub");
+    drop(subscribers);
+    drop(publisher);
+    // Activity followed by quiet: a release follows within the policy's minimum interval plus
+    // a tick or two, whenever the last one was.
+    timeout(broker::memory::MIN_INTERVAL + WAIT, async {
+        while RELEASES.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            RELEASED.notified().await;
+        }
+    })
+    .await
+    .expect("memory released after the clients left");
+}
+
 #[tokio::test]
 async fn persistence_keeps_retained_messages_and_sessions_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");

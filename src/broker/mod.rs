@@ -11,7 +11,8 @@
 //!                    Mutex<State> (state.rs): sessions, subscription tree, retained
 //!                                              ▲                    ▼
 //!  BrokerHandle (publish, publish_to, subscribe) ─┘     events_tx: mpsc<SourceEvent> ─▶ router
-//!  housekeeping task: $SYS, will delays, session expiry, drop WARN, persistence autosave
+//!  housekeeping task: $SYS, will delays, session expiry, drop WARN, persistence autosave,
+//!                     returning freed memory to the system after the broker shrank (memory.rs)
 //! ```
 //!
 //! The wire codec is rumqttc's `mqttbytes` (v4 and v5); sessions, routing and flow control are
@@ -20,6 +21,7 @@
 
 mod codec;
 mod conn;
+pub mod memory;
 mod persist;
 mod state;
 pub mod topic;
@@ -73,6 +75,9 @@ pub struct Tuning {
     /// that a panic closes that connection only). Always `None` in production.
     #[doc(hidden)]
     pub panic_on_topic: Option<String>,
+    /// Returns freed memory to the system once the broker has shrunk (see [`memory`]). Default:
+    /// the function the binary installed with [`memory::set_release`], if any.
+    pub release_memory: Option<memory::Release>,
 }
 
 impl Default for Tuning {
@@ -80,6 +85,7 @@ impl Default for Tuning {
         Tuning {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             panic_on_topic: None,
+            release_memory: memory::release_fn(),
         }
     }
 }
@@ -311,7 +317,8 @@ async fn accept_loop(
 }
 
 /// Periodic work: will delays and session expiry (every second), `$SYS` topics, the drop WARN,
-/// persistence autosave; at shutdown waits briefly for connections to close, then saves.
+/// persistence autosave, returning freed memory (see [`memory`]); at shutdown waits briefly for
+/// connections to close, then saves.
 async fn housekeeping(
     shared: Arc<Shared>,
     conns: TaskTracker,
@@ -327,13 +334,32 @@ async fn housekeeping(
     let mut next_save = Instant::now() + autosave;
     let mut next_warn = Instant::now() + DROP_WARN_EVERY;
     let mut warned = (0u64, 0u64);
+    let mut trim = memory::Policy::new(Instant::now(), shared.state.lock().activity());
+    let mut releasing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
         let now = Instant::now();
-        shared.state.lock().housekeep(now);
+        let activity = {
+            let mut st = shared.state.lock();
+            st.housekeep(now);
+            st.activity()
+        };
+        if trim.tick(now, activity) {
+            if let Some(release) = shared.tuning.release_memory {
+                // It walks every arena (milliseconds on a large heap): not on a runtime worker,
+                // and never two at once.
+                if releasing.as_ref().is_none_or(|h| h.is_finished()) {
+                    releasing = Some(tokio::task::spawn_blocking(move || {
+                        let started = Instant::now();
+                        let released = release();
+                        debug!(released, took = ?started.elapsed(), "Returned freed memory to the system.");
+                    }));
+                }
+            }
+        }
         if !sys_interval.is_zero() && now >= next_sys {
             next_sys = now + sys_interval;
             publish_sys(&shared, started, now);

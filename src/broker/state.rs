@@ -676,6 +676,18 @@ impl State {
     }
 
     /// Every session's queued message count (for `$SYS`).
+    /// Counters and sizes whose change between two housekeeping ticks means activity.
+    pub fn activity(&self) -> super::memory::Activity {
+        super::memory::Activity {
+            received: self.counters.received,
+            sent: self.counters.sent,
+            dropped: self.counters.dropped_queue_full + self.counters.dropped_bridge,
+            connections_total: self.counters.connections_total,
+            connected: self.connected,
+            sessions: self.sessions.len(),
+        }
+    }
+
     pub fn queued_total(&self) -> usize {
         self.sessions
             .values()
