@@ -40,4 +40,5 @@ pub mod sim;
 pub mod sources;
 pub mod store;
 pub mod systemd;
+pub mod tls;
 pub mod uplink;

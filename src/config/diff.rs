@@ -4,7 +4,17 @@
 use super::RawConfig;
 
 /// Keys a reload applies live; every other change needs a restart.
-pub const LIVE_KEYS: &[&str] = &["log.level", "meters", "mappings"];
+/// The broker's TLS files are re-read (for new connections); `broker.tls_listen` itself needs a
+/// restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "meters",
+    "mappings",
+    "broker.tls_cert_file",
+    "broker.tls_key_file",
+    "broker.tls_ca_file",
+    "broker.tls_require_client_cert",
+];
 
 /// Keys (`thingsboard.host`, `meters`) whose values differ. Secrets are compared by value,
 /// though they are never shown.

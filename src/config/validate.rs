@@ -49,6 +49,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
             SocketAddr::from(([127, 0, 0, 1], 1884))
         }
     };
+    errs.extend(check_broker_tls(&raw.broker, broker_listen));
     if raw.broker.username.is_some() != raw.broker.password.is_some() {
         errs.push(ConfigError::new(
             "broker.password",
@@ -368,7 +369,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
 /// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
 /// not by group or others), a token or a client certificate to authenticate with.
 fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
-    use crate::uplink::tls;
+    use crate::tls;
     let mut errs = Vec::new();
     let files = [
         ("thingsboard.ca_file", &tb.ca_file),
@@ -393,13 +394,11 @@ fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
     }
     match (&tb.cert_file, &tb.key_file) {
         (Some(cert), Some(key)) => {
-            if let Err(e) = tls::read_identity(cert, key) {
-                let k = match e {
-                    tls::Error::File {
-                        what: "client certificate",
-                        ..
-                    } => "thingsboard.cert_file",
-                    _ => "thingsboard.key_file",
+            if let Err(e) = tls::read_identity(cert, key, "client certificate") {
+                let k = if e.is_key() {
+                    "thingsboard.key_file"
+                } else {
+                    "thingsboard.cert_file"
                 };
                 errs.push(ConfigError::new(k, e.to_string()));
             }
@@ -413,6 +412,60 @@ fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
             "thingsboard.key_file needs its certificate in thingsboard.cert_file",
         )),
         (None, None) => {}
+    }
+    errs
+}
+
+/// `[broker]` TLS listener keys: an address other than `listen`, a readable certificate and key
+/// (the key not readable by group or others) that belong together, a client CA when client
+/// certificates are required; files only with `tls_listen`.
+fn check_broker_tls(b: &BrokerConfig, listen: SocketAddr) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    let Some(tls_listen) = &b.tls_listen else {
+        let set = [
+            ("broker.tls_cert_file", b.tls_cert_file.is_some()),
+            ("broker.tls_key_file", b.tls_key_file.is_some()),
+            ("broker.tls_ca_file", b.tls_ca_file.is_some()),
+            ("broker.tls_require_client_cert", b.tls_require_client_cert),
+        ];
+        for (key, _) in set.into_iter().filter(|(_, on)| *on) {
+            errs.push(ConfigError::new(
+                key,
+                "is only used with the TLS listener: set broker.tls_listen",
+            ));
+        }
+        return errs;
+    };
+    match parse_listen(tls_listen) {
+        Ok(a) if a == listen && a.port() != 0 => errs.push(ConfigError::new(
+            "broker.tls_listen",
+            format!("`{tls_listen}` is broker.listen already; use another port (e.g. 8884)"),
+        )),
+        Ok(_) => {}
+        Err(m) => errs.push(ConfigError::new("broker.tls_listen", m)),
+    }
+    if b.tls_cert_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_cert_file",
+            "required with broker.tls_listen (PEM certificate chain)",
+        ));
+    }
+    if b.tls_key_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_key_file",
+            "required with broker.tls_listen (PEM private key)",
+        ));
+    }
+    if b.tls_require_client_cert && b.tls_ca_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_require_client_cert",
+            "needs broker.tls_ca_file, the CA that signs the client certificates",
+        ));
+    }
+    if let Some(settings) = crate::broker::tls::TlsSettings::from_config(b) {
+        if let Err(e) = crate::broker::tls::server_config(&settings) {
+            errs.push(ConfigError::new(e.config_key(), e.to_string()));
+        }
     }
     errs
 }
