@@ -633,6 +633,95 @@ mod tests {
     }
 
     #[test]
+    fn the_broker_tls_listener_needs_its_files_and_a_private_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            p.display().to_string()
+        };
+        let key_pair = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key_pair)
+            .expect("cert");
+        let cert_file = pem("broker.pem", cert.pem());
+        let key_file = pem("broker.key", key_pair.serialize_pem());
+        let other_key = pem(
+            "other.key",
+            rcgen::KeyPair::generate().expect("key").serialize_pem(),
+        );
+        let keys = |toml: &str| -> Vec<String> {
+            match validate(load_str(toml).expect("parses")) {
+                Ok(_) => Vec::new(),
+                Err(errs) => errs.into_iter().map(|e| e.key).collect(),
+            }
+        };
+        let tls = |extra: &str| {
+            format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {cert_file:?}\n\
+                 tls_key_file = {key_file:?}\n{extra}"
+            )
+        };
+
+        let c = validate(load_str(&tls("")).expect("parses")).expect("valid");
+        assert_eq!(c.broker.tls_listen.as_deref(), Some("0.0.0.0:8884"));
+        assert!(validate(RawConfig::default())
+            .expect("valid")
+            .broker
+            .tls_listen
+            .is_none());
+
+        assert_eq!(
+            keys("[broker]\ntls_listen = \"0.0.0.0:8884\"\n"),
+            ["broker.tls_cert_file", "broker.tls_key_file"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_cert_file = {cert_file:?}\ntls_require_client_cert = true\n"
+            )),
+            ["broker.tls_cert_file", "broker.tls_require_client_cert"],
+            "TLS files without tls_listen"
+        );
+        assert_eq!(
+            keys(&tls("tls_require_client_cert = true")),
+            ["broker.tls_require_client_cert"]
+        );
+        assert_eq!(
+            keys(&tls("listen = \"0.0.0.0:8884\"")),
+            ["broker.tls_listen"],
+            "same address as listen"
+        );
+        assert_eq!(
+            keys(&tls("tls_ca_file = \"/nonexistent/ca.pem\"")),
+            ["broker.tls_ca_file"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {cert_file:?}\n\
+                 tls_key_file = {other_key:?}\n"
+            )),
+            ["broker.tls_key_file"],
+            "a key that does not belong to the certificate"
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {key_file:?}\n\
+                 tls_key_file = {key_file:?}\n"
+            )),
+            ["broker.tls_cert_file"],
+            "no certificate in the certificate file"
+        );
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let errs = validate(load_str(&tls("")).expect("parses")).expect_err("readable key");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "broker.tls_key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
+    }
+
+    #[test]
     fn commit_interval_is_bounded() {
         let errs = validate(load_str("[store]\ncommit_interval = \"2s\"\n").expect("parses"))
             .expect_err("too long");
