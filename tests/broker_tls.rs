@@ -1,6 +1,10 @@
 //! The broker's TLS listener (`[broker] tls_listen`) against real clients: rumqttc v4 and v5
 //! over rustls, raw TCP and raw TLS sockets. Certificates are made here with rcgen. Every wait is
-//! on an event with a timeout.
+//! on an event with a timeout. The last test runs the whole bridge (`app::start`): start-up,
+//! `/api/status` and the SIGHUP reload path.
+
+#[path = "common/bridge_config.rs"]
+mod bridge_config;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -708,4 +712,73 @@ async fn a_broker_with_an_unusable_certificate_does_not_start() {
     .await;
     let e = r.expect_err("unusable certificate");
     assert!(matches!(e, broker::Error::Tls(_)), "{e:?}");
+}
+
+/// The whole bridge: the listener is started by `app::start`, shown in `/api/status`, and
+/// `Running::reload` (what SIGHUP calls) gives new connections the new certificate.
+#[tokio::test]
+async fn the_bridge_opens_reports_and_reloads_the_tls_listener() {
+    let first = Ca::new("First CA");
+    let second = Ca::new("Second CA");
+    let files = ServerFiles::new(&first);
+    // ThingsBoard is not needed here: port 1 refuses, the uplink just retries.
+    let mut cfg = bridge_config::test_config(files.dir.path(), 1, "token", "");
+    cfg.broker.tls_listen = Some("127.0.0.1:0".into());
+    cfg.broker.tls_cert_file = Some(files.cert.clone());
+    cfg.broker.tls_key_file = Some(files.key.clone());
+    let mut running = dlms_bridge::app::start(cfg.clone())
+        .await
+        .expect("bridge starts");
+    let broker = running.broker.clone().expect("broker on");
+    let tls_addr = broker.tls_local_addr().expect("TLS listener");
+
+    let http = running.http_addr.expect("HTTP on");
+    let status: serde_json::Value = timeout(WAIT, async {
+        reqwest::get(format!("http://{http}/api/status"))
+            .await
+            .expect("GET /api/status")
+            .json()
+            .await
+            .expect("status JSON")
+    })
+    .await
+    .expect("status in time");
+    assert_eq!(
+        status["broker"]["tls_listen"],
+        serde_json::json!(tls_addr.to_string())
+    );
+    assert_eq!(
+        status["broker"]["listen"],
+        serde_json::json!(broker.local_addr().to_string())
+    );
+
+    V4Client::connect(v4_options(
+        tls_addr,
+        "app-first",
+        Some(client_tls(&first, None)),
+    ))
+    .await;
+    files.reissue(&second);
+    running.reload(&cfg).await.expect("reload");
+    V4Client::connect(v4_options(
+        tls_addr,
+        "app-second",
+        Some(client_tls(&second, None)),
+    ))
+    .await;
+    let e = V4Client::start(v4_options(
+        tls_addr,
+        "app-old",
+        Some(client_tls(&first, None)),
+    ))
+    .error()
+    .await;
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    assert!(
+        timeout(WAIT, running.shutdown())
+            .await
+            .expect("shutdown in time")
+            .expect("shutdown"),
+        "clean shutdown"
+    );
 }
