@@ -113,4 +113,16 @@ mod tests {
         assert_eq!(live, ["log.level", "meters"]);
         assert_eq!(restart, ["thingsboard.access_token", "thingsboard.host"]);
     }
+
+    #[test]
+    fn the_broker_tls_files_are_live_and_its_address_needs_a_restart() {
+        let a = load_str("[thingsboard]\naccess_token = \"x\"\n").expect("parses");
+        let mut b = a.clone();
+        b.broker.tls_listen = Some("0.0.0.0:8884".into());
+        b.broker.tls_cert_file = Some("/etc/dlms-bridge/broker.crt".into());
+        b.broker.tls_key_file = Some("/etc/dlms-bridge/broker.key".into());
+        let (live, restart) = split_live(&changed_keys(&a, &b));
+        assert_eq!(live, ["broker.tls_cert_file", "broker.tls_key_file"]);
+        assert_eq!(restart, ["broker.tls_listen"]);
+    }
 }
