@@ -437,10 +437,19 @@ fn check_broker_tls(b: &BrokerConfig, listen: SocketAddr) -> Vec<ConfigError> {
         return errs;
     };
     match parse_listen(tls_listen) {
-        Ok(a) if a == listen && a.port() != 0 => errs.push(ConfigError::new(
-            "broker.tls_listen",
-            format!("`{tls_listen}` is broker.listen already; use another port (e.g. 8884)"),
-        )),
+        // The same port on the same or an overlapping (unspecified) address cannot be bound twice.
+        Ok(a) if a.port() == listen.port()
+            && a.port() != 0
+            && (a.ip() == listen.ip() || a.ip().is_unspecified() || listen.ip().is_unspecified()) =>
+        {
+            errs.push(ConfigError::new(
+                "broker.tls_listen",
+                format!(
+                    "`{tls_listen}` takes the port of broker.listen `{}`; use another port (e.g. 8884)",
+                    b.listen
+                ),
+            ))
+        }
         Ok(_) => {}
         Err(m) => errs.push(ConfigError::new("broker.tls_listen", m)),
     }
@@ -694,6 +703,12 @@ mod tests {
             ["broker.tls_listen"],
             "same address as listen"
         );
+        assert_eq!(
+            keys(&tls("listen = \"127.0.0.1:8884\"")),
+            ["broker.tls_listen"],
+            "0.0.0.0 overlaps 127.0.0.1 on the same port"
+        );
+        assert!(keys(&tls("listen = \"127.0.0.1:1884\"")).is_empty());
         assert_eq!(
             keys(&tls("tls_ca_file = \"/nonexistent/ca.pem\"")),
             ["broker.tls_ca_file"]
