@@ -376,7 +376,6 @@ async fn accept_loop(
             warn!(%peer, "Connection limit reached; closing new client connection.");
             continue;
         };
-        let _ = socket.set_nodelay(true);
         let connect_deadline = tokio::time::Instant::now() + shared.tuning.connect_timeout;
         let shared = shared.clone();
         let events_tx = events_tx.clone();
@@ -386,6 +385,7 @@ async fn accept_loop(
         // `conn` detaches the session on the way out.
         conns.spawn(async move {
             let _permit = permit;
+            let _ = socket.set_nodelay(true);
             let Some(tls) = tls else {
                 conn::serve(socket, peer, connect_deadline, shared, events_tx, cancel).await;
                 return;
