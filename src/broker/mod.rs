@@ -380,34 +380,65 @@ async fn accept_loop(
         let shared = shared.clone();
         let events_tx = events_tx.clone();
         let cancel = cancel.clone();
-        let tls = tls.clone();
         // A panic in the task unwinds it alone (tokio catches it); the registration guard in
-        // `conn` detaches the session on the way out.
-        conns.spawn(async move {
-            let _permit = permit;
-            let _ = socket.set_nodelay(true);
-            let Some(tls) = tls else {
-                conn::serve(socket, peer, connect_deadline, shared, events_tx, cancel).await;
-                return;
-            };
-            let handshake = tokio::select! {
-                r = tokio::time::timeout_at(connect_deadline, tls.acceptor().accept(socket)) => r,
-                _ = cancel.cancelled() => return,
-            };
-            match handshake {
-                Ok(Ok(stream)) => {
-                    conn::serve(stream, peer, connect_deadline, shared, events_tx, cancel).await
-                }
-                Ok(Err(e)) => tls.handshake_failed(peer, &e.to_string()),
-                Err(_) => debug!(
-                    %peer,
-                    timeout = ?shared.tuning.connect_timeout,
-                    "TLS handshake not finished within the CONNECT timeout; connection closed."
-                ),
+        // `conn` detaches the session on the way out. Two task bodies, so a plain connection's
+        // task does not carry the (larger) TLS state.
+        match &tls {
+            None => {
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let _ = socket.set_nodelay(true);
+                    conn::serve(socket, peer, connect_deadline, shared, events_tx, cancel).await;
+                });
             }
-        });
+            Some(tls) => {
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let _ = socket.set_nodelay(true);
+                    serve_tls(
+                        tls,
+                        socket,
+                        peer,
+                        connect_deadline,
+                        shared,
+                        events_tx,
+                        cancel,
+                    )
+                    .await;
+                });
+            }
+        }
     }
     debug!("Broker stopped accepting.");
+}
+
+/// A TLS listener's connection: the handshake (by the CONNECT deadline, abandoned at shutdown),
+/// then the same service as a plain connection.
+async fn serve_tls(
+    tls: Arc<tls::TlsState>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    connect_deadline: tokio::time::Instant,
+    shared: Arc<Shared>,
+    events_tx: mpsc::Sender<SourceEvent>,
+    cancel: CancellationToken,
+) {
+    let handshake = tokio::select! {
+        r = tokio::time::timeout_at(connect_deadline, tls.acceptor().accept(socket)) => r,
+        _ = cancel.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => {
+            conn::serve(stream, peer, connect_deadline, shared, events_tx, cancel).await
+        }
+        Ok(Err(e)) => tls.handshake_failed(peer, &e.to_string()),
+        Err(_) => debug!(
+            %peer,
+            timeout = ?shared.tuning.connect_timeout,
+            "TLS handshake not finished within the CONNECT timeout; connection closed."
+        ),
+    }
 }
 
 /// Periodic work: will delays and session expiry (every second), `$SYS` topics, the drop WARN,
