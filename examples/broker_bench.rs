@@ -10,7 +10,8 @@
 //! - `churn`: C tasks loop TCP connect → CONNECT → CONNACK → DISCONNECT → close for `--seconds`;
 //!   prints connections per second.
 //!
-//! One JSON object per run on stdout.
+//! One JSON object per run on stdout. `--tls-ca FILE` connects over TLS (the broker's
+//! `tls_listen`), trusting the CA in FILE; the certificate must name `--host`.
 //! `cargo run --release --example broker_bench -- --port 1884 throughput --messages 200000`
 
 use std::net::SocketAddr;
@@ -22,8 +23,7 @@ use bytes::BytesMut;
 use clap::{Parser, Subcommand};
 use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -33,6 +33,9 @@ struct Args {
     host: String,
     #[arg(long, default_value_t = 1884)]
     port: u16,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -67,9 +70,30 @@ enum Mode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The reading and writing halves of a plain or TLS connection.
+type Rd = Box<dyn AsyncRead + Send + Unpin>;
+type Wr = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where and how to connect: the broker's address, and the TLS client configuration when the
+/// run goes over TLS.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// Write and flush (TLS buffers what it encrypts; a no-op for plain TCP).
+async fn send(wr: &mut Wr, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
 /// A framed MQTT 3.1.1 reader.
 struct Reader {
-    rd: OwnedReadHalf,
+    rd: Rd,
     buf: BytesMut,
 }
 
@@ -88,15 +112,24 @@ impl Reader {
     }
 }
 
-async fn connect(addr: SocketAddr, id: &str) -> Result<(Reader, OwnedWriteHalf), BoxError> {
-    let s = TcpStream::connect(addr).await?;
+async fn connect(target: &Target, id: &str) -> Result<(Reader, Wr), BoxError> {
+    let s = TcpStream::connect(target.addr).await?;
     s.set_nodelay(true)?;
-    let (rd, mut wr) = s.into_split();
+    let (rd, mut wr): (Rd, Wr) = match &target.tls {
+        None => {
+            let (rd, wr) = s.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some((connector, name)) => {
+            let (rd, wr) = tokio::io::split(connector.connect(name.clone(), s).await?);
+            (Box::new(rd), Box::new(wr))
+        }
+    };
     let mut c = v4::Connect::new(id);
     c.keep_alive = 60;
     let mut b = BytesMut::new();
     Packet::Connect(c).write(&mut b, usize::MAX)?;
-    wr.write_all(&b).await?;
+    send(&mut wr, &b).await?;
     let mut r = Reader {
         rd,
         buf: BytesMut::with_capacity(64 * 1024),
@@ -118,16 +151,16 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// The subscriber: PUBACKs every message, records latency (µs) from the timestamp in the
 /// payload, counts receipts, stops after `expect` messages or `deadline`.
 async fn subscribe(
-    addr: SocketAddr,
+    target: &Target,
     topic: String,
     start: Instant,
-) -> Result<(Reader, OwnedWriteHalf), BoxError> {
-    let (mut r, mut wr) = connect(addr, &format!("bench-sub-{}", std::process::id())).await?;
+) -> Result<(Reader, Wr), BoxError> {
+    let (mut r, mut wr) = connect(target, &format!("bench-sub-{}", std::process::id())).await?;
     let mut s = v4::Subscribe::new(topic, QoS::AtLeastOnce);
     s.pkid = 1;
     let mut b = BytesMut::new();
     Packet::Subscribe(s).write(&mut b, usize::MAX)?;
-    wr.write_all(&b).await?;
+    send(&mut wr, &b).await?;
     loop {
         if let Packet::SubAck(_) = r.next().await? {
             break;
@@ -139,7 +172,7 @@ async fn subscribe(
 
 async fn receive(
     mut r: Reader,
-    mut wr: OwnedWriteHalf,
+    mut wr: Wr,
     expect: u64,
     start: Instant,
     received: Arc<AtomicU64>,
@@ -164,13 +197,13 @@ async fn receive(
             progress.notify_waiters();
             // Flush acks in batches when nothing more is buffered.
             if r.buf.is_empty() || out.len() > 32 * 1024 {
-                wr.write_all(&out).await?;
+                send(&mut wr, &out).await?;
                 out.clear();
             }
         }
     }
     if !out.is_empty() {
-        wr.write_all(&out).await?;
+        send(&mut wr, &out).await?;
     }
     Ok(lat)
 }
@@ -186,7 +219,7 @@ struct Flow {
 
 /// One QoS 1 publisher. `gate` decides when the next message may go.
 async fn publish(
-    addr: SocketAddr,
+    target: Target,
     (id, topic): (String, String),
     count: u64,
     payload: usize,
@@ -200,7 +233,7 @@ async fn publish(
         flow.window,
         &flow.progress,
     );
-    let (mut r, mut wr) = connect(addr, &id).await?;
+    let (mut r, mut wr) = connect(&target, &id).await?;
     // PUBACKs are read (and dropped) by a separate task so the writer never blocks on them.
     let acks = tokio::spawn(async move {
         let mut n = 0u64;
@@ -226,7 +259,7 @@ async fn publish(
                 break;
             }
             if !out.is_empty() {
-                wr.write_all(&out).await?;
+                send(&mut wr, &out).await?;
                 out.clear();
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
@@ -239,17 +272,17 @@ async fn publish(
         sent_total.fetch_add(1, Ordering::AcqRel);
         // Paced: every message goes out at once (latency); closed loop: in 16 KiB batches.
         if paced.is_some() || out.len() > 16 * 1024 || window <= 1 {
-            wr.write_all(&out).await?;
+            send(&mut wr, &out).await?;
             out.clear();
         }
     }
-    wr.write_all(&out).await?;
+    send(&mut wr, &out).await?;
     let _ = tokio::time::timeout(Duration::from_secs(10), acks).await;
     Ok(())
 }
 
 async fn run_flow(
-    addr: SocketAddr,
+    target: &Target,
     messages: u64,
     publishers: u64,
     window: u64,
@@ -262,7 +295,7 @@ async fn run_flow(
         std::process::id(),
         start.elapsed().as_nanos()
     );
-    let (r, wr) = subscribe(addr, format!("{run}/#"), start).await?;
+    let (r, wr) = subscribe(target, format!("{run}/#"), start).await?;
     let received = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(Notify::new());
     let stop = Arc::new(AtomicBool::new(false));
@@ -290,7 +323,7 @@ async fn run_flow(
         let period = rate.map(|r| Duration::from_secs_f64(publishers as f64 / r as f64));
         let gate = move |i: u64| period.map(|p| base + p.mul_f64(i as f64));
         pubs.push(tokio::spawn(publish(
-            addr,
+            target.clone(),
             (
                 format!("bench-pub-{}-{k}", std::process::id()),
                 format!("{run}/{k}"),
@@ -324,7 +357,7 @@ async fn run_flow(
     }))
 }
 
-async fn churn(addr: SocketAddr, concurrency: usize, seconds: u64) -> serde_json::Value {
+async fn churn(target: &Target, concurrency: usize, seconds: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -332,6 +365,7 @@ async fn churn(addr: SocketAddr, concurrency: usize, seconds: u64) -> serde_json
     for t in 0..concurrency {
         let done = done.clone();
         let failed = failed.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             let disconnect = {
@@ -342,9 +376,9 @@ async fn churn(addr: SocketAddr, concurrency: usize, seconds: u64) -> serde_json
             while Instant::now() < deadline {
                 i += 1;
                 let id = format!("churn-{}-{t}-{i}", std::process::id());
-                match connect(addr, &id).await {
+                match connect(&target, &id).await {
                     Ok((mut r, mut wr)) => {
-                        let _ = wr.write_all(&disconnect).await;
+                        let _ = send(&mut wr, &disconnect).await;
                         let _ = wr.shutdown().await;
                         // Wait for the broker's close so the connection is really finished.
                         let _ =
@@ -379,6 +413,25 @@ async fn main() -> Result<(), BoxError> {
         .await?
         .next()
         .ok_or("host resolves to nothing")?;
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+                roots.add(cert?)?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = rustls::pki_types::ServerName::try_from(args.host.clone())?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        }
+    };
+    let target = Target { addr, tls };
     let out = match args.mode {
         Mode::Throughput {
             messages,
@@ -386,7 +439,7 @@ async fn main() -> Result<(), BoxError> {
             window,
             payload,
         } => {
-            let mut v = run_flow(addr, messages, publishers, window, payload, None).await?;
+            let mut v = run_flow(&target, messages, publishers, window, payload, None).await?;
             v["mode"] = "throughput".into();
             v
         }
@@ -395,8 +448,15 @@ async fn main() -> Result<(), BoxError> {
             seconds,
             payload,
         } => {
-            let mut v =
-                run_flow(addr, rate * seconds, 1, u64::MAX / 2, payload, Some(rate)).await?;
+            let mut v = run_flow(
+                &target,
+                rate * seconds,
+                1,
+                u64::MAX / 2,
+                payload,
+                Some(rate),
+            )
+            .await?;
             v["mode"] = "paced".into();
             v["rate"] = rate.into();
             v
@@ -405,7 +465,7 @@ async fn main() -> Result<(), BoxError> {
             concurrency,
             seconds,
         } => {
-            let mut v = churn(addr, concurrency, seconds).await;
+            let mut v = churn(&target, concurrency, seconds).await;
             v["mode"] = "churn".into();
             v
         }

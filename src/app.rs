@@ -10,8 +10,9 @@
 //! when its last sender is gone, then the uplink is cancelled and waits for outstanding PUBACKs,
 //! then the store checkpoints. Unacknowledged rows simply stay for the next start.
 //! Reload (SIGHUP): meters are diffed by name (removed/changed ones stopped, new/changed ones
-//! started), the mapping set is swapped in the router and the uplink re-reads its TLS
-//! certificates (used from its next connection); everything else needs a restart.
+//! started), the mapping set is swapped in the router, the uplink re-reads its TLS
+//! certificates (used from its next connection) and so does the broker's TLS listener (used for
+//! new connections); everything else needs a restart.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -556,6 +557,10 @@ impl Running {
         report.mappings_reloaded = self.reload_tx.send(mappings).await.is_ok();
         self.uplink_tls
             .reload(TlsSettings::from_config(&cfg.thingsboard));
+        if let Some(b) = &self.broker {
+            // Logged by the broker: INFO when re-read, ERROR (old certificate kept) otherwise.
+            let _ = b.reload_tls(broker::tls::TlsSettings::from_config(&cfg.broker));
+        }
         report.meters_started.sort();
         report.meters_stopped.sort();
         // The caller names the other changes (and what needs a restart); log only a change.

@@ -518,10 +518,25 @@ fn connector(
     Ok(())
 }
 
-/// The Mosquitto settings dlms-bridge's broker can take: one listener, anonymous or not.
+/// One Mosquitto listener and its TLS options (`certfile` etc. apply to the listener above
+/// them; before any `listener` line, to the default one).
+#[derive(Debug, Default)]
+struct MosquittoListener {
+    port: u16,
+    addr: Option<String>,
+    certfile: Option<String>,
+    keyfile: Option<String>,
+    cafile: Option<String>,
+    require_certificate: bool,
+}
+
+/// The Mosquitto settings dlms-bridge's broker can take: one plain listener and one TLS
+/// listener, anonymous or not.
 fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Error> {
     let text = read_text(conf)?;
-    let mut listeners: Vec<(u16, Option<String>)> = Vec::new();
+    let mut listeners: Vec<MosquittoListener> = Vec::new();
+    // TLS options met before any `listener` line: Mosquitto's default listener.
+    let mut default_tls = MosquittoListener::default();
     let mut bind_address: Option<String> = None;
     let mut allow_anonymous: Option<bool> = None;
     let mut password_file: Option<String> = None;
@@ -544,7 +559,27 @@ fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Erro
                     .first()
                     .and_then(|p| p.parse::<u16>().ok())
                     .ok_or_else(|| bad("needs a port number"))?;
-                listeners.push((port, args.get(1).map(|s| s.to_string())));
+                // `port` is the default listener: it takes the TLS options given before it.
+                let base = if key == "port" {
+                    std::mem::take(&mut default_tls)
+                } else {
+                    MosquittoListener::default()
+                };
+                listeners.push(MosquittoListener {
+                    port,
+                    addr: args.get(1).map(|s| s.to_string()),
+                    ..base
+                });
+            }
+            "certfile" | "keyfile" | "cafile" | "require_certificate" => {
+                let l = listeners.last_mut().unwrap_or(&mut default_tls);
+                let value = args.first().map(|s| s.to_string());
+                match key {
+                    "certfile" => l.certfile = value,
+                    "keyfile" => l.keyfile = value,
+                    "cafile" => l.cafile = value,
+                    _ => l.require_certificate = value.as_deref() == Some("true"),
+                }
             }
             "bind_address" => bind_address = args.first().map(|s| s.to_string()),
             "allow_anonymous" => allow_anonymous = Some(args.first() == Some(&"true")),
@@ -564,39 +599,88 @@ fn mosquitto(conf: &Path, local_ports: &[u16], out: &mut Out) -> Result<(), Erro
         }
     }
     if listeners.is_empty() {
-        listeners.push((1883, None));
+        listeners.push(MosquittoListener {
+            port: 1883,
+            ..default_tls
+        });
         out.skip(format!(
             "{}: no listener/port line, so Mosquitto listened on 1883 on all addresses; carried as 0.0.0.0:1883",
             conf.display()
         ));
     }
-    let chosen = listeners
-        .iter()
-        .position(|(p, _)| local_ports.contains(p))
-        .unwrap_or(0);
-    for (j, (p, a)) in listeners.iter().enumerate() {
-        if j != chosen {
-            out.skip(format!(
-                "mosquitto listener {p} {}: the embedded broker has one listener; kept {}",
-                a.as_deref().unwrap_or(""),
-                listeners[chosen].0
-            ));
+    let address = |l: &MosquittoListener| {
+        let port = l.port;
+        let addr = l
+            .addr
+            .clone()
+            .or(bind_address.clone())
+            .unwrap_or_else(|| "0.0.0.0".into());
+        if addr.contains(':') {
+            format!("[{addr}]:{port}")
+        } else if addr == "localhost" {
+            format!("127.0.0.1:{port}")
+        } else {
+            format!("{addr}:{port}")
         }
-    }
-    let (port, addr) = &listeners[chosen];
-    let addr = addr
-        .clone()
-        .or(bind_address)
-        .unwrap_or_else(|| "0.0.0.0".into());
-    let listen = if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else if addr == "localhost" {
-        format!("127.0.0.1:{port}")
-    } else {
-        format!("{addr}:{port}")
     };
-    out.broker
-        .insert(0, format!("listen = {}", toml_str(&listen)));
+    let (tls, plain): (Vec<_>, Vec<_>) = listeners.iter().partition(|l| l.certfile.is_some());
+    if let Some(chosen) = plain
+        .iter()
+        .position(|l| local_ports.contains(&l.port))
+        .or((!plain.is_empty()).then_some(0))
+    {
+        for (j, l) in plain.iter().enumerate() {
+            if j != chosen {
+                out.skip(format!(
+                    "mosquitto listener {} {}: the embedded broker has one plain listener; kept {}",
+                    l.port,
+                    l.addr.as_deref().unwrap_or(""),
+                    plain[chosen].port
+                ));
+            }
+        }
+        out.broker
+            .insert(0, format!("listen = {}", toml_str(&address(plain[chosen]))));
+    } else {
+        out.skip(
+            "mosquitto has TLS listeners only: broker.listen keeps 127.0.0.1:1884 (loopback, plain)",
+        );
+    }
+    for (j, l) in tls.iter().enumerate() {
+        if j > 0 {
+            out.skip(format!(
+                "mosquitto TLS listener {} {}: the embedded broker has one TLS listener; kept {}",
+                l.port,
+                l.addr.as_deref().unwrap_or(""),
+                tls[0].port
+            ));
+            continue;
+        }
+        let (Some(cert), Some(key)) = (&l.certfile, &l.keyfile) else {
+            out.skip(format!(
+                "mosquitto TLS listener {}: certfile without keyfile; set broker.tls_listen, tls_cert_file and tls_key_file",
+                l.port
+            ));
+            continue;
+        };
+        out.broker
+            .push(format!("tls_listen = {}", toml_str(&address(l))));
+        out.broker
+            .push(format!("tls_cert_file = {}", toml_str(cert)));
+        out.broker.push(format!("tls_key_file = {}", toml_str(key)));
+        if let Some(ca) = &l.cafile {
+            out.broker.push(format!("tls_ca_file = {}", toml_str(ca)));
+            if l.require_certificate {
+                out.broker.push("tls_require_client_cert = true".into());
+            }
+        }
+        out.skip(format!(
+            "mosquitto keyfile {key}: dlms-bridge refuses a key that group or others may read \
+             (Mosquitto's are often 640 root:mosquitto); if check-config says so, copy it: \
+             install -o dlms-bridge -g dlms-bridge -m 600 {key} /etc/dlms-bridge/broker.key \
+             and point broker.tls_key_file there"
+        ));
+    }
     match (allow_anonymous, &password_file) {
         (_, Some(pf)) => out.skip(format!(
             "mosquitto password_file {pf}: Mosquitto keeps only password hashes, which cannot be turned back into passwords; the imported broker accepts anonymous clients until you set broker.username and broker.password (one account)"
@@ -834,5 +918,67 @@ mod tests {
         assert!(!r.toml.contains("access_token ="), "{}", r.toml);
         assert!(r.not_carried.iter().any(|n| n.contains("chmod 600")));
         assert!(r.not_carried.iter().any(|n| n.contains("insecure")));
+    }
+
+    #[test]
+    fn mosquitto_tls_listeners_become_the_broker_tls_listener() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            d.path().join("tb_gateway.json"),
+            r#"{"thingsboard": {"host": "tb.example", "port": 1883, "security": {"accessToken": "T"}}}"#,
+        )
+        .expect("write");
+        let import = |conf: &str| {
+            let path = d.path().join("mosquitto.conf");
+            std::fs::write(&path, conf).expect("write");
+            let r = import_tb_gateway(d.path(), Some(&path)).expect("import");
+            let raw =
+                crate::config::load_str(&r.toml).unwrap_or_else(|e| panic!("{e}\n{}", r.toml));
+            (r, raw)
+        };
+        let (r, raw) = import(
+            "listener 1884 127.0.0.1\n\
+             listener 8883\n\
+             certfile /etc/mosquitto/certs/server.crt\n\
+             keyfile /etc/mosquitto/certs/server.key\n\
+             cafile /etc/mosquitto/ca_certificates/clients.crt\n\
+             require_certificate true\n\
+             tls_version tlsv1.2\n\
+             listener 8884\n\
+             certfile /etc/mosquitto/certs/other.crt\n\
+             keyfile /etc/mosquitto/certs/other.key\n",
+        );
+        let b = &raw.broker;
+        assert_eq!(b.listen, "127.0.0.1:1884");
+        assert_eq!(b.tls_listen.as_deref(), Some("0.0.0.0:8883"));
+        assert_eq!(
+            b.tls_cert_file.as_deref(),
+            Some(Path::new("/etc/mosquitto/certs/server.crt"))
+        );
+        assert_eq!(
+            b.tls_key_file.as_deref(),
+            Some(Path::new("/etc/mosquitto/certs/server.key"))
+        );
+        assert_eq!(
+            b.tls_ca_file.as_deref(),
+            Some(Path::new("/etc/mosquitto/ca_certificates/clients.crt"))
+        );
+        assert!(b.tls_require_client_cert);
+        let nc = r.not_carried.join("\n");
+        for expect in ["tls_version", "TLS listener 8884", "install -o dlms-bridge"] {
+            assert!(nc.contains(expect), "`{expect}` not listed in:\n{nc}");
+        }
+
+        // TLS options before the `port` line belong to that default listener; no plain one.
+        let (r, raw) = import(
+            "certfile /etc/m/s.crt\nkeyfile /etc/m/s.key\nport 8883\nbind_address 10.0.0.2\n",
+        );
+        assert_eq!(raw.broker.listen, "127.0.0.1:1884", "the default, loopback");
+        assert_eq!(raw.broker.tls_listen.as_deref(), Some("10.0.0.2:8883"));
+        assert!(raw.broker.tls_ca_file.is_none());
+        assert!(r
+            .not_carried
+            .iter()
+            .any(|n| n.contains("TLS listeners only")));
     }
 }

@@ -23,7 +23,8 @@
 //! publishes); [`sim`] the built-in meter simulator; [`router`] mappings (built-in and
 //! tb-gateway compatible); [`downlink`] RPC execution; [`store`] durable queue; [`uplink`]
 //! ThingsBoard gateway session; [`shutdown`] signals and named tasks; [`import`] tb-gateway and
-//! Mosquitto configuration import; [`logging`] journald, text or JSON output. See docs/ARCHITECTURE.md for the guarantees.
+//! Mosquitto configuration import; [`logging`] journald, text or JSON output; [`tls`] PEM
+//! certificate and key files for the uplink and the broker's TLS listener. See docs/ARCHITECTURE.md for the guarantees.
 #![forbid(unsafe_code)]
 pub mod app;
 pub mod broker;
@@ -40,4 +41,5 @@ pub mod sim;
 pub mod sources;
 pub mod store;
 pub mod systemd;
+pub mod tls;
 pub mod uplink;

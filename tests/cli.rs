@@ -77,6 +77,42 @@ fn check_config_exits_2_and_names_every_bad_key() {
     assert!(out.contains("configuration ok"), "{out}");
 }
 
+#[test]
+fn a_broker_tls_key_others_may_read_exits_2_naming_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_pair = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .self_signed(&key_pair)
+        .expect("cert");
+    let cert_file = write(dir.path(), "broker.pem", &cert.pem());
+    let key_file = write(dir.path(), "broker.key", &key_pair.serialize_pem());
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let cfg = write(
+        dir.path(),
+        "tls.toml",
+        &format!(
+            "[thingsboard]\naccess_token = \"t0k\"\n[store]\npath = \"{}\"\n[broker]\n\
+             tls_listen = \"127.0.0.1:8884\"\ntls_cert_file = {cert_file:?}\ntls_key_file = {key_file:?}\n",
+            dir.path().join("q.db").display()
+        ),
+    );
+    let (code, _, err) = run(&["--config", &cfg, "check-config", "--as-user", &me()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("broker.tls_key_file"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(
+        !err.contains("PRIVATE KEY"),
+        "no key material in errors: {err}"
+    );
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (code, out, err) = run(&["--config", &cfg, "check-config", "--as-user", &me()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("configuration ok"), "{out}");
+}
+
 /// The name of the user running the tests: `check-config` run as root checks as the service
 /// user by default, so tests that expect success name themselves.
 fn me() -> String {

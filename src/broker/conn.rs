@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -63,25 +62,31 @@ enum End {
     Kicked,
 }
 
-/// Serve one accepted socket; logs how it ended.
-pub async fn serve(
-    socket: TcpStream,
+/// What a connection runs over: the plain TCP socket, or a TLS stream on one (the TLS
+/// listener). Writes are flushed, which TLS needs and which costs TCP nothing.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Serve one accepted connection; logs how it ended. The CONNECT must have arrived by
+/// `connect_deadline` (counted from the accept, so a TLS handshake spends from the same budget).
+pub async fn serve<S: Stream>(
+    mut stream: S,
     peer: SocketAddr,
+    connect_deadline: Instant,
     shared: Arc<Shared>,
     events_tx: mpsc::Sender<SourceEvent>,
     cancel: CancellationToken,
 ) {
-    let _ = socket.set_nodelay(true);
-    let mut stream = socket;
     let mut buf = BytesMut::with_capacity(INITIAL_BUF_BYTES);
-    let connect = match read_connect(&mut stream, &mut buf, &shared, &cancel).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return,
-        Err(why) => {
-            debug!(%peer, error = %why, "Connection closed before a valid CONNECT.");
-            return;
-        }
-    };
+    let connect =
+        match read_connect(&mut stream, &mut buf, connect_deadline, &shared, &cancel).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(why) => {
+                debug!(%peer, error = %why, "Connection closed before a valid CONNECT.");
+                return;
+            }
+        };
     let Some(mut conn) = attach(&mut stream, peer, connect, &shared, events_tx, &cancel).await
     else {
         let _ = stream.shutdown().await;
@@ -123,7 +128,7 @@ pub async fn serve(
             if version == Version::V5 {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    stream.write_all(&codec::v5_disconnect(code)),
+                    send(&mut stream, &codec::v5_disconnect(code)),
                 )
                 .await;
             }
@@ -137,21 +142,28 @@ pub async fn serve(
 
 /// Write unless the connection is kicked meanwhile (a client that stops reading must not pin
 /// this task after a takeover or shutdown).
-async fn write_bounded(
-    stream: &mut TcpStream,
+async fn write_bounded<S: Stream>(
+    stream: &mut S,
     bytes: &[u8],
     kick: &CancellationToken,
 ) -> Result<(), ()> {
     tokio::select! {
-        r = stream.write_all(bytes) => r.map_err(|_| ()),
+        r = send(stream, bytes) => r.map_err(|_| ()),
         _ = kick.cancelled() => Err(()),
     }
 }
 
-/// Read the first packet (bounded by the CONNECT timeout) and refuse what cannot be served.
-async fn read_connect(
-    stream: &mut TcpStream,
+/// Write all of `bytes` and flush them out of any TLS buffer.
+async fn send<S: Stream>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Read the first packet (by `deadline`: the CONNECT timeout) and refuse what cannot be served.
+async fn read_connect<S: Stream>(
+    stream: &mut S,
     buf: &mut BytesMut,
+    deadline: Instant,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<Option<Connect>, String> {
@@ -171,7 +183,7 @@ async fn read_connect(
         }
     };
     let frame = tokio::select! {
-        r = tokio::time::timeout(timeout, read) => match r {
+        r = tokio::time::timeout_at(deadline, read) => match r {
             Ok(r) => r?,
             Err(_) => return Err(format!("no connect within {timeout:?}")),
         },
@@ -183,7 +195,7 @@ async fn read_connect(
         Err(e @ codec::Error::UnsupportedProtocol { .. }) => {
             // Mosquitto answers an unknown protocol level with a 3.1.1 CONNACK 0x01.
             let ack = codec::connack_refused(Version::V311, Refusal::ProtocolVersion);
-            let _ = stream.write_all(&ack).await;
+            let _ = send(stream, &ack).await;
             return Err(e.to_string());
         }
         Err(e) => return Err(e.to_string()),
@@ -252,8 +264,8 @@ struct PendingAck {
 
 /// Check credentials and the client id, attach to the session and send CONNACK plus anything to
 /// resend. `None` when the client was refused.
-async fn attach(
-    stream: &mut TcpStream,
+async fn attach<S: Stream>(
+    stream: &mut S,
     peer: SocketAddr,
     mut c: Connect,
     shared: &Arc<Shared>,
@@ -266,12 +278,12 @@ async fn attach(
         .as_ref()
         .is_some_and(|p| p.authentication_method.is_some())
     {
-        let _ = stream.write_all(&refuse(Refusal::BadAuthMethod)).await;
+        let _ = send(stream, &refuse(Refusal::BadAuthMethod)).await;
         return None;
     }
     if !shared.authorised(c.username.as_deref(), c.password.as_deref()) {
         info!(client = %c.client_id, %peer, "Wrong or missing credentials; connection refused.");
-        let _ = stream.write_all(&refuse(Refusal::NotAuthorized)).await;
+        let _ = send(stream, &refuse(Refusal::NotAuthorized)).await;
         return None;
     }
     let mut assigned = None;
@@ -284,7 +296,7 @@ async fn attach(
             Version::V5 => true,
         };
         if !allowed {
-            let _ = stream.write_all(&refuse(Refusal::ClientId)).await;
+            let _ = send(stream, &refuse(Refusal::ClientId)).await;
             return None;
         }
         c.client_id = generated_client_id();
@@ -294,7 +306,7 @@ async fn attach(
         Some(w) if !topic::valid_topic(&w.topic) => {
             debug!(client = %c.client_id, %peer, "Will topic invalid; connection refused.");
             if version == Version::V5 {
-                let _ = stream.write_all(&codec::connack_v5_code(0x90)).await;
+                let _ = send(stream, &codec::connack_v5_code(0x90)).await;
             }
             return None;
         }
@@ -428,7 +440,7 @@ fn message(
 }
 
 impl Conn {
-    async fn run(&mut self, stream: &mut TcpStream, mut buf: BytesMut) -> End {
+    async fn run<S: Stream>(&mut self, stream: &mut S, mut buf: BytesMut) -> End {
         let mut deadline = Instant::now() + self.keep_alive;
         let signal = self.signal.clone();
         loop {

@@ -6,7 +6,8 @@
 //! the bridge a [`BrokerHandle`] to publish to, subscribe from, and inspect local clients.
 //!
 //! ```text
-//!  local clients ──TCP──▶ listener ──spawn──▶ one task per connection (conn.rs)
+//!  local clients ──TCP──▶ listener ─────┐
+//!  LAN clients ──TLS──▶ tls_listen ─────┴spawn─▶ one task per connection (conn.rs)
 //!                                              │ route ▼            │ every PUBLISH
 //!                    Mutex<State> (state.rs): sessions, subscription tree, retained
 //!                                              ▲                    ▼
@@ -14,6 +15,9 @@
 //!  housekeeping task: $SYS, will delays, session expiry, drop WARN, persistence autosave,
 //!                     returning freed memory to the system after the broker shrank (memory.rs)
 //! ```
+//!
+//! The optional TLS listener (`tls_listen`, see [`tls`]) serves exactly what the plain one does;
+//! both share `max_connections` and the CONNECT timeout, which also bounds the TLS handshake.
 //!
 //! The wire codec is rumqttc's `mqttbytes` (v4 and v5); sessions, routing and flow control are
 //! ours (see `docs/BROKER.md` for why). It must not map, convert or store messages (the router
@@ -24,6 +28,7 @@ mod conn;
 pub mod memory;
 mod persist;
 mod state;
+pub mod tls;
 pub mod topic;
 
 use std::net::SocketAddr;
@@ -99,6 +104,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("broker.tls_listen: {0}")]
+    TlsListen(String),
+    #[error("cannot set up the broker's TLS listener")]
+    Tls(#[from] tls::Error),
     #[error("cannot load the broker persistence file {path}")]
     Load {
         path: PathBuf,
@@ -169,6 +178,8 @@ impl Shared {
 pub struct BrokerHandle {
     /// The bound public address (useful when `listen` had port 0).
     local_addr: SocketAddr,
+    /// The TLS listener's bound address and acceptor, when `tls_listen` is set.
+    tls: Option<(SocketAddr, Arc<tls::TlsState>)>,
     shared: Arc<Shared>,
 }
 
@@ -176,6 +187,7 @@ impl std::fmt::Debug for BrokerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerHandle")
             .field("local_addr", &self.local_addr)
+            .field("tls_local_addr", &self.tls_local_addr())
             .finish_non_exhaustive()
     }
 }
@@ -191,17 +203,8 @@ pub async fn start(
     start_with(cfg, listen, events_tx, tracker, cancel, Tuning::default()).await
 }
 
-/// Bind the listener (SO_REUSEADDR, so a restart rebinds at once), load persisted state when
-/// enabled, and spawn the accept loop and the housekeeping task on `tracker`. Returns once the
-/// port accepts connections.
-pub async fn start_with(
-    cfg: &BrokerConfig,
-    listen: SocketAddr,
-    events_tx: mpsc::Sender<SourceEvent>,
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
-    tuning: Tuning,
-) -> Result<BrokerHandle, Error> {
+/// Bind a listening socket (SO_REUSEADDR, so a restart rebinds at once).
+fn bind(listen: SocketAddr) -> Result<TcpListener, Error> {
     let bind_err = |source| Error::Bind {
         addr: listen,
         source,
@@ -214,8 +217,47 @@ pub async fn start_with(
     .map_err(bind_err)?;
     socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(listen).map_err(bind_err)?;
-    let listener = socket.listen(1024).map_err(bind_err)?;
-    let local_addr = listener.local_addr().map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)
+}
+
+/// Bind the listener on `listen` (and the TLS listener on `cfg.tls_listen` when set, after
+/// reading its certificate and key), load persisted state when enabled, and spawn the accept
+/// loops and the housekeeping task on `tracker`. Returns once the ports accept connections.
+pub async fn start_with(
+    cfg: &BrokerConfig,
+    listen: SocketAddr,
+    events_tx: mpsc::Sender<SourceEvent>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+    tuning: Tuning,
+) -> Result<BrokerHandle, Error> {
+    let tls_state = match (&cfg.tls_listen, tls::TlsSettings::from_config(cfg)) {
+        (None, _) => None,
+        (Some(addr), Some(settings)) => {
+            let addr = crate::config::parse_listen(addr).map_err(Error::TlsListen)?;
+            Some((addr, Arc::new(tls::TlsState::new(settings)?)))
+        }
+        (Some(_), None) => {
+            return Err(Error::TlsListen(
+                "needs broker.tls_cert_file and broker.tls_key_file".into(),
+            ))
+        }
+    };
+    let listener = bind(listen)?;
+    let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: listen,
+        source,
+    })?;
+    let tls_listener = match tls_state {
+        Some((addr, state)) => {
+            let l = bind(addr)?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| Error::Bind { addr, source })?;
+            Some((l, bound, state))
+        }
+        None => None,
+    };
 
     let mut state = State::new(Limits {
         max_queued: cfg.max_queued_messages,
@@ -252,11 +294,27 @@ pub async fn start_with(
         next_conn: AtomicU64::new(1),
     });
     let conns = TaskTracker::new();
+    // One limit for both listeners: `max_connections` counts every local client.
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut tls = None;
+    if let Some((l, bound, state)) = tls_listener {
+        tracker.spawn(accept_loop(
+            l,
+            Some(state.clone()),
+            shared.clone(),
+            events_tx.clone(),
+            limit.clone(),
+            conns.clone(),
+            cancel.clone(),
+        ));
+        tls = Some((bound, state));
+    }
     tracker.spawn(accept_loop(
         listener,
+        None,
         shared.clone(),
         events_tx,
-        Arc::new(Semaphore::new(cfg.max_connections)),
+        limit,
         conns.clone(),
         cancel.clone(),
     ));
@@ -269,14 +327,35 @@ pub async fn start_with(
         cancel,
     ));
     info!(listen = %local_addr, "Local MQTT broker listening.");
-    Ok(BrokerHandle { local_addr, shared })
+    if let Some((bound, state)) = &tls {
+        let s = state.settings();
+        info!(
+            tls_listen = %bound,
+            cert = %s.cert_file.display(),
+            client_certs = if s.require_client_cert {
+                "required"
+            } else if s.ca_file.is_some() {
+                "verified when presented"
+            } else {
+                "not requested"
+            },
+            "Local MQTT broker listening for TLS."
+        );
+    }
+    Ok(BrokerHandle {
+        local_addr,
+        tls,
+        shared,
+    })
 }
 
-/// Accepts until cancelled. It and the connection tasks hold the only `events_tx` clones (not
-/// [`Shared`], which the router's own [`BrokerHandle`] keeps alive), so the router's input
-/// closes once the broker has stopped.
+/// Accepts until cancelled; with `tls`, each connection's task does the TLS handshake first
+/// (within the CONNECT timeout, so a silent client cannot hold a slot). The accept loops and the
+/// connection tasks hold the only `events_tx` clones (not [`Shared`], which the router's own
+/// [`BrokerHandle`] keeps alive), so the router's input closes once the broker has stopped.
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<tls::TlsState>>,
     shared: Arc<Shared>,
     events_tx: mpsc::Sender<SourceEvent>,
     limit: Arc<Semaphore>,
@@ -303,17 +382,69 @@ async fn accept_loop(
             warn!(%peer, "Connection limit reached; closing new client connection.");
             continue;
         };
+        let connect_deadline = tokio::time::Instant::now() + shared.tuning.connect_timeout;
         let shared = shared.clone();
         let events_tx = events_tx.clone();
         let cancel = cancel.clone();
         // A panic in the task unwinds it alone (tokio catches it); the registration guard in
-        // `conn` detaches the session on the way out.
-        conns.spawn(async move {
-            let _permit = permit;
-            conn::serve(socket, peer, shared, events_tx, cancel).await;
-        });
+        // `conn` detaches the session on the way out. Two task bodies, so a plain connection's
+        // task does not carry the (larger) TLS state.
+        match &tls {
+            None => {
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let _ = socket.set_nodelay(true);
+                    conn::serve(socket, peer, connect_deadline, shared, events_tx, cancel).await;
+                });
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let _ = socket.set_nodelay(true);
+                    serve_tls(
+                        tls,
+                        socket,
+                        peer,
+                        connect_deadline,
+                        shared,
+                        events_tx,
+                        cancel,
+                    )
+                    .await;
+                });
+            }
+        }
     }
     debug!("Broker stopped accepting.");
+}
+
+/// A TLS listener's connection: the handshake (by the CONNECT deadline, abandoned at shutdown),
+/// then the same service as a plain connection.
+async fn serve_tls(
+    tls: Arc<tls::TlsState>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    connect_deadline: tokio::time::Instant,
+    shared: Arc<Shared>,
+    events_tx: mpsc::Sender<SourceEvent>,
+    cancel: CancellationToken,
+) {
+    let handshake = tokio::select! {
+        r = tokio::time::timeout_at(connect_deadline, tls.acceptor().accept(socket)) => r,
+        _ = cancel.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => {
+            conn::serve(stream, peer, connect_deadline, shared, events_tx, cancel).await
+        }
+        Ok(Err(e)) => tls.handshake_failed(peer, &e.to_string()),
+        Err(_) => debug!(
+            %peer,
+            timeout = ?shared.tuning.connect_timeout,
+            "TLS handshake not finished within the CONNECT timeout; connection closed."
+        ),
+    }
 }
 
 /// Periodic work: will delays and session expiry (every second), `$SYS` topics, the drop WARN,
@@ -463,6 +594,36 @@ impl BrokerHandle {
     /// The bound public address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS listener's bound address, when `tls_listen` is set.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(a, _)| *a)
+    }
+
+    /// SIGHUP: re-read the TLS listener's certificate, key and client CA (from `settings`, the
+    /// new configuration's files); new connections get them, connections already up keep
+    /// theirs. On failure the previous ones stay and an ERROR says why. `Ok(false)` when there
+    /// is no TLS listener (or the new configuration has none: adding or removing the listener
+    /// needs a restart).
+    pub fn reload_tls(&self, settings: Option<tls::TlsSettings>) -> Result<bool, tls::Error> {
+        let (Some((addr, state)), Some(settings)) = (&self.tls, settings) else {
+            return Ok(false);
+        };
+        match state.reload(settings) {
+            Ok(()) => {
+                info!(tls_listen = %addr, "Re-read the broker's TLS certificate and key.");
+                Ok(true)
+            }
+            Err(e) => {
+                error!(
+                    tls_listen = %addr,
+                    error = %e,
+                    "Cannot re-read the broker's TLS certificate or key; keeping the previous ones."
+                );
+                Err(e)
+            }
+        }
     }
 
     /// Publish to local subscribers (QoS 0 from the broker's side; `retain` stores it for later

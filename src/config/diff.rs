@@ -4,7 +4,17 @@
 use super::RawConfig;
 
 /// Keys a reload applies live; every other change needs a restart.
-pub const LIVE_KEYS: &[&str] = &["log.level", "meters", "mappings"];
+/// The broker's TLS files are re-read (for new connections); `broker.tls_listen` itself needs a
+/// restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "meters",
+    "mappings",
+    "broker.tls_cert_file",
+    "broker.tls_key_file",
+    "broker.tls_ca_file",
+    "broker.tls_require_client_cert",
+];
 
 /// Keys (`thingsboard.host`, `meters`) whose values differ. Secrets are compared by value,
 /// though they are never shown.
@@ -109,5 +119,17 @@ mod tests {
         let (live, restart) = split_live(&changed);
         assert_eq!(live, ["log.level", "meters"]);
         assert_eq!(restart, ["thingsboard.access_token", "thingsboard.host"]);
+    }
+
+    #[test]
+    fn the_broker_tls_files_are_live_and_its_address_needs_a_restart() {
+        let a = load_str("[thingsboard]\naccess_token = \"x\"\n").expect("parses");
+        let mut b = a.clone();
+        b.broker.tls_listen = Some("0.0.0.0:8884".into());
+        b.broker.tls_cert_file = Some("/etc/dlms-bridge/broker.crt".into());
+        b.broker.tls_key_file = Some("/etc/dlms-bridge/broker.key".into());
+        let (live, restart) = split_live(&changed_keys(&a, &b));
+        assert_eq!(live, ["broker.tls_cert_file", "broker.tls_key_file"]);
+        assert_eq!(restart, ["broker.tls_listen"]);
     }
 }

@@ -200,6 +200,18 @@ pub struct BrokerConfig {
     /// How often `$SYS/broker/...` topics are published; `0s` turns them off.
     #[serde(with = "humantime_serde")]
     pub sys_interval: Duration,
+    /// Optional TLS listener for LAN publishers (e.g. `0.0.0.0:8884`); unset = off. Serves
+    /// exactly what `listen` serves; the two share `max_connections`.
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain (leaf first) of the TLS listener; required with `tls_listen`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`; must not be readable by group or others.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA file to verify client certificates with (Mosquitto's `cafile`).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate signed by `tls_ca_file` (Mosquitto's
+    /// `require_certificate`).
+    pub tls_require_client_cert: bool,
     /// Where persisted broker state lives: `<store.path directory>/broker.db`, resolved during
     /// validation (not a configuration key).
     #[serde(skip)]
@@ -220,6 +232,11 @@ impl Default for BrokerConfig {
             persistence: false,
             autosave_interval: Duration::from_secs(1800),
             sys_interval: Duration::from_secs(10),
+            tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_require_client_cert: false,
             persistence_file: PathBuf::from("/var/lib/dlms-bridge/broker.db"),
         }
     }

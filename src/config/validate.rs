@@ -49,6 +49,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
             SocketAddr::from(([127, 0, 0, 1], 1884))
         }
     };
+    errs.extend(check_broker_tls(&raw.broker, broker_listen));
     if raw.broker.username.is_some() != raw.broker.password.is_some() {
         errs.push(ConfigError::new(
             "broker.password",
@@ -533,7 +534,7 @@ fn read_key_file(
 /// `[thingsboard]` TLS keys: files only with TLS on, cert and key together and readable (the key
 /// not by group or others), a token or a client certificate to authenticate with.
 fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
-    use crate::uplink::tls;
+    use crate::tls;
     let mut errs = Vec::new();
     let files = [
         ("thingsboard.ca_file", &tb.ca_file),
@@ -558,13 +559,11 @@ fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
     }
     match (&tb.cert_file, &tb.key_file) {
         (Some(cert), Some(key)) => {
-            if let Err(e) = tls::read_identity(cert, key) {
-                let k = match e {
-                    tls::Error::File {
-                        what: "client certificate",
-                        ..
-                    } => "thingsboard.cert_file",
-                    _ => "thingsboard.key_file",
+            if let Err(e) = tls::read_identity(cert, key, "client certificate") {
+                let k = if e.is_key() {
+                    "thingsboard.key_file"
+                } else {
+                    "thingsboard.cert_file"
                 };
                 errs.push(ConfigError::new(k, e.to_string()));
             }
@@ -578,6 +577,69 @@ fn check_tls(tb: &ThingsboardConfig) -> Vec<ConfigError> {
             "thingsboard.key_file needs its certificate in thingsboard.cert_file",
         )),
         (None, None) => {}
+    }
+    errs
+}
+
+/// `[broker]` TLS listener keys: an address other than `listen`, a readable certificate and key
+/// (the key not readable by group or others) that belong together, a client CA when client
+/// certificates are required; files only with `tls_listen`.
+fn check_broker_tls(b: &BrokerConfig, listen: SocketAddr) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    let Some(tls_listen) = &b.tls_listen else {
+        let set = [
+            ("broker.tls_cert_file", b.tls_cert_file.is_some()),
+            ("broker.tls_key_file", b.tls_key_file.is_some()),
+            ("broker.tls_ca_file", b.tls_ca_file.is_some()),
+            ("broker.tls_require_client_cert", b.tls_require_client_cert),
+        ];
+        for (key, _) in set.into_iter().filter(|(_, on)| *on) {
+            errs.push(ConfigError::new(
+                key,
+                "is only used with the TLS listener: set broker.tls_listen",
+            ));
+        }
+        return errs;
+    };
+    match parse_listen(tls_listen) {
+        // The same port on the same or an overlapping (unspecified) address cannot be bound twice.
+        Ok(a) if a.port() == listen.port()
+            && a.port() != 0
+            && (a.ip() == listen.ip() || a.ip().is_unspecified() || listen.ip().is_unspecified()) =>
+        {
+            errs.push(ConfigError::new(
+                "broker.tls_listen",
+                format!(
+                    "`{tls_listen}` takes the port of broker.listen `{}`; use another port (e.g. 8884)",
+                    b.listen
+                ),
+            ))
+        }
+        Ok(_) => {}
+        Err(m) => errs.push(ConfigError::new("broker.tls_listen", m)),
+    }
+    if b.tls_cert_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_cert_file",
+            "required with broker.tls_listen (PEM certificate chain)",
+        ));
+    }
+    if b.tls_key_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_key_file",
+            "required with broker.tls_listen (PEM private key)",
+        ));
+    }
+    if b.tls_require_client_cert && b.tls_ca_file.is_none() {
+        errs.push(ConfigError::new(
+            "broker.tls_require_client_cert",
+            "needs broker.tls_ca_file, the CA that signs the client certificates",
+        ));
+    }
+    if let Some(settings) = crate::broker::tls::TlsSettings::from_config(b) {
+        if let Err(e) = crate::broker::tls::server_config(&settings) {
+            errs.push(ConfigError::new(e.config_key(), e.to_string()));
+        }
     }
     errs
 }
@@ -832,6 +894,101 @@ mod tests {
         .expect_err("missing key and CA file");
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["thingsboard.ca_file", "thingsboard.key_file"]);
+    }
+
+    #[test]
+    fn the_broker_tls_listener_needs_its_files_and_a_private_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            p.display().to_string()
+        };
+        let key_pair = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key_pair)
+            .expect("cert");
+        let cert_file = pem("broker.pem", cert.pem());
+        let key_file = pem("broker.key", key_pair.serialize_pem());
+        let other_key = pem(
+            "other.key",
+            rcgen::KeyPair::generate().expect("key").serialize_pem(),
+        );
+        let keys = |toml: &str| -> Vec<String> {
+            match validate(load_str(toml).expect("parses")) {
+                Ok(_) => Vec::new(),
+                Err(errs) => errs.into_iter().map(|e| e.key).collect(),
+            }
+        };
+        let tls = |extra: &str| {
+            format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {cert_file:?}\n\
+                 tls_key_file = {key_file:?}\n{extra}"
+            )
+        };
+
+        let c = validate(load_str(&tls("")).expect("parses")).expect("valid");
+        assert_eq!(c.broker.tls_listen.as_deref(), Some("0.0.0.0:8884"));
+        assert!(validate(RawConfig::default())
+            .expect("valid")
+            .broker
+            .tls_listen
+            .is_none());
+
+        assert_eq!(
+            keys("[broker]\ntls_listen = \"0.0.0.0:8884\"\n"),
+            ["broker.tls_cert_file", "broker.tls_key_file"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_cert_file = {cert_file:?}\ntls_require_client_cert = true\n"
+            )),
+            ["broker.tls_cert_file", "broker.tls_require_client_cert"],
+            "TLS files without tls_listen"
+        );
+        assert_eq!(
+            keys(&tls("tls_require_client_cert = true")),
+            ["broker.tls_require_client_cert"]
+        );
+        assert_eq!(
+            keys(&tls("listen = \"0.0.0.0:8884\"")),
+            ["broker.tls_listen"],
+            "same address as listen"
+        );
+        assert_eq!(
+            keys(&tls("listen = \"127.0.0.1:8884\"")),
+            ["broker.tls_listen"],
+            "0.0.0.0 overlaps 127.0.0.1 on the same port"
+        );
+        assert!(keys(&tls("listen = \"127.0.0.1:1884\"")).is_empty());
+        assert_eq!(
+            keys(&tls("tls_ca_file = \"/nonexistent/ca.pem\"")),
+            ["broker.tls_ca_file"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {cert_file:?}\n\
+                 tls_key_file = {other_key:?}\n"
+            )),
+            ["broker.tls_key_file"],
+            "a key that does not belong to the certificate"
+        );
+        assert_eq!(
+            keys(&format!(
+                "[broker]\ntls_listen = \"0.0.0.0:8884\"\ntls_cert_file = {key_file:?}\n\
+                 tls_key_file = {key_file:?}\n"
+            )),
+            ["broker.tls_cert_file"],
+            "no certificate in the certificate file"
+        );
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let errs = validate(load_str(&tls("")).expect("parses")).expect_err("readable key");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "broker.tls_key_file");
+        assert!(errs[0].message.contains("chmod 600"), "{}", errs[0].message);
     }
 
     #[test]

@@ -175,6 +175,7 @@ pub async fn status_json(ctx: &HttpContext) -> Value {
         "broker": {
             "enabled": ctx.broker_addr.is_some(),
             "listen": ctx.broker_addr.map(|a| a.to_string()),
+            "tls_listen": ctx.broker.as_ref().and_then(|b| b.tls_local_addr()).map(|a| a.to_string()),
             "listening": broker_listening,
             "clients": clients,
         },

@@ -13,34 +13,20 @@
 //! the configuration is built: at start and on SIGHUP (the session task decides when).
 //! It must not: log key material, or accept a key file that group or others may read.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::ThingsboardConfig;
-
-/// Permission bits a private key file must not have: readable by group or others.
-pub const KEY_FILE_FORBIDDEN_MODE: u32 = 0o044;
+use crate::tls::{read_certs, read_identity};
 
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A certificate or key file could not be read or holds no PEM item of the kind expected.
-    #[error("cannot read {what} from {}: {reason}", path.display())]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
-    /// The key file may be read by group or others.
-    #[error(
-        "{} is readable by group or others (mode {mode:04o}); allow only its owner: chmod 600",
-        path.display()
-    )]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    /// A certificate or key file is unreadable, empty, or (the key) readable by others.
+    #[error(transparent)]
+    Files(#[from] crate::tls::Error),
     /// No trusted root certificate at all (no `ca_file`, and no system roots found).
     #[error("no trusted CA certificates: install ca-certificates or set thingsboard.ca_file")]
     NoRoots,
@@ -84,7 +70,7 @@ pub fn client_config(s: &TlsSettings) -> Result<Option<Arc<ClientConfig>>, Error
     match &s.ca_file {
         Some(path) => {
             for cert in read_certs(path, "CA certificates")? {
-                roots.add(cert).map_err(|e| Error::File {
+                roots.add(cert).map_err(|e| crate::tls::Error::File {
                     what: "CA certificates",
                     path: path.clone(),
                     reason: e.to_string(),
@@ -105,79 +91,12 @@ pub fn client_config(s: &TlsSettings) -> Result<Option<Arc<ClientConfig>>, Error
         .with_root_certificates(roots);
     let config = match (&s.cert_file, &s.key_file) {
         (Some(cert), Some(key)) => {
-            let (chain, key) = read_identity(cert, key)?;
+            let (chain, key) = read_identity(cert, key, "client certificate")?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),
     };
     Ok(Some(Arc::new(config)))
-}
-
-/// Reads a client certificate chain and its key, checking the key file's permissions first.
-pub fn read_identity(
-    cert_file: &Path,
-    key_file: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
-    check_key_permissions(key_file)?;
-    let chain = read_certs(cert_file, "client certificate")?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| Error::File {
-        what: "private key",
-        path: key_file.to_path_buf(),
-        reason: pem_reason(e),
-    })?;
-    Ok((chain, key))
-}
-
-/// Every certificate in a PEM file; an error when there is none.
-pub fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let file_err = |reason: String| Error::File {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(pem_reason(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(pem_reason(e)))?;
-    if certs.is_empty() {
-        return Err(file_err("no PEM CERTIFICATE block".into()));
-    }
-    Ok(certs)
-}
-
-/// Refuses a key file readable by group or others (and one that cannot be stat'ed).
-pub fn check_key_permissions(path: &Path) -> Result<(), Error> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::File {
-        what: "private key",
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    mode_check(path, &meta)
-}
-
-#[cfg(unix)]
-fn mode_check(path: &Path, meta: &std::fs::Metadata) -> Result<(), Error> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & KEY_FILE_FORBIDDEN_MODE != 0 {
-        return Err(Error::KeyPermissions {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn mode_check(_path: &Path, _meta: &std::fs::Metadata) -> Result<(), Error> {
-    Ok(())
-}
-
-fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::NoItemsFound => "no PEM block of that kind".into(),
-        other => other.to_string(),
-    }
 }
 
 /// A TLS failure found anywhere in an error's chain (rumqttc wraps rustls errors in
@@ -272,22 +191,5 @@ mod tests {
         assert!(matches!(found, rustls::Error::InvalidCertificate(_)));
         let plain = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(rustls_cause(&plain).is_none());
-    }
-
-    #[test]
-    fn group_or_world_readable_keys_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("key.pem");
-        std::fs::write(&key, "not really a key").expect("write");
-        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
-            let r = check_key_permissions(&key);
-            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
-        }
-        assert!(matches!(
-            check_key_permissions(&dir.path().join("missing.pem")),
-            Err(Error::File { .. })
-        ));
     }
 }
