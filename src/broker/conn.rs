@@ -64,8 +64,24 @@ enum End {
 
 /// What a connection runs over: the plain TCP socket, or a TLS stream on one (the TLS
 /// listener). Writes are flushed, which TLS needs and which costs TCP nothing.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Acknowledge received segments at the TCP level at once (Linux `TCP_QUICKACK`), see the
+    /// read in `Conn::run`.
+    fn quick_ack(&self);
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn quick_ack(&self) {
+        #[cfg(target_os = "linux")]
+        let _ = self.set_quickack(true);
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn quick_ack(&self) {
+        self.get_ref().0.quick_ack();
+    }
+}
 
 /// Serve one accepted connection; logs how it ended. The CONNECT must have arrived by
 /// `connect_deadline` (counted from the accept, so a TLS handshake spends from the same budget).
@@ -503,13 +519,12 @@ impl Conn {
                     Ok(0) => return End::Lost("closed by client"),
                     Ok(_) => {
                         deadline = Instant::now() + self.keep_alive;
-                        #[cfg(target_os = "linux")]
                         if !self.pending.is_empty() {
                             // Our PUBACKs wait for the commit, and Linux delays its TCP ACK to
                             // piggyback it on them: a client with Nagle on (rumqttc's and
                             // paho's default) then holds its next publishes until our PUBACKs
                             // go out, up to a whole commit interval. ACK at once instead.
-                            let _ = stream.set_quickack(true);
+                            stream.quick_ack();
                         }
                     }
                     Err(_) => return End::Lost("read failed"),

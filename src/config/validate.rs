@@ -497,7 +497,7 @@ fn parse_hex(s: &str, len: usize) -> Option<Vec<u8>> {
 fn read_key_file(
     path: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, String>, String> {
-    crate::uplink::tls::check_key_permissions(path).map_err(|e| e.to_string())?;
+    crate::tls::check_key_permissions(path).map_err(|e| e.to_string())?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut out = std::collections::HashMap::new();
