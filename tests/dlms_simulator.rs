@@ -443,6 +443,8 @@ async fn simulate_command_serves_until_cancelled() {
         delay: Duration::ZERO,
         drop_every: 0,
         no_reply_every: 0,
+        profile_rows: 0,
+        profile_period: 900,
     };
     let cancel = CancellationToken::new();
     let run = tokio::spawn(simulator::simulate(args, cancel.clone()));
