@@ -17,9 +17,9 @@ fi
 # cargo-fuzz has no --locked: check the fuzz crate's lock file is current before it builds.
 cargo fetch --locked --quiet --manifest-path fuzz/Cargo.toml
 
-# Unoptimised build: it takes a fraction of the optimised one's time on a 2-core machine and
-# still runs hundreds of thousands of inputs per target in 30 s (the long runs in
-# fuzz/README.md use the optimised build).
+# Unoptimised build: about half the CPU time of the optimised one (which cargo-fuzz builds with
+# one codegen unit), and still tens to hundreds of thousands of inputs per target in 30 s on a
+# loaded 2-core machine; the long runs in fuzz/README.md use the optimised build.
 cargo fuzz build -s none --dev
 
 scratch=$(mktemp -d)
@@ -32,7 +32,8 @@ for target in $targets; do
   log="$scratch/$target.log"
   if ! cargo fuzz run -s none --dev "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
-    tail -n 60 "$log" >&2
+    grep -m 3 -A 2 'panicked' "$log" >&2 || true
+    tail -n 30 "$log" >&2
     echo "fuzz target $target failed (input kept in fuzz/artifacts/$target/)" >&2
     exit 1
   fi
