@@ -1,18 +1,23 @@
 //! The built-in simulator over real loopback TCP, driven by our own client link and APDU codec:
 //! association, the five default registers with GET-with-list, block transfer combined with
 //! HDLC segmentation, SET/ACTION, DISC + new SNRM on one connection, the wrapper, many meters at
-//! once, and shutdown on cancel; then an independent client (Gurux, Python) reading the simulator.
+//! once, the load profile read by our profile reader (range and entry access), and shutdown on
+//! cancel; then an independent client (Gurux, Python) reading the simulator.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use dlms_bridge::config::DlmsTransport;
+use dlms_bridge::config::{DlmsTransport, MeterConfig};
 use dlms_bridge::dlms::apdu::{
     self, AarqParams, AttrRef, Conformance, Data, DataAccessResult, GetResponse, MethodRef,
 };
 use dlms_bridge::dlms::obis::ObisCode;
+use dlms_bridge::model::now_ms;
+use dlms_bridge::sim::profile::LoadProfile;
 use dlms_bridge::sim::{self as simulator, SimOptions};
 use dlms_bridge::sources::meters::link::{ClientLink, LinkAddress, LinkParams};
+use dlms_bridge::sources::meters::poller::connect as associate_meter;
+use dlms_bridge::sources::meters::profile::ProfileReader;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -425,6 +430,60 @@ async fn cancel_stops_meters_with_open_connections() {
 }
 
 #[tokio::test]
+async fn load_profile_reads_the_same_entries_by_range_and_by_entry() {
+    let sim = Sim::start(
+        1,
+        SimOptions {
+            profile: Some(LoadProfile {
+                rows: 96,
+                period_s: 900,
+            }),
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let cfg = MeterConfig {
+        name: "profile".into(),
+        host: "127.0.0.1".into(),
+        port: sim.addrs[0].port(),
+        ..MeterConfig::default()
+    };
+    let mut c = timeout(STEP, associate_meter(&cfg, 1024))
+        .await
+        .expect("in time")
+        .expect("associate");
+    // The last 12 h: well inside the one-day buffer, so a quarter hour passing between the two
+    // reads changes nothing below `now`.
+    let now = now_ms();
+    let after = now - 12 * 3600 * 1000;
+    let profile = ObisCode::new(1, 0, 99, 1, 0, 255);
+    let mut by_range = ProfileReader::new(profile, vec![]);
+    let range = timeout(STEP, by_range.read_since(&mut c, after, now))
+        .await
+        .expect("in time")
+        .expect("range access");
+    let mut by_entry = ProfileReader::new(profile, vec![]).entry_access_only();
+    let mut entry = timeout(STEP, by_entry.read_since(&mut c, after, now))
+        .await
+        .expect("in time")
+        .expect("entry access");
+    entry.retain(|e| e.ts_ms <= now);
+    assert_eq!(range.len(), 48, "{range:?}");
+    assert_eq!(range, entry);
+    for e in &range {
+        assert_eq!(e.ts_ms % 900_000, 0, "on the quarter hour");
+        // The simulator's energy column: 275 Wh per period since the epoch, scaler 0.
+        let wh = (e.ts_ms / 900_000) as u32;
+        assert_eq!(
+            e.values["active_energy"],
+            serde_json::json!(f64::from(wh.wrapping_mul(275)))
+        );
+    }
+    let _ = c.release().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn simulate_command_serves_until_cancelled() {
     let args = simulator::SimulateArgs {
         host: LOCALHOST,
@@ -443,6 +502,8 @@ async fn simulate_command_serves_until_cancelled() {
         delay: Duration::ZERO,
         drop_every: 0,
         no_reply_every: 0,
+        profile_rows: 0,
+        profile_period: 900,
     };
     let cancel = CancellationToken::new();
     let run = tokio::spawn(simulator::simulate(args, cancel.clone()));

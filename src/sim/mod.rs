@@ -24,6 +24,8 @@ use tracing::Instrument;
 
 use crate::config::{DlmsTransport, Secret};
 use crate::dlms::apdu::{Conformance, Data, DataAccessResult};
+pub mod profile;
+
 use crate::sources::meters::link::{
     HdlcServer, HdlcServerConfig, LinkParams, ServerLink, WrapperServer, WrapperServerConfig,
 };
@@ -94,6 +96,8 @@ pub struct SimOptions {
     pub drop_every: u64,
     /// Fault injection: silently swallow every K-th request of this meter; 0 = never.
     pub no_reply_every: u64,
+    /// The load profile 1.0.99.1.0.255 the meter serves; `None` = no such object.
+    pub profile: Option<profile::LoadProfile>,
 }
 
 impl Default for SimOptions {
@@ -111,6 +115,7 @@ impl Default for SimOptions {
             reply_delay: Duration::ZERO,
             drop_every: 0,
             no_reply_every: 0,
+            profile: None,
         }
     }
 }
@@ -274,6 +279,13 @@ fn to_u16(v: f64) -> u16 {
     v.round().clamp(0.0, f64::from(u16::MAX)) as u16
 }
 
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Current UTC time as a COSEM date-time (deviation 0, status ok).
 fn now_date_time() -> [u8; 12] {
     let since = SystemTime::now()
@@ -372,14 +384,14 @@ impl<'a> Cursor<'a> {
         let ln: [u8; 6] = self.take(6)?.try_into().ok()?;
         Some((class, ln, self.u8()?))
     }
-    /// Skips an optional selective-access selector; `Some(true)` if one was present.
-    fn access_selection(&mut self) -> Option<bool> {
+    /// An optional selective access: `Some(None)` when absent, `Some(Some((selector,
+    /// parameters)))` when present, `None` when malformed.
+    fn access_selection(&mut self) -> Option<Option<(u8, Data)>> {
         match self.u8()? {
-            0 => Some(false),
+            0 => Some(None),
             _ => {
-                self.u8()?; // selector
-                self.data()?;
-                Some(true)
+                let selector = self.u8()?;
+                Some(Some((selector, self.data()?)))
             }
         }
     }
@@ -542,7 +554,12 @@ impl Session {
             n => usize::from(n.min(self.opts.max_pdu)),
         }
         .max(32);
-        let conformance = initiate.conformance & SERVER_CONFORMANCE;
+        let offered = if self.opts.profile.is_some() {
+            SERVER_CONFORMANCE | Conformance::SELECTIVE_ACCESS
+        } else {
+            SERVER_CONFORMANCE
+        };
+        let conformance = initiate.conformance & offered;
         self.association = Some(Association {
             max_pdu,
             conformance,
@@ -558,10 +575,10 @@ impl Session {
         match choice {
             1 => {
                 let (class, ln, attr) = c.descriptor()?;
-                c.access_selection()?;
+                let selection = c.access_selection()?;
                 self.transfer = None;
                 let mut raw = Vec::with_capacity(16);
-                self.read(class, &ln, attr, &mut raw);
+                self.read(class, &ln, attr, selection.as_ref(), &mut raw);
                 // raw = get-data-result; block transfer carries the bare data
                 let mut out = vec![0xC4, 0x01, invoke];
                 out.extend_from_slice(&raw);
@@ -585,8 +602,8 @@ impl Session {
                 put_len(&mut raw, n);
                 for _ in 0..n {
                     let (class, ln, attr) = c.descriptor()?;
-                    c.access_selection()?;
-                    self.read(class, &ln, attr, &mut raw);
+                    let selection = c.access_selection()?;
+                    self.read(class, &ln, attr, selection.as_ref(), &mut raw);
                 }
                 let mut out = vec![0xC4, 0x03, invoke];
                 out.extend_from_slice(&raw);
@@ -649,9 +666,26 @@ impl Session {
         out
     }
 
-    /// Appends a Get-Data-Result for one attribute.
-    fn read(&mut self, class: u16, ln: &[u8; 6], attr: u8, out: &mut Vec<u8>) {
-        match self.value(class, ln, attr) {
+    /// Appends a Get-Data-Result for one attribute (read with `selection`, if any).
+    fn read(
+        &mut self,
+        class: u16,
+        ln: &[u8; 6],
+        attr: u8,
+        selection: Option<&(u8, Data)>,
+        out: &mut Vec<u8>,
+    ) {
+        let value = match self.opts.profile {
+            Some(p) if *ln == profile::LN => {
+                if class == profile::CLASS {
+                    p.attribute(attr, selection, unix_ms_now())
+                } else {
+                    Err(DataAccessResult::ObjectClassInconsistent)
+                }
+            }
+            _ => self.value(class, ln, attr),
+        };
+        match value {
             Ok(data) => {
                 out.push(0x00);
                 data.encode(out);
@@ -684,7 +718,7 @@ impl Session {
                 .map(|v| v.clone())
                 .unwrap_or(Data::Null)),
             (Object::DeviceName, 2) => Ok(Data::OctetString(self.meter.device_name())),
-            (Object::Association, 2) => Ok(object_list()),
+            (Object::Association, 2) => Ok(object_list(self.opts.profile.is_some())),
             _ => Err(DataAccessResult::ReadWriteDenied),
         }
     }
@@ -746,12 +780,18 @@ fn block_error(invoke: u8, block: u32, e: DataAccessResult) -> Vec<u8> {
     out
 }
 
-/// The Association LN object list (attribute 2): one structure per object.
-fn object_list() -> Data {
-    let mut items = Vec::with_capacity(OBJECTS.len());
-    for (ln, class, version, _) in OBJECTS {
+/// The Association LN object list (attribute 2): one structure per object, the load profile
+/// included when the meter has one.
+fn object_list(with_profile: bool) -> Data {
+    let profile = with_profile.then_some((profile::LN, profile::CLASS, 1));
+    let mut items = Vec::with_capacity(OBJECTS.len() + 1);
+    let objects = OBJECTS
+        .iter()
+        .map(|(ln, class, version, _)| (*ln, *class, *version));
+    for (ln, class, version) in objects.chain(profile) {
         let attrs = match class {
             3 => 3,
+            7 => 8,
             8 => 4,
             15 => 2,
             _ => 2,
@@ -1120,6 +1160,13 @@ pub struct SimulateArgs {
     /// Fault injection: swallow every K-th request (0 = never).
     #[arg(long, default_value_t = 0)]
     pub no_reply_every: u64,
+    /// Serve a load profile 1.0.99.1.0.255 (clock and active energy) of N entries ending at the
+    /// last whole capture period (0 = none); read whole, by range or by entry.
+    #[arg(long, default_value_t = 0)]
+    pub profile_rows: u32,
+    /// Capture period of the load profile in seconds.
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u32).range(1..))]
+    pub profile_period: u32,
 }
 
 fn parse_transport(s: &str) -> Result<DlmsTransport, String> {
@@ -1159,6 +1206,10 @@ impl SimulateArgs {
             reply_delay: self.delay,
             drop_every: self.drop_every,
             no_reply_every: self.no_reply_every,
+            profile: (self.profile_rows > 0).then_some(profile::LoadProfile {
+                rows: self.profile_rows,
+                period_s: self.profile_period,
+            }),
         }
     }
 }
@@ -1379,10 +1430,67 @@ mod tests {
     }
 
     #[test]
+    fn load_profile_is_read_by_range_in_blocks() {
+        const PROFILE: ObisCode = ObisCode::new(1, 0, 99, 1, 0, 255);
+        let mut s = session(SimOptions {
+            profile: Some(profile::LoadProfile {
+                rows: 96,
+                period_s: 900,
+            }),
+            ..SimOptions::default()
+        });
+        let aare = associate(&mut s, 16, None, 1024);
+        assert!(aare.conformance.has(Conformance::SELECTIVE_ACCESS));
+        let clock = apdu::CaptureObject {
+            attr: AttrRef::new(8, ObisCode::new(0, 0, 1, 0, 0, 255), 2),
+            data_index: 0,
+        };
+        let now = unix_ms_now();
+        let params = apdu::range_descriptor(
+            &clock,
+            crate::dlms::clock::encode_utc(now - 86_400_000 + 1000),
+            crate::dlms::clock::encode_utc(now),
+        );
+        let attr = AttrRef::new(7, PROFILE, 2);
+        let mut resp = s.handle(16, &apdu::encode_get_selective(0xC1, &attr, 1, &params));
+        let mut raw = Vec::new();
+        loop {
+            let GetResponse::Block {
+                last,
+                block,
+                raw: Ok(part),
+                ..
+            } = apdu::parse_get_response(&resp).expect("parses")
+            else {
+                panic!("not a block: {resp:02x?}");
+            };
+            raw.extend_from_slice(&part);
+            if last {
+                break;
+            }
+            resp = s.handle(16, &apdu::encode_get_next(0xC1, block));
+        }
+        let Data::Array(rows) = apdu::parse_block_data_normal(&raw).expect("decodes") else {
+            panic!("buffer is not an array");
+        };
+        assert_eq!(rows.len(), 96, "one day of quarter hours");
+        // The object is listed, and absent from a meter without a profile.
+        assert!(object_list(true).to_bytes().len() > object_list(false).to_bytes().len());
+        let mut plain = session(SimOptions::default());
+        associate(&mut plain, 16, None, 1024);
+        let resp = plain.handle(16, &apdu::encode_get_normal(0xC1, &attr));
+        let GetResponse::Normal { result, .. } = apdu::parse_get_response(&resp).expect("parses")
+        else {
+            panic!("unexpected {resp:02x?}");
+        };
+        assert_eq!(result, Err(DataAccessResult::ObjectUndefined));
+    }
+
+    #[test]
     fn large_object_list_uses_block_transfer() {
         let mut s = session(SimOptions::default());
         associate(&mut s, 16, None, 64);
-        let full = object_list().to_bytes();
+        let full = object_list(false).to_bytes();
         let mut resp = s.handle(
             16,
             &apdu::encode_get_normal(0xC1, &AttrRef::new(15, OBJECT_LIST, 2)),
@@ -1412,7 +1520,7 @@ mod tests {
         assert_eq!(raw, full);
         assert_eq!(
             apdu::parse_block_data_normal(&raw).expect("decodes"),
-            object_list()
+            object_list(false)
         );
     }
 
