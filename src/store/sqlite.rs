@@ -14,12 +14,10 @@
 //! It runs only on the store worker thread. It must not know about tokio, channels, policies or
 //! the clock: the worker decides what to evict and passes times in.
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
-use flate2::read::DeflateDecoder;
-use flate2::write::DeflateEncoder;
-use flate2::Compression;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
@@ -178,6 +176,8 @@ pub(super) struct Db {
     page_size: u64,
     /// The highest record id handed out so far; the next group's records follow it.
     last_id: i64,
+    /// Compressor and decompressor of row bodies, reused from row to row.
+    codec: Codec,
 }
 
 impl Db {
@@ -208,6 +208,7 @@ impl Db {
             path: path.to_path_buf(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
             last_id,
+            codec: Codec::new(),
         })
     }
 
@@ -233,7 +234,7 @@ impl Db {
                 if !row.is_empty()
                     && (row.len() >= MAX_ROW_RECORDS || raw + size > MAX_ROW_RAW_BYTES)
                 {
-                    last_id = insert_row(&mut insert, created_ms, last_id, &row)?;
+                    last_id = insert_row(&mut insert, &mut self.codec, created_ms, last_id, &row)?;
                     row.clear();
                     raw = 0;
                 }
@@ -241,7 +242,7 @@ impl Db {
                 raw += size;
             }
             if !row.is_empty() {
-                last_id = insert_row(&mut insert, created_ms, last_id, &row)?;
+                last_id = insert_row(&mut insert, &mut self.codec, created_ms, last_id, &row)?;
             }
         }
         let acked = apply_acks(&tx, acks)?;
@@ -275,6 +276,7 @@ impl Db {
                 let mut meta = RowMeta::from_row(row)?;
                 let body = row.get_ref(3)?;
                 let full = read_row(
+                    &mut self.codec,
                     &mut meta,
                     body.as_blob().unwrap_or(&[]),
                     after_id,
@@ -555,16 +557,18 @@ fn bitmap_len(count: usize) -> usize {
 /// Inserts `records` as one row with the ids after `last_id`; returns the row's (new last) id.
 fn insert_row(
     insert: &mut rusqlite::CachedStatement<'_>,
+    codec: &mut Codec,
     created_ms: i64,
     last_id: i64,
     records: &[&EncodedRecord],
 ) -> rusqlite::Result<i64> {
-    let body = encode_body(
-        records
-            .iter()
-            .map(|r| (i64::from(r.kind), &r.device, &r.device_type, &r.payload)),
-    )
-    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let body = codec
+        .encode_body(
+            records
+                .iter()
+                .map(|r| (i64::from(r.kind), &r.device, &r.device_type, &r.payload)),
+        )
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     let id = last_id + records.len() as i64;
     insert.execute(params![
         id,
@@ -610,6 +614,7 @@ fn apply_acks(conn: &Connection, acks: &[&[i64]]) -> rusqlite::Result<u64> {
 /// Reads one row into `good`/`bad` (its records above `after_id` not yet acked), marking bad
 /// records acked in `meta`. Returns true once `good` holds `max_records`.
 fn read_row(
+    codec: &mut Codec,
     meta: &mut RowMeta,
     body: &[u8],
     after_id: i64,
@@ -617,7 +622,7 @@ fn read_row(
     good: &mut Vec<StoredRecord>,
     bad: &mut Vec<BadRow>,
 ) -> bool {
-    let mut decoded = decode_body(body);
+    let mut decoded = codec.decode_body(body);
     for index in 0..meta.count {
         let id = meta.id_of(index);
         if id <= after_id || meta.is_acked(index) {
@@ -646,29 +651,77 @@ fn read_row(
     false
 }
 
-/// A row body: [`BODY_DEFLATE_JSON`], then the records as a deflated JSON array.
-fn encode_body<'a>(
-    records: impl Iterator<Item = (i64, &'a String, &'a String, &'a String)>,
-) -> io::Result<Vec<u8>> {
-    let records: Vec<_> = records.collect();
-    // Fast level: the bytes saved by a slower one are small next to a commit's page overhead.
-    let mut enc = DeflateEncoder::new(vec![BODY_DEFLATE_JSON], Compression::fast());
-    serde_json::to_writer(&mut enc, &records)?;
-    enc.finish()
+/// Deflate state kept for the life of the database: creating a compressor allocates and clears
+/// some 300 KB, which cost more than compressing a row (profile in docs/benchmarks.md).
+pub(super) struct Codec {
+    deflate: Compress,
+    inflate: Decompress,
 }
 
-/// The records of a row body; the error says why a body from disk is not readable.
-fn decode_body(body: &[u8]) -> Result<Vec<BodyRecord>, String> {
-    match body.split_first() {
-        Some((&BODY_DEFLATE_JSON, deflated)) => {
-            let mut json = Vec::new();
-            DeflateDecoder::new(deflated)
-                .read_to_end(&mut json)
-                .map_err(|e| format!("row body does not inflate: {e}"))?;
-            serde_json::from_slice(&json).map_err(|e| format!("row body is not a record list: {e}"))
+impl Codec {
+    fn new() -> Codec {
+        Codec {
+            // Fast level: the bytes saved by a slower one are small next to a commit's page
+            // overhead. Raw deflate: the row has its own format byte.
+            deflate: Compress::new(Compression::fast(), false),
+            inflate: Decompress::new(false),
         }
-        Some((format, _)) => Err(format!("unknown row body format {format}")),
-        None => Err("empty row body".into()),
+    }
+
+    /// A row body: [`BODY_DEFLATE_JSON`], then the records as a deflated JSON array.
+    fn encode_body<'a>(
+        &mut self,
+        records: impl Iterator<Item = (i64, &'a String, &'a String, &'a String)>,
+    ) -> io::Result<Vec<u8>> {
+        let json = serde_json::to_vec(&records.collect::<Vec<_>>())?;
+        let mut body = Vec::with_capacity(json.len() / 2 + 64);
+        body.push(BODY_DEFLATE_JSON);
+        self.deflate.reset();
+        loop {
+            let done = usize::try_from(self.deflate.total_in()).unwrap_or(usize::MAX);
+            let input = json.get(done..).unwrap_or(&[]);
+            let status = self
+                .deflate
+                .compress_vec(input, &mut body, FlushCompress::Finish)
+                .map_err(io::Error::other)?;
+            if status == Status::StreamEnd {
+                return Ok(body);
+            }
+            // Out of room for the end of the stream.
+            body.reserve(body.capacity().max(1024));
+        }
+    }
+
+    /// The records of a row body; the error says why a body from disk is not readable.
+    fn decode_body(&mut self, body: &[u8]) -> Result<Vec<BodyRecord>, String> {
+        let deflated = match body.split_first() {
+            Some((&BODY_DEFLATE_JSON, deflated)) => deflated,
+            Some((format, _)) => return Err(format!("unknown row body format {format}")),
+            None => return Err("empty row body".into()),
+        };
+        let mut json = Vec::with_capacity(deflated.len() * 4 + 64);
+        self.inflate.reset(false);
+        loop {
+            let (in_before, out_before) = (self.inflate.total_in(), self.inflate.total_out());
+            let input = usize::try_from(in_before)
+                .ok()
+                .and_then(|done| deflated.get(done..))
+                .unwrap_or(&[]);
+            let status = self
+                .inflate
+                .decompress_vec(input, &mut json, FlushDecompress::None)
+                .map_err(|e| format!("row body does not inflate: {e}"))?;
+            if status == Status::StreamEnd {
+                break;
+            }
+            if json.len() == json.capacity() {
+                json.reserve(json.capacity().max(1024));
+            } else if (self.inflate.total_in(), self.inflate.total_out()) == (in_before, out_before)
+            {
+                return Err("row body is truncated".into());
+            }
+        }
+        serde_json::from_slice(&json).map_err(|e| format!("row body is not a record list: {e}"))
     }
 }
 
@@ -717,6 +770,7 @@ fn migrate_v2_grouped_rows(conn: &Connection) -> rusqlite::Result<()> {
             "SELECT id, created_ms, kind, device, device_type, payload FROM queue_v1 ORDER BY id",
         )?;
         let mut insert = conn.prepare_cached(INSERT_SQL)?;
+        let mut codec = Codec::new();
         let mut rows = select.query([])?;
         // The run being gathered: its last id, created_ms, records and their text size.
         let mut run: Vec<BodyRecord> = Vec::new();
@@ -739,7 +793,7 @@ fn migrate_v2_grouped_rows(conn: &Connection) -> rusqlite::Result<()> {
                 && run.len() < MAX_ROW_RECORDS
                 && run_raw + size <= MAX_ROW_RAW_BYTES;
             if !run.is_empty() && !continues {
-                insert_body(&mut insert, run_last, run_created, &run)?;
+                insert_body(&mut insert, &mut codec, run_last, run_created, &run)?;
                 run.clear();
                 run_raw = 0;
             }
@@ -749,7 +803,7 @@ fn migrate_v2_grouped_rows(conn: &Connection) -> rusqlite::Result<()> {
             run.push(record);
         }
         if !run.is_empty() {
-            insert_body(&mut insert, run_last, run_created, &run)?;
+            insert_body(&mut insert, &mut codec, run_last, run_created, &run)?;
         }
     }
     conn.execute_batch("DROP TABLE queue_v1;")
@@ -758,11 +812,13 @@ fn migrate_v2_grouped_rows(conn: &Connection) -> rusqlite::Result<()> {
 /// Inserts v1 `records` as one row whose last id is `last_id`.
 fn insert_body(
     insert: &mut rusqlite::CachedStatement<'_>,
+    codec: &mut Codec,
     last_id: i64,
     created_ms: i64,
     records: &[BodyRecord],
 ) -> rusqlite::Result<()> {
-    let body = encode_body(records.iter().map(|(k, d, t, p)| (*k, d, t, p)))
+    let body = codec
+        .encode_body(records.iter().map(|(k, d, t, p)| (*k, d, t, p)))
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     insert.execute(params![
         last_id,
@@ -870,6 +926,99 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("user_version");
         assert_eq!(v, MIGRATIONS.len() as i64);
+    }
+
+    fn encoded(i: usize, payload_len: usize) -> EncodedRecord {
+        EncodedRecord {
+            kind: RecordKind::Telemetry as u8,
+            device: format!("Meter {}", i % 7),
+            device_type: "DLMS Energy Meter".into(),
+            payload: format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "p".repeat(payload_len)),
+        }
+    }
+
+    fn row_counts(db: &Db) -> Vec<(i64, i64)> {
+        db.conn
+            .prepare("SELECT id, count FROM queue ORDER BY id")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .expect("rows")
+    }
+
+    #[test]
+    fn a_group_is_split_into_rows_by_record_count_and_size_with_consecutive_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut db = Db::open(&dir.path().join("q.db")).expect("open");
+        let small: Vec<EncodedRecord> = (0..600).map(|i| encoded(i, 10)).collect();
+        let out = db.commit_group(1, &[&small[..]], &[]).expect("commit");
+        assert_eq!((out.inserted, out.last_id), (600, Some(600)));
+        assert_eq!(row_counts(&db), [(256, 256), (512, 256), (600, 88)]);
+        // Records of ~30 KiB: two per row at most (64 KiB of text), one bigger than that alone.
+        let big = [
+            encoded(600, 30_000),
+            encoded(601, 30_000),
+            encoded(602, 30_000),
+        ];
+        let huge = [encoded(603, 100_000)];
+        let out = db
+            .commit_group(2, &[&big[..], &huge[..]], &[])
+            .expect("commit");
+        assert_eq!((out.inserted, out.last_id), (4, Some(604)));
+        assert_eq!(row_counts(&db)[3..], [(602, 2), (603, 1), (604, 1)]);
+        let (rows, bad) = db.read_batch(0, 1000).expect("read");
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (1..=604).collect::<Vec<_>>()
+        );
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(r.record.payload["seq"], serde_json::json!(i), "row content");
+        }
+        // A read from the middle of a row starts at the next id.
+        let (rows, _) = db.read_batch(300, 2).expect("read");
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [301, 302]);
+        assert_eq!(db.count().expect("count"), 604);
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_body_is_an_error_not_a_hang() {
+        let mut codec = Codec::new();
+        let records: Vec<EncodedRecord> = (0..50).map(|i| encoded(i, 100)).collect();
+        let body = codec
+            .encode_body(
+                records
+                    .iter()
+                    .map(|r| (i64::from(r.kind), &r.device, &r.device_type, &r.payload)),
+            )
+            .expect("encode");
+        assert_eq!(codec.decode_body(&body).expect("decode").len(), 50);
+        assert!(codec.decode_body(&body[..body.len() / 2]).is_err());
+        assert!(codec.decode_body(&[2, 1, 2]).is_err(), "unknown format");
+        assert!(codec.decode_body(&[]).is_err());
+        // Still usable after the errors.
+        let again = codec.decode_body(&body).expect("decode");
+        assert_eq!(again[49].3, records[49].payload);
+    }
+
+    #[test]
+    fn evictions_drop_whole_rows_and_count_only_unacked_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut db = Db::open(&dir.path().join("q.db")).expect("open");
+        let group: Vec<EncodedRecord> = (0..10).map(|i| encoded(i, 10)).collect();
+        db.commit_group(100, &[&group[..]], &[]).expect("commit");
+        db.commit_group(200, &[&group[..]], &[]).expect("commit");
+        db.commit_group(300, &[&group[..]], &[]).expect("commit");
+        let out = db
+            .commit_group(300, &[], &[&[1, 2, 3, 3, 42]])
+            .expect("ack");
+        assert_eq!(out.acked, 3, "duplicates and unknown ids are not counted");
+        assert_eq!(db.count().expect("count"), 27);
+        // Age: the first row (7 records waiting) is older than 150.
+        assert_eq!(db.evict_older_than(150).expect("evict"), 7);
+        assert_eq!(db.oldest_created_ms().expect("oldest"), Some(200));
+        // Size: asking for 3 records takes the whole next row.
+        assert_eq!(db.evict_oldest(3).expect("evict"), 10);
+        assert_eq!(row_counts(&db), [(30, 10)]);
+        assert_eq!(db.max_id().expect("max id"), 30);
     }
 
     #[test]
