@@ -78,6 +78,9 @@ const CREATE_V2_SQL: &str = "CREATE TABLE queue (
 /// Most records in one row: a reader wanting a few records decodes the whole row.
 const MAX_ROW_RECORDS: usize = 256;
 
+/// Records assumed at most in a row whose `count` says more (it can only be damaged).
+const MAX_DAMAGED_ROW_RECORDS: usize = 65_536;
+
 /// A row stops taking records once their text reaches this many bytes (a bigger single record
 /// still gets a row of its own).
 const MAX_ROW_RAW_BYTES: usize = 64 * 1024;
@@ -488,7 +491,10 @@ impl RowMeta {
             .as_i64()
             .ok()
             .and_then(|c| usize::try_from(c).ok())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            // Only a damaged row holds more than MAX_ROW_RECORDS; bounded so that scanning it
+            // cannot take forever.
+            .min(MAX_DAMAGED_ROW_RECORDS);
         let acked = row
             .get_ref(2)?
             .as_blob()
