@@ -18,6 +18,9 @@ write_config() {
   cat >"$CONF" <<TOML
 [log]
 level = "${BENCH_LOG_LEVEL:-info}"
+[http]
+# An ephemeral port: the default 8484 may be taken by another bridge on the machine.
+listen = "${BENCH_HTTP_LISTEN:-127.0.0.1:0}"
 [broker]
 listen = "127.0.0.1:${BENCH_LOCAL_PORT:?}"
 [thingsboard]

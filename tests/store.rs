@@ -10,6 +10,9 @@ use std::time::Duration;
 use dlms_bridge::config::{OnFull, StoreConfig};
 use dlms_bridge::model::{Record, RecordKind};
 use dlms_bridge::store::{self, Error, StoreHandle};
+use rand::distr::Alphanumeric;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Map};
 
 /// Upper bound for any single wait; a hang fails the test instead of blocking CI.
@@ -45,11 +48,17 @@ fn record(i: u64) -> Record {
     )
 }
 
-/// A record of roughly `size` bytes of payload.
+/// A record of roughly `size` bytes of payload. Random text (seeded by `i`): the store
+/// compresses its rows, and a repeated character would take no room at all.
 fn big_record(i: u64, size: usize) -> Record {
+    let blob: String = StdRng::seed_from_u64(i)
+        .sample_iter(&Alphanumeric)
+        .take(size)
+        .map(char::from)
+        .collect();
     let mut values = Map::new();
     values.insert("seq".into(), json!(i));
-    values.insert("blob".into(), json!("x".repeat(size)));
+    values.insert("blob".into(), json!(blob));
     Record::telemetry("Meter", "DLMS Energy Meter", i as i64, values)
 }
 
@@ -608,20 +617,32 @@ async fn rows_of_an_unknown_kind_are_skipped_and_deleted() {
         .expect("enqueue");
     within(store.close()).await.expect("close");
     {
-        // A row written by some future version, and one with a damaged payload.
+        // Rows in the v2 layout (docs/ARCHITECTURE.md, "Durability and flash wear"): ids 2..=3
+        // hold a record of a kind from some future version and one with a damaged payload;
+        // id 4 is a row whose body does not inflate at all.
         let conn = rusqlite::Connection::open(&cfg.path).expect("sqlite open");
-        let insert = "INSERT INTO queue (created_ms, kind, device, device_type, payload) \
-                      VALUES (?1, ?2, 'Meter', 'DLMS Energy Meter', ?3)";
-        conn.execute(insert, rusqlite::params![1i64, 99i64, "{}"])
-            .expect("insert unknown kind");
-        conn.execute(insert, rusqlite::params![1i64, 1i64, "{not json"])
-            .expect("insert bad payload");
+        let insert = "INSERT INTO queue (id, created_ms, count, acked, body) \
+                      VALUES (?1, ?2, ?3, ?4, ?5)";
+        let records = json!([
+            [99, "Meter", "DLMS Energy Meter", "{}"],
+            [1, "Meter", "DLMS Energy Meter", "{not json"]
+        ]);
+        conn.execute(
+            insert,
+            rusqlite::params![3i64, now_ms(), 2i64, vec![0u8], v2_body(&records)],
+        )
+        .expect("insert a row with bad records");
+        conn.execute(
+            insert,
+            rusqlite::params![4i64, now_ms(), 1i64, vec![0u8], vec![1u8, 0xff, 0x00]],
+        )
+        .expect("insert a damaged row");
     }
     let store = store::open(&cfg).expect("reopen");
     within(store.enqueue(vec![record(1)]))
         .await
         .expect("enqueue");
-    assert_eq!(within(store.stats()).await.expect("stats").depth, 4);
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 5);
     // max_records = 2 still yields two good rows: reading goes past the bad ones.
     let rows = within(store.next_batch(0, 2)).await.expect("next_batch");
     assert_eq!(
@@ -634,6 +655,25 @@ async fn rows_of_an_unknown_kind_are_skipped_and_deleted() {
         "bad rows deleted"
     );
     within(store.close()).await.expect("close");
+    let rows: Vec<i64> = rusqlite::Connection::open(&cfg.path)
+        .expect("sqlite open")
+        .prepare("SELECT id FROM queue ORDER BY id")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("row ids");
+    assert_eq!(rows, [1, 5], "the rows holding only bad records are gone");
+}
+
+/// A v2 row body: format byte 1, then the deflated JSON record list.
+fn v2_body(records: &serde_json::Value) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::DeflateEncoder::new(vec![1u8], flate2::Compression::default());
+    enc.write_all(records.to_string().as_bytes())
+        .expect("deflate");
+    enc.finish().expect("deflate")
+}
+
+fn now_ms() -> i64 {
+    dlms_bridge::model::now_ms()
 }
 
 #[tokio::test]
@@ -814,5 +854,134 @@ async fn without_a_commit_interval_each_group_commits_at_once() {
         .await
         .expect("enqueue");
     assert_eq!(crash_image(&cfg, "crash").await, vec![7]);
+    within(store.close()).await.expect("close");
+}
+
+#[tokio::test]
+async fn acks_of_part_of_a_group_are_durable_and_the_row_goes_with_the_last_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        commit_interval: Duration::ZERO,
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+    // One enqueue, one group: the ten records share one row.
+    within(store.enqueue((0..10).map(record).collect()))
+        .await
+        .expect("enqueue");
+    let rows = drain_all(&store).await;
+    assert_eq!(rows.len(), 10);
+    within(store.ack(vec![rows[2].id, rows[5].id, rows[5].id]))
+        .await
+        .expect("ack part of the row");
+    let left: Vec<u64> = [0, 1, 3, 4, 6, 7, 8, 9].to_vec();
+    assert_eq!(crash_image(&cfg, "crash-partial").await, left);
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 8);
+    // A re-read from the start skips the acked records.
+    let again = drain_all(&store).await;
+    assert_eq!(
+        again.iter().map(|s| seq_of(&s.record)).collect::<Vec<_>>(),
+        left
+    );
+    // Acking the rest (and an id twice, and one that never existed) empties the row.
+    let mut rest: Vec<i64> = again.iter().map(|s| s.id).collect();
+    rest.extend([rows[2].id, 9_999]);
+    within(store.ack(rest)).await.expect("ack the rest");
+    assert_eq!(crash_image(&cfg, "crash-all").await, Vec::<u64>::new());
+    assert_eq!(within(store.stats()).await.expect("stats").depth, 0);
+    within(store.close()).await.expect("close");
+    let n: i64 = rusqlite::Connection::open(&cfg.path)
+        .expect("sqlite open")
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 0, "the row was deleted with its last record");
+}
+
+#[tokio::test]
+async fn a_v1_queue_is_migrated_with_its_ids_and_its_id_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let t0 = 1_800_000_000_000;
+    std::fs::create_dir_all(cfg.path.parent().expect("parent")).expect("mkdir");
+    {
+        // The schema of the previous version (user_version 1), one row per record.
+        let conn = rusqlite::Connection::open(&cfg.path).expect("sqlite open");
+        conn.execute_batch(
+            "PRAGMA page_size = 1024; PRAGMA auto_vacuum = INCREMENTAL;
+             PRAGMA journal_mode = WAL;
+             CREATE TABLE queue (
+                 id          INTEGER PRIMARY KEY AUTOINCREMENT,
+                 created_ms  INTEGER NOT NULL,
+                 kind        INTEGER NOT NULL,
+                 device      TEXT    NOT NULL,
+                 device_type TEXT    NOT NULL,
+                 payload     TEXT    NOT NULL
+             );
+             PRAGMA user_version = 1;",
+        )
+        .expect("v1 schema");
+        let insert = "INSERT INTO queue (created_ms, kind, device, device_type, payload) \
+                      VALUES (?1, ?2, ?3, ?4, ?5)";
+        // Ids 1..=12 in two group commits; 11 and 12 were acked later, and 3 and 4.
+        for i in 0..12u64 {
+            let r = record(i);
+            let created = if i < 5 { t0 - 2_000 } else { t0 - 1_000 };
+            conn.execute(
+                insert,
+                rusqlite::params![
+                    created,
+                    r.kind as i64,
+                    r.device,
+                    r.device_type,
+                    r.payload.to_string()
+                ],
+            )
+            .expect("insert v1 row");
+        }
+        conn.execute("DELETE FROM queue WHERE id IN (3, 4, 11, 12)", [])
+            .expect("delete acked v1 rows");
+    }
+
+    let (_now, clock) = manual_clock(t0);
+    let store = store::open_with_clock(&cfg, clock.clone()).expect("open migrates");
+    assert_eq!(
+        *store.subscribe().borrow(),
+        12,
+        "the id sequence is carried over"
+    );
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.depth, 8);
+    assert_eq!(stats.oldest_created_ms, Some(t0 - 2_000));
+    let rows = drain_all(&store).await;
+    assert_eq!(
+        rows.iter().map(|s| s.id).collect::<Vec<_>>(),
+        [1, 2, 5, 6, 7, 8, 9, 10],
+        "every record keeps its id"
+    );
+    assert_eq!(
+        rows.iter().map(|s| s.record.clone()).collect::<Vec<_>>(),
+        [0, 1, 4, 5, 6, 7, 8, 9].map(record).to_vec(),
+        "and its content"
+    );
+    within(store.enqueue(vec![record(100)]))
+        .await
+        .expect("enqueue");
+    within(store.ack(vec![1, 2, 5])).await.expect("ack");
+    within(store.close()).await.expect("close");
+
+    let version: i64 = rusqlite::Connection::open(&cfg.path)
+        .expect("sqlite open")
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("user_version");
+    assert_eq!(version, 2);
+    let store = store::open_with_clock(&cfg, clock).expect("reopen");
+    let rows = drain_all(&store).await;
+    assert_eq!(
+        rows.iter()
+            .map(|s| (s.id, seq_of(&s.record)))
+            .collect::<Vec<_>>(),
+        [(6, 5), (7, 6), (8, 7), (9, 8), (10, 9), (13, 100)],
+        "new ids continue after the highest v1 id, never reusing 11 or 12"
+    );
     within(store.close()).await.expect("close");
 }
