@@ -27,9 +27,6 @@ listen = "127.0.0.1:${BENCH_LOCAL_PORT:?}"
 host = "${BENCH_TB_HOST:-127.0.0.1}"
 port = ${BENCH_TB_PORT:?}
 access_token = "${BENCH_TB_TOKEN:?}"
-[http]
-# The status server runs as on a box, on a free port so that parallel runs do not collide.
-listen = "127.0.0.1:0"
 [store]
 # BENCH_STORAGE is ignored: the queue is always the durable SQLite store.
 path = "$RUN/queue.db"
