@@ -5,13 +5,16 @@
 
 #[path = "common/bridge_config.rs"]
 mod bridge_config;
+#[path = "common/certs.rs"]
+mod certs;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use certs::{write_pem, Ca};
 use dlms_bridge::broker::tls::TlsSettings;
 use dlms_bridge::broker::{self, BrokerHandle, Tuning};
 use dlms_bridge::config::{BrokerConfig, Secret};
@@ -30,65 +33,6 @@ use tokio_util::task::TaskTracker;
 const WAIT: Duration = Duration::from_secs(10);
 
 // ---------- certificates ----------
-
-/// A CA and what it signs.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().expect("CA key");
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_owned());
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).expect("self-signed CA");
-        Ca { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// `(certificate PEM, key PEM)`: a server certificate for 127.0.0.1, or a client one.
-    fn issue(&self, client: bool) -> (String, String) {
-        let key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut p =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("leaf params");
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "leaf".to_owned());
-        p.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let cert = p
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("signed leaf");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn roots(&self) -> rustls::RootCertStore {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.der().clone()).expect("CA in store");
-        roots
-    }
-}
-
-/// Writes a PEM file with mode 0600 (the broker refuses keys others may read).
-fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, pem).expect("write PEM");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    path
-}
 
 /// A client configuration trusting `ca`, presenting `identity` (certificate, key PEM) if given.
 fn client_tls(ca: &Ca, identity: Option<&(String, String)>) -> Arc<rustls::ClientConfig> {
@@ -126,7 +70,7 @@ struct ServerFiles {
 impl ServerFiles {
     fn new(ca: &Ca) -> ServerFiles {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (cert, key) = ca.issue(false);
+        let (cert, key) = ca.issue(&["127.0.0.1"], false, false);
         let cert = write_pem(dir.path(), "server.pem", &cert);
         let key = write_pem(dir.path(), "server.key", &key);
         ServerFiles { dir, cert, key }
@@ -134,7 +78,7 @@ impl ServerFiles {
 
     /// Replace the certificate and key in place with ones issued by `ca`.
     fn reissue(&self, ca: &Ca) {
-        let (cert, key) = ca.issue(false);
+        let (cert, key) = ca.issue(&["127.0.0.1"], false, false);
         write_pem(self.dir.path(), "server.pem", &cert);
         write_pem(self.dir.path(), "server.key", &key);
     }
@@ -635,14 +579,14 @@ async fn client_certificates_are_verified_and_required_when_configured() {
         ..files.config()
     };
     let mut b = TestBroker::start(cfg.clone(), Tuning::default()).await;
-    let good = clients.issue(true);
+    let good = clients.issue(&["127.0.0.1"], true, false);
     assert_round_trip(&mut b, client_tls(&ca, Some(&good)), "with-cert").await;
 
     let no_cert = V4Client::start(v4_options(b.tls(), "no-cert", Some(client_tls(&ca, None))))
         .error()
         .await;
     assert!(no_cert.contains("CertificateRequired"), "{no_cert}");
-    let bad = rogue.issue(true);
+    let bad = rogue.issue(&["127.0.0.1"], true, false);
     let rogue_cert = V4Client::start(v4_options(
         b.tls(),
         "rogue-cert",

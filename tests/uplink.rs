@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::certs::{write_pem, Ca};
 use common::tb_emulator::{Recorded, TbEmulator, TlsServer};
 use dlms_bridge::config::{MqttProtocol, Secret, StoreConfig, ThingsboardConfig};
 use dlms_bridge::model::{Downlink, Record, RecordKind};
@@ -778,72 +779,14 @@ async fn thingsboard_down_at_start_then_up_delivers_the_queue() {
 
 // ---- TLS to ThingsBoard (the emulator's TLS mode, certificates made here with rcgen) ----
 
-/// A CA and what it signs, as PEM.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().expect("CA key");
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_owned());
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).expect("self-signed CA");
-        Ca { cert, key }
+/// The emulator's identity: a server certificate for `names` from `ca`.
+fn tls_server(ca: &Ca, names: &[&str], expired: bool, client_ca: Option<&Ca>) -> TlsServer {
+    let (cert, key) = ca.issue(names, false, expired);
+    TlsServer {
+        cert_chain_pem: cert,
+        key_pem: key,
+        client_ca_pem: client_ca.map(Ca::pem),
     }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// `(certificate PEM, key PEM)` for `names` (DNS names or IP addresses), valid now unless
-    /// `expired`.
-    fn issue(&self, names: &[&str], client: bool, expired: bool) -> (String, String) {
-        let key = rcgen::KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut p = rcgen::CertificateParams::new(names).expect("leaf params");
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "leaf".to_owned());
-        p.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = p
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("signed leaf");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// The emulator's identity: a server certificate for `names` from this CA.
-    fn server(&self, names: &[&str], expired: bool, client_ca: Option<&Ca>) -> TlsServer {
-        let (cert, key) = self.issue(names, false, expired);
-        TlsServer {
-            cert_chain_pem: cert,
-            key_pem: key,
-            client_ca_pem: client_ca.map(Ca::pem),
-        }
-    }
-}
-
-/// Writes a PEM file; keys get mode 0600 as the bridge demands.
-fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, pem).expect("write PEM");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    path
 }
 
 /// Uplink config for the TLS emulator: TLS on, trusting `ca_file`; a slow auth retry so a
@@ -884,7 +827,7 @@ async fn tls_failure(emu: &TbEmulator, cfg: ThingsboardConfig) -> String {
 async fn tls_with_a_valid_chain_carries_the_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("Test CA");
-    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], false, None)).await;
+    let emu = TbEmulator::start_tls(TOKEN, &tls_server(&ca, &["127.0.0.1"], false, None)).await;
     let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
     for protocol in [MqttProtocol::V5, MqttProtocol::V311] {
         let cfg = ThingsboardConfig {
@@ -916,7 +859,11 @@ async fn tls_with_a_valid_chain_carries_the_token() {
 async fn tls_refuses_a_certificate_for_another_host() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("Test CA");
-    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["thingsboard.example"], false, None)).await;
+    let emu = TbEmulator::start_tls(
+        TOKEN,
+        &tls_server(&ca, &["thingsboard.example"], false, None),
+    )
+    .await;
     let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
     let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
     assert!(err.contains("wrong host"), "{err}");
@@ -926,7 +873,7 @@ async fn tls_refuses_a_certificate_for_another_host() {
 async fn tls_refuses_an_expired_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("Test CA");
-    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], true, None)).await;
+    let emu = TbEmulator::start_tls(TOKEN, &tls_server(&ca, &["127.0.0.1"], true, None)).await;
     let ca_file = write_pem(dir.path(), "ca.pem", &ca.pem());
     let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
     assert!(err.contains("expired"), "{err}");
@@ -937,7 +884,7 @@ async fn tls_refuses_a_certificate_from_an_untrusted_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
     let trusted = Ca::new("Trusted CA");
     let other = Ca::new("Other CA");
-    let emu = TbEmulator::start_tls(TOKEN, &other.server(&["127.0.0.1"], false, None)).await;
+    let emu = TbEmulator::start_tls(TOKEN, &tls_server(&other, &["127.0.0.1"], false, None)).await;
     let ca_file = write_pem(dir.path(), "ca.pem", &trusted.pem());
     let err = tls_failure(&emu, tls_config(&emu, &ca_file)).await;
     assert!(err.contains("untrusted"), "{err}");
@@ -950,7 +897,7 @@ async fn x509_client_certificate_is_accepted_without_a_token() {
     let device_ca = Ca::new("Device CA");
     let emu = TbEmulator::start_tls(
         TOKEN,
-        &server_ca.server(&["127.0.0.1"], false, Some(&device_ca)),
+        &tls_server(&server_ca, &["127.0.0.1"], false, Some(&device_ca)),
     )
     .await;
     let (cert, key) = device_ca.issue(&["gateway"], true, false);
@@ -983,7 +930,7 @@ async fn x509_client_certificate_from_another_ca_is_refused() {
     let rogue_ca = Ca::new("Rogue CA");
     let emu = TbEmulator::start_tls(
         TOKEN,
-        &server_ca.server(&["127.0.0.1"], false, Some(&device_ca)),
+        &tls_server(&server_ca, &["127.0.0.1"], false, Some(&device_ca)),
     )
     .await;
     let (cert, key) = rogue_ca.issue(&["gateway"], true, false);
@@ -1004,7 +951,7 @@ async fn reload_reads_new_certificates_and_retries_at_once() {
     let old_ca = Ca::new("Old CA");
     let new_ca = Ca::new("New CA");
     // ThingsBoard moved to a certificate from a new CA; the bridge still trusts the old one.
-    let emu = TbEmulator::start_tls(TOKEN, &new_ca.server(&["127.0.0.1"], false, None)).await;
+    let emu = TbEmulator::start_tls(TOKEN, &tls_server(&new_ca, &["127.0.0.1"], false, None)).await;
     let ca_file = write_pem(dir.path(), "ca.pem", &old_ca.pem());
     let cfg = tls_config(&emu, &ca_file);
     let settings = TlsSettings::from_config(&cfg);
@@ -1035,7 +982,7 @@ async fn reload_reads_new_certificates_and_retries_at_once() {
 async fn unreadable_certificates_block_connecting_until_a_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("Test CA");
-    let emu = TbEmulator::start_tls(TOKEN, &ca.server(&["127.0.0.1"], false, None)).await;
+    let emu = TbEmulator::start_tls(TOKEN, &tls_server(&ca, &["127.0.0.1"], false, None)).await;
     // The CA file vanished after check-config (or was never installed).
     let ca_file = dir.path().join("ca.pem");
     let cfg = tls_config(&emu, &ca_file);
