@@ -459,6 +459,8 @@ impl Conn {
     async fn run<S: Stream>(&mut self, stream: &mut S, mut buf: BytesMut) -> End {
         let mut deadline = Instant::now() + self.keep_alive;
         let signal = self.signal.clone();
+        // Data was read since the last quick-ACK decision.
+        let mut fresh_data = false;
         loop {
             // Serve what is buffered (up to the pending-ack bound), then deliver and flush.
             while self.pending.len() < MAX_PENDING_ACKS {
@@ -477,6 +479,15 @@ impl Conn {
                     return end;
                 }
             }
+            if fresh_data && !self.pending.is_empty() {
+                // Our PUBACKs wait for the commit, and Linux delays its TCP ACK to piggyback it
+                // on them: a client with Nagle on (rumqttc's and Paho's default) then holds its
+                // next publishes until our PUBACKs go out, up to a whole commit interval. Send
+                // the ACK for what was just read at once (setting TCP_QUICKACK flushes a
+                // scheduled delayed ACK).
+                stream.quick_ack();
+            }
+            fresh_data = false;
             if buf.is_empty() && buf.capacity() > SHRINK_ABOVE_BYTES {
                 buf = BytesMut::with_capacity(INITIAL_BUF_BYTES);
             }
@@ -519,13 +530,7 @@ impl Conn {
                     Ok(0) => return End::Lost("closed by client"),
                     Ok(_) => {
                         deadline = Instant::now() + self.keep_alive;
-                        if !self.pending.is_empty() {
-                            // Our PUBACKs wait for the commit, and Linux delays its TCP ACK to
-                            // piggyback it on them: a client with Nagle on (rumqttc's and
-                            // paho's default) then holds its next publishes until our PUBACKs
-                            // go out, up to a whole commit interval. ACK at once instead.
-                            stream.quick_ack();
-                        }
+                        fresh_data = true;
                     }
                     Err(_) => return End::Lost("read failed"),
                 },
