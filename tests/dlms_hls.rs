@@ -12,6 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::meter_run::MeterRun;
 use common::meter_sim::{free_port, GuruxMeter as Sim};
 use dlms_bridge::config::{DlmsAuth, DlmsTransport, HlsKeys, MeterConfig};
 use dlms_bridge::dlms::apdu::DataAccessResult;
@@ -19,13 +20,8 @@ use dlms_bridge::dlms::ciphering::Keys;
 use dlms_bridge::model::{Record, RecordKind};
 use dlms_bridge::sources::meters::client::ReadingValue;
 use dlms_bridge::sources::meters::poller::{self, registers_of};
-use dlms_bridge::sources::meters::spawn_meter;
-use dlms_bridge::sources::SourceEvent;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Bound on one scenario step (python start-up on a busy 2-core box is slow).
 const STEP: Duration = Duration::from_secs(60);
@@ -184,36 +180,13 @@ async fn hls_gmac_with_a_dedicated_key() {
     read_direct(DlmsTransport::Hdlc, true).await;
 }
 
-/// A meter actor feeding a channel, as the bridge runs it (the router takes its records).
-struct Run {
-    rx: mpsc::Receiver<SourceEvent>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-}
+type Run = MeterRun;
 
-impl Run {
-    fn start(cfg: MeterConfig) -> Run {
-        let (tx, rx) = mpsc::channel(64);
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let _h = spawn_meter(cfg, tx, &tracker, cancel.clone());
-        Run {
-            rx,
-            cancel,
-            tracker,
-        }
-    }
-
+impl MeterRun {
     /// The next telemetry values of the meter.
     async fn next_poll(&mut self) -> serde_json::Map<String, Value> {
         loop {
-            let ev = timeout(STEP, self.rx.recv())
-                .await
-                .expect("telemetry in time")
-                .expect("events open");
-            let SourceEvent::Records(records) = ev else {
-                continue;
-            };
+            let records = self.next_records(STEP).await.expect("telemetry in time");
             for Record { kind, payload, .. } in records {
                 if kind == RecordKind::Telemetry {
                     if let Some(v) = payload["values"].as_object() {
@@ -222,15 +195,6 @@ impl Run {
                 }
             }
         }
-    }
-
-    /// Cancel and wait for the actor to release the association and end.
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        timeout(STEP, self.tracker.wait())
-            .await
-            .expect("meter actor stopped in time");
     }
 }
 
@@ -244,7 +208,7 @@ async fn poll_twice(sim: &mut Sim, cfg: MeterConfig) -> Vec<u32> {
         assert!((225.0..=235.0).contains(&volts), "{v:?}");
         assert!(v["active_energy"].as_f64().is_some(), "{v:?}");
     }
-    run.stop().await;
+    run.stop(STEP).await;
     let (mut ics, mut other) = (Vec::new(), Vec::new());
     counters_until_release(sim, &mut ics, &mut other).await;
     assert!(!other.iter().any(|l| l.starts_with("replay")), "{other:?}");
@@ -332,16 +296,15 @@ async fn wrong_key(ak: &str, ek: &str) {
     // A storm would associate every 50 ms; a permanent failure waits at least 30 s.
     let window = Instant::now() + Duration::from_secs(2);
     while Instant::now() < window {
-        if let Ok(Some(SourceEvent::Records(r))) =
-            timeout(window - Instant::now(), run.rx.recv()).await
-        {
+        let left = window.saturating_duration_since(Instant::now());
+        if let Some(r) = run.next_records(left).await {
             assert!(
                 r.iter().all(|r| r.kind != RecordKind::Telemetry),
                 "another poll during the backoff: {r:?}"
             );
         }
     }
-    run.stop().await;
+    run.stop(STEP).await;
     let (mut ics, mut other) = (Vec::new(), Vec::new());
     accepted_counters(&mut sim, &mut ics, &mut other);
     let attempts = other.iter().filter(|l| *l == "aarq").count();

@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::meter_run::MeterRun;
 use common::meter_sim::{free_port, GuruxMeter as Sim};
 use dlms_bridge::config::{MeterConfig, ProfileConfig};
 use dlms_bridge::dlms::obis::ObisCode;
@@ -16,13 +17,8 @@ use dlms_bridge::model::{now_ms, Record, RecordKind};
 use dlms_bridge::sources::meters::cli::{read, Error as ReadError, ReadArgs, Transport};
 use dlms_bridge::sources::meters::poller::connect;
 use dlms_bridge::sources::meters::profile::{self, ProfileReader};
-use dlms_bridge::sources::meters::spawn_meter;
-use dlms_bridge::sources::SourceEvent;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Bound on one scenario step (Gurux serialising thousands of rows on a busy box is slow).
 const STEP: Duration = Duration::from_secs(120);
@@ -75,25 +71,9 @@ fn check_entries(entries: &[(i64, Value)], period_s: i64) {
     }
 }
 
-struct Run {
-    rx: mpsc::Receiver<SourceEvent>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-}
+type Run = MeterRun;
 
-impl Run {
-    fn start(cfg: MeterConfig) -> Run {
-        let (tx, rx) = mpsc::channel(64);
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let _h = spawn_meter(cfg, tx, &tracker, cancel.clone());
-        Run {
-            rx,
-            cancel,
-            tracker,
-        }
-    }
-
+impl MeterRun {
     /// Telemetry until `good_polls` good polls arrived after the first profile read: returns
     /// (profile entries, poll records).
     async fn collect(&mut self, good_polls: usize) -> (Vec<(i64, Value)>, Vec<Value>) {
@@ -107,15 +87,9 @@ impl Run {
             < good_polls
         {
             let left = deadline.saturating_duration_since(Instant::now());
-            let ev = timeout(left, self.rx.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{} polls, {} entries in time", polls.len(), entries.len())
-                })
-                .expect("events open");
-            let SourceEvent::Records(records) = ev else {
-                continue;
-            };
+            let records = self.next_records(left).await.unwrap_or_else(|| {
+                panic!("{} polls, {} entries in time", polls.len(), entries.len())
+            });
             for Record { kind, payload, .. } in records {
                 if kind != RecordKind::Telemetry {
                     continue;
@@ -131,14 +105,6 @@ impl Run {
         }
         (entries, polls)
     }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        timeout(STEP, self.tracker.wait())
-            .await
-            .expect("poller stops");
-    }
 }
 
 #[tokio::test]
@@ -149,7 +115,7 @@ async fn range_reads_thousands_of_entries_then_a_restart_sends_nothing_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut run = Run::start(meter(sim.port, dir.path(), 3600));
     let (entries, polls) = run.collect(2).await;
-    run.stop().await;
+    run.stop(STEP).await;
     let now = now_ms();
     assert!(
         (2879..=2881).contains(&entries.len()),
@@ -169,7 +135,7 @@ async fn range_reads_thousands_of_entries_then_a_restart_sends_nothing_twice() {
     // Restart with the stored position: only entries after it (if a period passed).
     let mut run = Run::start(meter(sim.port, dir.path(), 3600));
     let (again, _) = run.collect(2).await;
-    run.stop().await;
+    run.stop(STEP).await;
     assert!(again.len() <= 1, "{} entries after a restart", again.len());
     assert!(
         again.iter().all(|(ts, _)| *ts > last),
@@ -184,7 +150,7 @@ async fn range_reads_thousands_of_entries_then_a_restart_sends_nothing_twice() {
         .expect("rewind");
     let mut run = Run::start(meter(sim.port, dir.path(), 3600));
     let (caught, _) = run.collect(2).await;
-    run.stop().await;
+    run.stop(STEP).await;
     assert!(
         (10..=11).contains(&caught.len()),
         "{} caught up",
@@ -210,13 +176,7 @@ async fn missed_intervals_are_caught_up_when_the_meter_answers_again() {
     let deadline = Instant::now() + STEP;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ev = timeout(left, run.rx.recv())
-            .await
-            .expect("failure reported")
-            .expect("open");
-        let SourceEvent::Records(records) = ev else {
-            continue;
-        };
+        let records = run.next_records(left).await.expect("failure reported");
         if records
             .iter()
             .any(|r| r.kind == RecordKind::Telemetry && r.payload["values"]["poll_ok"] == false)
@@ -227,7 +187,7 @@ async fn missed_intervals_are_caught_up_when_the_meter_answers_again() {
     // ... then the meter comes up on that port.
     let _sim = Sim::start_on(port, &["--profile-rows", "100", "--profile-period", "60"]).await;
     let (entries, _) = run.collect(1).await;
-    run.stop().await;
+    run.stop(STEP).await;
     assert!(
         (5..=6).contains(&entries.len()),
         "{} caught up",

@@ -15,6 +15,7 @@ pub mod bridge_config;
 pub mod broker_harness;
 pub mod certs;
 pub mod local_client;
+pub mod meter_run;
 pub mod meter_sim;
 pub mod tb_emulator;
 
