@@ -99,6 +99,9 @@ pub struct StoredRecord {
     /// Monotonic row id: oldest first, and the ack key.
     pub id: i64,
     pub record: Record,
+    /// `record.payload` as JSON text, when the store has it at hand (it always does): the
+    /// uplink sends telemetry entries as this text instead of serialising them again.
+    pub text: Option<String>,
 }
 
 /// Largest device name ThingsBoard accepts in practice (spec §8.5).

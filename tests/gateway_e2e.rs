@@ -187,7 +187,15 @@ async fn rename_and_delete_apply_persist_across_restart_and_move_queued_rows() {
         values_of(r, "Pump", "k").len() >= 4
     })
     .await;
-    assert!(running.store.stats().await.expect("stats").depth >= 3);
+    // The uplink may send a record before its group commit; wait for that commit.
+    let mut committed = running.store.subscribe();
+    tokio::time::timeout(WAIT, async {
+        while running.store.stats().await.expect("stats").depth < 3 {
+            committed.changed().await.expect("store alive");
+        }
+    })
+    .await
+    .expect("the unacked rows are committed");
     assert!(emu.push_device_renamed(1, "Pump", "Pump 7").await);
     emu.wait_for("rename answered", WAIT, |r| {
         r.gateway_rpc_response(1).is_some()

@@ -842,6 +842,82 @@ async fn with_a_commit_interval_ok_never_precedes_the_commit() {
     );
 }
 
+/// The uplink need not wait for a commit: `next_batch` hands out the records of the open group
+/// at once (their ids are fixed when the worker takes them), `subscribe_ready` tells of them,
+/// and a record acked in the group that takes it was delivered before its commit: it is never
+/// written. The enqueue's Ok still waits for the commit; a read going back over records
+/// handed out but not yet committed waits for it too.
+#[tokio::test]
+async fn records_are_handed_out_before_their_commit_and_those_acked_first_are_never_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..config(dir.path())
+    };
+    let store = store::open(&cfg).expect("open");
+    let mut ready = store.subscribe_ready();
+    let committed = store.subscribe();
+
+    let mut first = within(store.submit((1..=3).map(record).collect()))
+        .await
+        .expect("submit");
+    within(ready.changed()).await.expect("ready");
+    assert_eq!(*ready.borrow_and_update(), 3);
+    let batch = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        batch.iter().map(|r| seq_of(&r.record)).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut first)
+            .await
+            .is_err(),
+        "no Ok before the commit"
+    );
+    assert_eq!(*committed.borrow(), 0, "nothing committed yet");
+    assert_eq!(crash_image(&cfg, "crash-1").await, Vec::<u64>::new());
+
+    // Delivered: 1 and 2 acked within their own group. A read going back to the start (as
+    // after a reconnect) waits for the commit, then finds record 3 in the database.
+    let mut ack = Box::pin(store.ack(vec![1, 2]));
+    assert!(tokio::time::timeout(Duration::ZERO, &mut ack)
+        .await
+        .is_err());
+    let reader = store.clone();
+    let again = tokio::spawn(async move { reader.next_batch(0, 10).await });
+    // Stats is served in order behind both: once it answers, the read waits in the worker.
+    within(store.stats()).await.expect("stats");
+    assert!(
+        !again.is_finished(),
+        "the read going back waits for the commit"
+    );
+
+    let closer = store.clone();
+    let close = tokio::spawn(async move { closer.close().await });
+    within(&mut first).await.expect("enqueue committed");
+    within(&mut ack).await.expect("ack committed");
+    let again = within(again).await.expect("read task").expect("read");
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), [3]);
+    within(close).await.expect("close task").expect("close");
+    assert_eq!(
+        crash_image(&cfg, "crash-2").await,
+        vec![3],
+        "1 and 2 never written"
+    );
+
+    // The ids stay used up; the counts include the records never written.
+    let store = store::open(&cfg).expect("reopen");
+    let stats = within(store.stats()).await.expect("stats");
+    assert_eq!(stats.depth, 1);
+    let fourth = within(store.submit(vec![record(4)])).await.expect("submit");
+    // Record 3 from the database, then record 4 from memory, in one read.
+    let rows = within(store.next_batch(0, 10)).await.expect("next_batch");
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 4]);
+    within(store.close()).await.expect("close");
+    within(fourth).await.expect("committed at close");
+}
+
 #[tokio::test]
 async fn without_a_commit_interval_each_group_commits_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -409,14 +409,35 @@ impl Router {
 
     /// Split records larger than one ThingsBoard publish (keys of one timestamp stay under that
     /// timestamp); refuse, with a WARN naming device and key, only values too large alone.
-    fn fit_packets(&mut self, records: Vec<Record>) -> Vec<Record> {
+    /// Returns each record with its payload as JSON text: serialised once here, it sizes the
+    /// record, is what the store writes and what the uplink sends.
+    fn fit_packets(&mut self, records: Vec<Record>) -> Vec<(Record, String)> {
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
+            let text = match serde_json::to_string(&rec.payload) {
+                Ok(text) => text,
+                Err(e) => {
+                    // A `Value` always serialises; kept for completeness, never seen.
+                    error!(device = %rec.device, error = %e, "Cannot serialise a record; dropped.");
+                    continue;
+                }
+            };
+            if crate::uplink::split::fits_as_is(&rec, text.len(), self.max_packet_size) {
+                out.push((rec, text));
+                continue;
+            }
             let (parts, oversize) = crate::uplink::split::split_record(rec, self.max_packet_size);
             if parts.len() > 1 {
                 self.stats.records_split.fetch_add(1, Ordering::Relaxed);
             }
-            out.extend(parts);
+            for part in parts {
+                match serde_json::to_string(&part.payload) {
+                    Ok(text) => out.push((part, text)),
+                    Err(e) => {
+                        error!(device = %part.device, error = %e, "Cannot serialise a record; dropped.")
+                    }
+                }
+            }
             for o in oversize {
                 let n = self
                     .stats
@@ -445,7 +466,7 @@ impl Router {
     /// messages) are released by [`Router::committed`] once they are durable. `None` when there
     /// was nothing to store or the store refused at once (then the acks are withheld: those
     /// publishers never get a PUBACK for records that are lost).
-    async fn submit(&self, records: Vec<Record>, acks: Vec<Durable>) -> Option<InFlight> {
+    async fn submit(&self, records: Vec<(Record, String)>, acks: Vec<Durable>) -> Option<InFlight> {
         if records.is_empty() {
             // Nothing to make durable (unmatched or malformed messages): ack at once.
             drop(acks);
@@ -453,11 +474,14 @@ impl Router {
         }
         let n = records.len() as u64;
         if tracing::enabled!(tracing::Level::DEBUG) {
-            for r in records.iter().filter(|r| r.kind == RecordKind::Telemetry) {
-                debug!(device = %r.device, data = %r.payload, "Queued telemetry.");
+            for (r, text) in records
+                .iter()
+                .filter(|(r, _)| r.kind == RecordKind::Telemetry)
+            {
+                debug!(device = %r.device, data = %text, "Queued telemetry.");
             }
         }
-        match self.store.submit(records).await {
+        match self.store.submit_encoded(records).await {
             Ok(done) => Some(InFlight { done, n, acks }),
             Err(e) => {
                 self.committed(n, acks, Err(e));

@@ -38,6 +38,7 @@
 pub mod devices;
 mod sqlite;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -68,6 +69,14 @@ pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 /// throughput of a caller that enqueues one batch at a time (the router). 64 KiB is about 250
 /// local messages, 10,000 msg/s at the default 25 ms interval.
 pub const COMMIT_EARLY_BYTES: usize = 64 * 1024;
+
+/// The tail of records taken but not yet handed to the uplink (served from memory, see
+/// [`StoreHandle::next_batch`]) keeps at most this many records beyond those still uncommitted;
+/// older committed ones are read from the database. About half a second at 30,000 msg/s.
+pub const TAIL_MAX_RECORDS: usize = 16_384;
+
+/// ... and at most this many encoded bytes.
+pub const TAIL_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 /// How often the idle worker runs its maintenance: age eviction, size check, returning free
 /// pages to the file system and the drop WARN.
@@ -168,7 +177,8 @@ pub struct StoreStats {
     pub dropped_full: u64,
     /// Records deleted unsent by `max_age` since open.
     pub dropped_age: u64,
-    /// Records committed since open.
+    /// Records taken since open: committed, or delivered before their commit and so never
+    /// written.
     pub enqueued: u64,
 }
 
@@ -182,6 +192,8 @@ pub struct StoreHandle {
     /// Template for [`StoreHandle::subscribe`]. The worker owns the only sender, so subscribers
     /// see the channel close when the worker stops.
     committed_rx: watch::Receiver<i64>,
+    /// Template for [`StoreHandle::subscribe_ready`]; like `committed_rx`, owned by the worker.
+    ready_rx: watch::Receiver<i64>,
 }
 
 /// Opens (or creates) the queue at `cfg.path` and starts its worker.
@@ -207,18 +219,24 @@ pub fn open_with_clock(cfg: &StoreConfig, clock: Clock) -> Result<StoreHandle, E
     }
     let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
     let (committed_tx, committed_rx) = watch::channel(0);
+    let (ready_tx, ready_rx) = watch::channel(0);
     // The worker reports how opening went before it serves anything.
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let (opened_tx, opened_rx) = std::sync::mpsc::sync_channel(1);
     let path = cfg.path.clone();
     let limits = Limits::from_config(cfg);
+    let watches = Watches {
+        committed: committed_tx,
+        ready: ready_tx,
+    };
     std::thread::Builder::new()
         .name("store".into())
-        .spawn(move || worker_main(path, limits, clock, req_rx, committed_tx, ready_tx))
+        .spawn(move || worker_main(path, limits, clock, req_rx, watches, opened_tx))
         .map_err(Error::Spawn)?;
-    match ready_rx.recv() {
+    match opened_rx.recv() {
         Ok(Ok(())) => Ok(StoreHandle {
             req_tx,
             committed_rx,
+            ready_rx,
         }),
         Ok(Err(e)) => Err(e),
         // The worker ended without a word; nothing more is known.
@@ -241,13 +259,40 @@ impl StoreHandle {
     /// withdraw the records.
     pub async fn submit(&self, records: Vec<Record>) -> Result<PendingEnqueue, Error> {
         // Serialise here, on the caller's task: the worker thread is the bottleneck.
-        let records = records
-            .into_iter()
-            .map(encode)
+        let texts = records
+            .iter()
+            .map(|r| serde_json::to_string(&r.payload).map_err(Error::Encode))
             .collect::<Result<Vec<_>, _>>()?;
+        self.submit_encoded(records.into_iter().zip(texts).collect())
+            .await
+    }
+
+    /// [`StoreHandle::submit`] for records the caller has serialised already: each `String`
+    /// must be `serde_json::to_string(&record.payload)` (the router has it from sizing the
+    /// record, and it is what the database stores and the uplink sends).
+    pub async fn submit_encoded(
+        &self,
+        records: Vec<(Record, String)>,
+    ) -> Result<PendingEnqueue, Error> {
+        let mut encoded = Vec::with_capacity(records.len());
+        let mut originals = Vec::with_capacity(records.len());
+        for (record, payload) in records {
+            encoded.push(EncodedRecord {
+                kind: record.kind as u8,
+                payload,
+                device: record.device.clone(),
+                device_type: record.device_type.clone(),
+            });
+            originals.push(record);
+        }
+        let records = originals;
         let (reply_tx, reply_rx) = oneshot::channel();
         self.req_tx
-            .send(Request::Enqueue { records, reply_tx })
+            .send(Request::Enqueue {
+                encoded,
+                records,
+                reply_tx,
+            })
             .await
             .map_err(|_| Error::Closed)?;
         Ok(PendingEnqueue(reply_rx))
@@ -255,6 +300,11 @@ impl StoreHandle {
 
     /// Up to `max_records` rows with `id > after_id`, oldest first. Rows this version cannot
     /// decode are deleted with a WARN and skipped.
+    ///
+    /// Records are handed out as soon as the worker has taken them, before their commit (see
+    /// "Forwarding before the commit" in the module doc): the newest come from memory, older
+    /// ones from the database. A read that needs records already handed out whose commit is
+    /// still open waits for that commit.
     pub async fn next_batch(
         &self,
         after_id: i64,
@@ -278,11 +328,19 @@ impl StoreHandle {
         self.call(|reply_tx| Request::Stats { reply_tx }).await
     }
 
-    /// The highest committed id. The uplink awaits `changed()` to learn of new rows; it
-    /// returns an error once the store has stopped.
+    /// The highest committed id; `changed()` returns an error once the store has stopped.
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         let mut rx = self.committed_rx.clone();
         // Only ids committed after this call count as a change.
+        rx.borrow_and_update();
+        rx
+    }
+
+    /// The highest id [`StoreHandle::next_batch`] can hand out: records taken by the worker,
+    /// committed or not yet. The uplink awaits `changed()` to learn of new records; it returns
+    /// an error once the store has stopped.
+    pub fn subscribe_ready(&self) -> watch::Receiver<i64> {
+        let mut rx = self.ready_rx.clone();
         rx.borrow_and_update();
         rx
     }
@@ -322,19 +380,38 @@ impl Future for PendingEnqueue {
     }
 }
 
-fn encode(r: Record) -> Result<EncodedRecord, Error> {
+#[cfg(test)]
+fn encode(r: &Record) -> Result<EncodedRecord, Error> {
     Ok(EncodedRecord {
         kind: r.kind as u8,
         payload: serde_json::to_string(&r.payload).map_err(Error::Encode)?,
-        device: r.device,
-        device_type: r.device_type,
+        device: r.device.clone(),
+        device_type: r.device_type.clone(),
     })
+}
+
+/// The worker's two watch senders (see [`StoreHandle::subscribe`] and
+/// [`StoreHandle::subscribe_ready`]).
+struct Watches {
+    committed: watch::Sender<i64>,
+    ready: watch::Sender<i64>,
+}
+
+/// A record taken by the worker and not yet handed to the uplink.
+struct TailEntry {
+    record: StoredRecord,
+    /// Its encoded size, for the bound on the tail.
+    bytes: usize,
 }
 
 /// One request to the worker; every variant carries the oneshot its caller awaits.
 enum Request {
     Enqueue {
-        records: Vec<EncodedRecord>,
+        /// What goes into the database.
+        encoded: Vec<EncodedRecord>,
+        /// The same records, for the uplink straight from memory; moved to the worker's tail
+        /// when the worker takes the request (then empty).
+        records: Vec<Record>,
         reply_tx: oneshot::Sender<Result<(), Error>>,
     },
     NextBatch {
@@ -370,11 +447,11 @@ impl Request {
         /// Row header, id, created_ms and kind, roughly.
         const ROW_OVERHEAD_BYTES: usize = 24;
         match self {
-            Request::Enqueue { records, .. } => records
+            Request::Enqueue { encoded, .. } => encoded
                 .iter()
                 .map(|r| r.payload.len() + r.device.len() + r.device_type.len())
                 .sum::<usize>()
-                .saturating_add(records.len() * ROW_OVERHEAD_BYTES),
+                .saturating_add(encoded.len() * ROW_OVERHEAD_BYTES),
             Request::Ack { ids, .. } => ids.len() * ROW_OVERHEAD_BYTES,
             _ => 0,
         }
@@ -472,6 +549,27 @@ enum Flow {
     Stop,
 }
 
+/// The requests of one group commit being gathered ([`Worker::collect_group`]).
+#[derive(Default)]
+struct Group {
+    requests: Vec<Request>,
+    /// Roughly the bytes they write.
+    bytes: usize,
+    /// Enqueues and acks among them.
+    writes: usize,
+    /// A close came: the group ends with it.
+    closing: bool,
+}
+
+impl Group {
+    /// No more requests join: a close came, or the group hit its size bounds.
+    fn is_full(&self) -> bool {
+        self.closing
+            || self.requests.len() >= REQUEST_CHANNEL_CAPACITY
+            || self.bytes >= MAX_GROUP_BYTES
+    }
+}
+
 /// The store actor: owns the database and every counter, on its own thread.
 struct Worker {
     /// The only connection to the queue database.
@@ -484,15 +582,29 @@ struct Worker {
     clock: Clock,
     /// Requests from every [`StoreHandle`] clone.
     req_rx: mpsc::Receiver<Request>,
-    /// Highest committed id, to the uplink (through [`StoreHandle::subscribe`]).
-    committed_tx: watch::Sender<i64>,
+    /// Highest committed id ([`StoreHandle::subscribe`]) and highest id taken
+    /// ([`StoreHandle::subscribe_ready`]).
+    watches: Watches,
+    /// Records taken and not yet handed out, consecutive ids ending at `assigned_max`: what
+    /// `next_batch` serves from memory. Bounded by [`TAIL_MAX_RECORDS`] and
+    /// [`TAIL_MAX_BYTES`] by dropping committed entries (they are read from the database).
+    tail: VecDeque<TailEntry>,
+    /// Sum of the `bytes` of `tail`.
+    tail_bytes: usize,
+    /// The highest id given to a record taken by the worker.
+    assigned_max: i64,
+    /// Every id up to this one is committed, or its commit failed (it never will be).
+    settled_max: i64,
+    /// `next_batch` requests that need records handed out before whose commit is still open;
+    /// served after the commit.
+    deferred: Vec<Request>,
     /// Rows in the queue; kept here because `count(*)` scans the table.
     depth: u64,
     /// `created_ms` of the oldest row, so the age check after every group costs no query.
     oldest_created_ms: Option<i64>,
     /// Stamps never go backwards, so id order stays age order even if the clock steps back.
     last_created_ms: i64,
-    /// Records committed since open.
+    /// Records taken since open (committed or delivered before their commit).
     enqueued: u64,
     /// Records evicted or refused for `max_bytes` since open.
     dropped_full: u64,
@@ -512,7 +624,7 @@ fn worker_main(
     limits: Limits,
     clock: Clock,
     req_rx: mpsc::Receiver<Request>,
-    committed_tx: watch::Sender<i64>,
+    watches: Watches,
     ready_tx: std::sync::mpsc::SyncSender<Result<(), Error>>,
 ) {
     // A timer-only runtime so the worker can wait for a request or the next maintenance tick.
@@ -526,7 +638,7 @@ fn worker_main(
             return;
         }
     };
-    let mut worker = match Worker::open(path, limits, clock, req_rx, committed_tx) {
+    let mut worker = match Worker::open(path, limits, clock, req_rx, watches) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready_tx.send(Err(e));
@@ -546,7 +658,7 @@ impl Worker {
         limits: Limits,
         clock: Clock,
         req_rx: mpsc::Receiver<Request>,
-        committed_tx: watch::Sender<i64>,
+        watches: Watches,
     ) -> Result<Self, Error> {
         let db = open_or_recover(&path)?;
         let sql_err = |source| Error::Open {
@@ -557,7 +669,9 @@ impl Worker {
         let oldest_created_ms = db.oldest_created_ms().map_err(sql_err)?;
         let last_created_ms = db.newest_created_ms().map_err(sql_err)?.unwrap_or(0);
         let max_id = db.max_id().map_err(sql_err)?;
-        committed_tx.send_replace(max_id);
+        watches.committed.send_replace(max_id);
+        watches.ready.send_replace(max_id);
+        let assigned_max = db.last_id();
         info!(path = %path.display(), depth, max_id, "Store opened.");
         Ok(Worker {
             db,
@@ -565,7 +679,12 @@ impl Worker {
             limits,
             clock,
             req_rx,
-            committed_tx,
+            watches,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            assigned_max,
+            settled_max: assigned_max,
+            deferred: Vec::new(),
             depth,
             oldest_created_ms,
             last_created_ms,
@@ -617,61 +736,103 @@ impl Worker {
     /// Gathers one group: every request already waiting and, when it holds a write and
     /// `commit_interval` is set, whatever arrives until one interval after the previous group
     /// (at once when that is already past).
-    /// Reads arriving during the window are answered at once from what is committed (they must
-    /// not wait for someone else's fsync). The window closes early on a close request, on the
-    /// group's size bound, or once it holds [`COMMIT_EARLY_BYTES`]: under heavy load waiting
-    /// saves no fsync per byte and would only cap throughput.
+    /// Reads arriving during the window are answered at once (they must not wait for someone
+    /// else's fsync). The window closes early on a close request, on the group's size bound,
+    /// or once it holds [`COMMIT_EARLY_BYTES`]: under heavy load waiting saves no fsync per
+    /// byte and would only cap throughput.
     fn collect_group(&mut self, rt: &tokio::runtime::Runtime, first: Request) -> Vec<Request> {
         // Anchored on the previous commit, not on this request: a caller that sends its next
         // batch as soon as the last one is committed (the router) then waits one interval per
         // cycle, not the interval plus the fsync, and commits stay at most one per interval.
         let window_end = self.last_commit_at + self.limits.commit_interval;
-        let mut bytes = first.write_bytes();
-        let mut writes = usize::from(first.is_write());
-        let mut closing = matches!(first, Request::Close { .. });
-        let mut group = vec![first];
-        let full =
-            |bytes: usize, len: usize| len >= REQUEST_CHANNEL_CAPACITY || bytes >= MAX_GROUP_BYTES;
+        let mut group = Group::default();
+        self.join(&mut group, first);
         // Everything already waiting joins this transaction; reads are answered at once (one
         // held until the commit would stall its caller, the uplink, for a whole interval).
-        while !closing && !full(bytes, group.len()) {
+        while !group.is_full() {
             match self.req_rx.try_recv() {
-                Ok(req) if req.is_read() => self.serve_read(req),
-                Ok(req) => {
-                    bytes += req.write_bytes();
-                    writes += usize::from(req.is_write());
-                    closing = matches!(req, Request::Close { .. });
-                    group.push(req);
-                }
+                Ok(req) => self.join(&mut group, req),
                 Err(_) => break,
             }
         }
-        if writes == 0 || self.limits.commit_interval.is_zero() {
-            return group;
+        if group.writes == 0 || self.limits.commit_interval.is_zero() {
+            return group.requests;
         }
 
         let deadline = tokio::time::Instant::from_std(window_end);
-        while !closing && !full(bytes, group.len()) && bytes < COMMIT_EARLY_BYTES {
+        while !group.is_full() && group.bytes < COMMIT_EARLY_BYTES {
             let req_rx = &mut self.req_rx;
             let next =
                 rt.block_on(async { tokio::time::timeout_at(deadline, req_rx.recv()).await });
             match next {
-                Ok(Some(req)) if req.is_read() => self.serve_read(req),
-                Ok(Some(req)) => {
-                    bytes += req.write_bytes();
-                    closing = matches!(req, Request::Close { .. });
-                    group.push(req);
-                }
+                Ok(Some(req)) => self.join(&mut group, req),
                 // Window over, or every handle dropped (the next receive notices).
                 Err(_) | Ok(None) => break,
             }
         }
         self.last_commit_at = Instant::now();
-        group
+        group.requests
     }
 
-    /// Writes first (one transaction), then answers, then reads, then a close if one came.
-    /// Requests arriving after a close in the same group are refused.
+    /// Adds a request to the open group: a read is answered now, an enqueue is taken (its
+    /// records get their ids and become readable) or refused when the store is full under
+    /// `drop_newest`.
+    fn join(&mut self, group: &mut Group, req: Request) {
+        if req.is_read() {
+            self.serve_read(req);
+            return;
+        }
+        let Some(req) = self.take(req) else {
+            return;
+        };
+        group.bytes += req.write_bytes();
+        group.writes += usize::from(req.is_write());
+        group.closing |= matches!(req, Request::Close { .. });
+        group.requests.push(req);
+    }
+
+    /// Takes an enqueue: gives its records the ids they will be committed with and puts them
+    /// on the tail, where `next_batch` finds them before the commit. Returns the request to
+    /// commit, or `None` when it was refused (`drop_newest` at `max_bytes`).
+    fn take(&mut self, req: Request) -> Option<Request> {
+        let Request::Enqueue {
+            encoded,
+            records,
+            reply_tx,
+        } = req
+        else {
+            return Some(req);
+        };
+        if self.full && self.limits.on_full == OnFull::DropNewest {
+            self.dropped_full += encoded.len() as u64;
+            let _ = reply_tx.send(Err(Error::Full));
+            return None;
+        }
+        for (record, enc) in records.into_iter().zip(&encoded) {
+            self.assigned_max += 1;
+            let bytes = enc.payload.len() + enc.device.len() + enc.device_type.len();
+            self.tail_bytes += bytes;
+            self.tail.push_back(TailEntry {
+                record: StoredRecord {
+                    id: self.assigned_max,
+                    record,
+                    text: Some(enc.payload.clone()),
+                },
+                bytes,
+            });
+        }
+        if !encoded.is_empty() {
+            self.watches.ready.send_replace(self.assigned_max);
+        }
+        Some(Request::Enqueue {
+            encoded,
+            records: Vec::new(),
+            reply_tx,
+        })
+    }
+
+    /// Writes first (one transaction), then answers, then the reads that waited for it, then a
+    /// close if one came. Requests arriving after a close in the same group are refused.
     fn serve_group(&mut self, group: Vec<Request>) -> Flow {
         let mut enqueues = Vec::new();
         let mut acks = Vec::new();
@@ -683,7 +844,9 @@ impl Worker {
                 continue;
             }
             match req {
-                Request::Enqueue { records, reply_tx } => enqueues.push((records, reply_tx)),
+                Request::Enqueue {
+                    encoded, reply_tx, ..
+                } => enqueues.push((encoded, reply_tx)),
                 Request::Ack { ids, reply_tx } => acks.push((ids, reply_tx)),
                 Request::Close { reply_tx } => close = Some(reply_tx),
                 read => reads.push(read),
@@ -692,6 +855,8 @@ impl Worker {
         self.commit_writes(enqueues, acks);
         self.evict_expired();
         self.warn_drops();
+        self.trim_tail();
+        reads.append(&mut self.deferred);
         for read in reads {
             self.serve_read(read);
         }
@@ -719,15 +884,9 @@ impl Worker {
     #[allow(clippy::type_complexity)]
     fn commit_writes(
         &mut self,
-        mut enqueues: Vec<(Vec<EncodedRecord>, oneshot::Sender<Result<(), Error>>)>,
+        enqueues: Vec<(Vec<EncodedRecord>, oneshot::Sender<Result<(), Error>>)>,
         acks: Vec<(Vec<i64>, oneshot::Sender<Result<(), Error>>)>,
     ) {
-        if self.full && self.limits.on_full == OnFull::DropNewest {
-            for (records, reply_tx) in enqueues.drain(..) {
-                self.dropped_full += records.len() as u64;
-                let _ = reply_tx.send(Err(Error::Full));
-            }
-        }
         if enqueues.is_empty() && acks.is_empty() {
             return;
         }
@@ -744,11 +903,13 @@ impl Worker {
             .chain(acks.into_iter().map(|(_, tx)| tx));
         match result {
             Ok(out) => {
+                debug_assert_eq!(self.db.last_id(), self.assigned_max);
+                self.settled_max = self.assigned_max;
                 self.depth = (self.depth + out.inserted).saturating_sub(out.acked);
-                self.enqueued += out.inserted;
+                self.enqueued += out.inserted + out.delivered;
                 if let Some(last_id) = out.last_id {
                     self.last_created_ms = created_ms;
-                    self.committed_tx.send_replace(last_id);
+                    self.watches.committed.send_replace(last_id);
                 }
                 for reply_tx in replies {
                     let _ = reply_tx.send(Ok(()));
@@ -760,6 +921,19 @@ impl Worker {
             }
             Err(e) => {
                 error!(error = %e, path = %self.path.display(), "Store commit failed; its callers get the error.");
+                // Those records are not stored: out of the tail, and their ids never reused
+                // (the uplink may have seen them; acks for them are ignored).
+                while self
+                    .tail
+                    .back()
+                    .is_some_and(|t| t.record.id > self.settled_max)
+                {
+                    if let Some(t) = self.tail.pop_back() {
+                        self.tail_bytes -= t.bytes;
+                    }
+                }
+                self.db.skip_ids_to(self.assigned_max);
+                self.settled_max = self.assigned_max;
                 let e = Arc::new(e);
                 for reply_tx in replies {
                     let _ = reply_tx.send(Err(Error::Sqlite {
@@ -777,28 +951,16 @@ impl Worker {
                 after_id,
                 max_records,
                 reply_tx,
-            } => {
-                let result = match self.db.read_batch(after_id, max_records) {
-                    Ok((records, bad)) => {
-                        for b in &bad {
-                            warn!(id = b.id, reason = %b.reason, "Skipped and deleted a queued record this version cannot read.");
-                        }
-                        if !bad.is_empty() {
-                            self.depth = self.depth.saturating_sub(bad.len() as u64);
-                            self.refresh_oldest();
-                        }
-                        Ok(records)
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "Store read failed.");
-                        Err(Error::Sqlite {
-                            op: "read",
-                            source: Arc::new(e),
-                        })
-                    }
-                };
-                let _ = reply_tx.send(result);
-            }
+            } => match self.next_batch(after_id, max_records) {
+                Some(result) => {
+                    let _ = reply_tx.send(result);
+                }
+                None => self.deferred.push(Request::NextBatch {
+                    after_id,
+                    max_records,
+                    reply_tx,
+                }),
+            },
             Request::Stats { reply_tx } => {
                 let _ = reply_tx.send(Ok(StoreStats {
                     depth: self.depth,
@@ -810,6 +972,113 @@ impl Worker {
                 }));
             }
             other => other.refuse_closed(),
+        }
+    }
+
+    /// Up to `max_records` records with `id > after_id`, oldest first: from the tail when the
+    /// caller has everything before it (the steady case: no SQL, no decoding), else from the
+    /// database and then the tail. `None` when some of the records asked for were handed out
+    /// and are not committed yet: the read waits for the open group's commit (a caller going
+    /// back, the uplink after a reconnect, would otherwise skip them).
+    fn next_batch(
+        &mut self,
+        after_id: i64,
+        max_records: usize,
+    ) -> Option<Result<Vec<StoredRecord>, Error>> {
+        let mut out = Vec::new();
+        let mut after = after_id;
+        while out.len() < max_records {
+            // The caller has these already.
+            while self.tail.front().is_some_and(|t| t.record.id <= after) {
+                self.pop_tail();
+            }
+            let front = self
+                .tail
+                .front()
+                .map_or(self.assigned_max + 1, |t| t.record.id);
+            if after + 1 >= front {
+                while out.len() < max_records {
+                    let Some(t) = self.pop_tail() else { break };
+                    out.push(t.record);
+                }
+                break;
+            }
+            // Ids after..front are only in the database, or in a commit still open.
+            if self.settled_max < front - 1 {
+                if out.is_empty() {
+                    return None;
+                }
+                break;
+            }
+            let want = max_records - out.len();
+            let rows = match self.read_db(after, want) {
+                Ok(rows) => rows,
+                Err(e) => return Some(Err(e)),
+            };
+            let got = rows.len();
+            if let Some(last) = rows.last() {
+                after = last.id;
+            }
+            out.extend(rows);
+            if got < want {
+                // Nothing more is waiting in the database before the tail.
+                after = after.max(front - 1);
+            }
+        }
+        Some(Ok(out))
+    }
+
+    fn pop_tail(&mut self) -> Option<TailEntry> {
+        let t = self.tail.pop_front()?;
+        self.tail_bytes -= t.bytes;
+        Some(t)
+    }
+
+    /// Keeps the tail within its bounds by dropping its oldest committed entries (an uplink
+    /// that does not read, e.g. while ThingsBoard is down, then reads them from the database).
+    fn trim_tail(&mut self) {
+        while (self.tail.len() > TAIL_MAX_RECORDS || self.tail_bytes > TAIL_MAX_BYTES)
+            && self
+                .tail
+                .front()
+                .is_some_and(|t| t.record.id <= self.settled_max)
+        {
+            self.pop_tail();
+        }
+    }
+
+    /// After an eviction: the committed records on the tail may be gone from the database, so
+    /// they are read from there (or not at all) rather than sent from memory.
+    fn drop_committed_tail(&mut self) {
+        while self
+            .tail
+            .front()
+            .is_some_and(|t| t.record.id <= self.settled_max)
+        {
+            self.pop_tail();
+        }
+    }
+
+    /// Committed records with `id > after_id` from the database.
+    fn read_db(&mut self, after_id: i64, max_records: usize) -> Result<Vec<StoredRecord>, Error> {
+        match self.db.read_batch(after_id, max_records) {
+            Ok((records, bad)) => {
+                for b in &bad {
+                    warn!(id = b.id, reason = %b.reason, "Skipped and deleted a queued record this version cannot read.");
+                }
+                if !bad.is_empty() {
+                    self.depth = self.depth.saturating_sub(bad.len() as u64);
+                    self.refresh_oldest();
+                }
+                Ok(records)
+            }
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                Err(Error::Sqlite {
+                    op: "read",
+                    source: Arc::new(e),
+                })
+            }
         }
     }
 
@@ -834,6 +1103,9 @@ impl Worker {
             Ok(deleted) => {
                 self.dropped_age += deleted;
                 self.depth = self.depth.saturating_sub(deleted);
+                if deleted > 0 {
+                    self.drop_committed_tail();
+                }
             }
             Err(e) => warn!(error = %e, "Store age eviction failed; retrying later."),
         }
@@ -880,6 +1152,7 @@ impl Worker {
                         Ok(deleted) => {
                             self.dropped_full += deleted;
                             self.depth = self.depth.saturating_sub(deleted);
+                            self.drop_committed_tail();
                         }
                         Err(e) => {
                             error!(error = %e, "Store size eviction failed; the store may exceed max_bytes.");
@@ -1011,8 +1284,11 @@ mod tests {
     }
 
     /// Reads already waiting behind a write when a group starts are answered at once, not
-    /// after that group's commit: the uplink's `next_batch` must never wait out an interval.
-    /// (The channel is filled before the worker starts, so the order is certain.)
+    /// after that group's commit: the uplink's `next_batch` must never wait out an interval, and
+    /// it gets the records of the open group before their commit. A read going back over
+    /// records handed out but not committed (the uplink after a reconnect) waits for the
+    /// commit instead of skipping them. (The channel is filled before the worker starts, so the
+    /// order is certain.)
     #[test]
     fn reads_queued_behind_a_write_are_not_held_for_its_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1024,17 +1300,19 @@ mod tests {
         let (req_tx, req_rx) = mpsc::channel(8);
         let (enq_tx, mut enq_rx) = oneshot::channel();
         let (batch_tx, batch_rx) = oneshot::channel();
+        let (again_tx, mut again_rx) = oneshot::channel();
         let (stats_tx, stats_rx) = oneshot::channel();
         let (close_tx, close_rx) = oneshot::channel();
-        let record = encode(Record {
+        let record = Record {
             device: "Meter A".into(),
             device_type: String::new(),
             kind: crate::model::RecordKind::Telemetry,
             payload: serde_json::json!({"v": 1}),
-        })
-        .expect("encode");
+        };
+        let encoded = encode(&record).expect("encode");
         for req in [
             Request::Enqueue {
+                encoded: vec![encoded],
                 records: vec![record],
                 reply_tx: enq_tx,
             },
@@ -1043,25 +1321,32 @@ mod tests {
                 max_records: 10,
                 reply_tx: batch_tx,
             },
+            // The same read again, as after a reconnect: record 1 was handed out above.
+            Request::NextBatch {
+                after_id: 0,
+                max_records: 10,
+                reply_tx: again_tx,
+            },
             Request::Stats { reply_tx: stats_tx },
         ] {
             req_tx.try_send(req).map_err(|_| "full").expect("queued");
         }
         let (committed_tx, _committed_rx) = watch::channel(0);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (ready_tx, _ready_rx) = watch::channel(0);
+        let (opened_tx, opened_rx) = std::sync::mpsc::sync_channel(1);
         let limits = Limits::from_config(&cfg);
         let path = cfg.path.clone();
+        let watches = Watches {
+            committed: committed_tx,
+            ready: ready_tx,
+        };
         let worker = std::thread::spawn(move || {
-            worker_main(
-                path,
-                limits,
-                Arc::new(now_ms),
-                req_rx,
-                committed_tx,
-                ready_tx,
-            )
+            worker_main(path, limits, Arc::new(now_ms), req_rx, watches, opened_tx)
         });
-        ready_rx.recv().expect("worker ready").expect("store opens");
+        opened_rx
+            .recv()
+            .expect("worker ready")
+            .expect("store opens");
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -1072,19 +1357,23 @@ mod tests {
             let batch = tokio::time::timeout(within, batch_rx).await;
             let batch = batch
                 .expect("next_batch answered during the window")
-                .expect("reply");
-            assert!(
-                batch.expect("next_batch").is_empty(),
-                "nothing committed yet"
-            );
+                .expect("reply")
+                .expect("next_batch");
+            let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+            assert_eq!(ids, [1], "the open group's record is handed out");
+            assert_eq!(batch[0].record.payload, serde_json::json!({"v": 1}));
             let stats = tokio::time::timeout(within, stats_rx).await;
             let stats = stats
                 .expect("stats answered during the window")
                 .expect("reply");
-            assert_eq!(stats.expect("stats").depth, 0);
+            assert_eq!(stats.expect("stats").depth, 0, "nothing committed yet");
             assert!(
                 enq_rx.try_recv().is_err(),
                 "the enqueue still waits for its commit"
+            );
+            assert!(
+                again_rx.try_recv().is_err(),
+                "going back over an uncommitted record waits for its commit"
             );
             // Close ends the window: the enqueue is committed, then answered.
             req_tx
@@ -1097,6 +1386,13 @@ mod tests {
                 .expect("enqueue answered")
                 .expect("reply")
                 .expect("enqueue committed");
+            let again = tokio::time::timeout(within, again_rx)
+                .await
+                .expect("the read going back is answered after the commit")
+                .expect("reply")
+                .expect("next_batch");
+            let ids: Vec<i64> = again.iter().map(|r| r.id).collect();
+            assert_eq!(ids, [1], "read again from the database, not skipped");
             tokio::time::timeout(within, close_rx)
                 .await
                 .expect("close answered")

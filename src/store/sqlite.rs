@@ -113,6 +113,10 @@ const EVICT_CHUNK_ROWS: i64 = 10_000;
 
 const INSERT_SQL: &str =
     "INSERT INTO queue (id, created_ms, count, acked, body) VALUES (?1, ?2, ?3, ?4, ?5)";
+/// Makes ?1 the lowest id AUTOINCREMENT may hand out next (ids of records never written).
+const BUMP_SEQUENCE_SQL: &str = "INSERT OR REPLACE INTO sqlite_sequence (rowid, name, seq) \
+     SELECT (SELECT rowid FROM sqlite_sequence WHERE name = 'queue'), 'queue', \
+     max(?1, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0))";
 /// The row holding record id ?1, if it is still there (checked by the caller against `count`).
 const FIND_ROW_SQL: &str = "SELECT id, count, acked FROM queue WHERE id >= ?1 ORDER BY id LIMIT 1";
 const UPDATE_ACKED_SQL: &str = "UPDATE queue SET acked = ?2 WHERE id = ?1";
@@ -156,9 +160,12 @@ pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {
 /// What one group transaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct GroupOutcome {
-    /// Rows inserted.
+    /// Records written.
     pub inserted: u64,
-    /// Id of the last row inserted (the highest committed id), when any.
+    /// Records of the group not written because an ack for them came in the same group (they
+    /// were delivered before their commit).
+    pub delivered: u64,
+    /// Id of the group's last record (the highest committed id), when it had any.
     pub last_id: Option<i64>,
     /// Rows deleted by acks (ids that were not in the queue are not counted).
     pub acked: u64,
@@ -215,46 +222,94 @@ impl Db {
         })
     }
 
+    /// The highest record id handed out so far; the next group's records follow it.
+    pub fn last_id(&self) -> i64 {
+        self.last_id
+    }
+
+    /// Never hands out ids up to `id` (the ids of a group whose commit failed: the uplink may
+    /// have seen them).
+    pub fn skip_ids_to(&mut self, id: i64) {
+        self.last_id = self.last_id.max(id);
+    }
+
     /// Inserts every enqueued record and applies every acked id in ONE transaction: one fsync
     /// for everyone waiting. The records go into as few rows as [`MAX_ROW_RECORDS`] and
     /// [`MAX_ROW_RAW_BYTES`] allow, with consecutive ids after the highest one handed out.
+    /// A record whose ack is in the same group (ThingsBoard confirmed it before its commit) is
+    /// not written at all: its id is used up, its ack has nothing left to do.
     pub fn commit_group(
         &mut self,
         created_ms: i64,
         enqueues: &[&[EncodedRecord]],
         acks: &[&[i64]],
     ) -> rusqlite::Result<GroupOutcome> {
+        let total: usize = enqueues.iter().map(|b| b.len()).sum();
+        let first_new = self.last_id + 1;
+        let last_new = self.last_id + total as i64;
+        let mut acked_ids: Vec<i64> = acks.iter().flat_map(|a| a.iter().copied()).collect();
+        acked_ids.sort_unstable();
+        acked_ids.dedup();
+        // Acks of this group's own records: those records are skipped instead.
+        let (delivered_ids, old_acks): (Vec<i64>, Vec<i64>) = acked_ids
+            .into_iter()
+            .partition(|id| (first_new..=last_new).contains(id));
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut last_id = self.last_id;
+        let mut inserted = 0u64;
         {
             let mut insert = tx.prepare_cached(INSERT_SQL)?;
+            // The current row holds the records after `row_base`, consecutive ids.
             let mut row: Vec<&EncodedRecord> = Vec::new();
+            let mut row_base = last_id;
             let mut raw = 0usize;
+            let mut delivered = delivered_ids.iter().peekable();
             for r in enqueues.iter().flat_map(|batch| batch.iter()) {
+                let id = last_id + 1;
+                if delivered.next_if_eq(&&id).is_some() {
+                    if !row.is_empty() {
+                        insert_row(&mut insert, &mut self.codec, created_ms, row_base, &row)?;
+                        inserted += row.len() as u64;
+                        row.clear();
+                        raw = 0;
+                    }
+                    last_id = id;
+                    row_base = id;
+                    continue;
+                }
                 let size = r.payload.len() + r.device.len() + r.device_type.len();
                 if !row.is_empty()
                     && (row.len() >= MAX_ROW_RECORDS || raw + size > MAX_ROW_RAW_BYTES)
                 {
-                    last_id = insert_row(&mut insert, &mut self.codec, created_ms, last_id, &row)?;
+                    insert_row(&mut insert, &mut self.codec, created_ms, row_base, &row)?;
+                    inserted += row.len() as u64;
                     row.clear();
                     raw = 0;
+                    row_base = last_id;
                 }
                 row.push(r);
                 raw += size;
+                last_id = id;
             }
             if !row.is_empty() {
-                last_id = insert_row(&mut insert, &mut self.codec, created_ms, last_id, &row)?;
+                insert_row(&mut insert, &mut self.codec, created_ms, row_base, &row)?;
+                inserted += row.len() as u64;
             }
         }
-        let acked = apply_acks(&tx, acks)?;
+        if total > 0 && delivered_ids.last() == Some(&last_new) {
+            // The group's last ids were not written: keep them used up across a restart (the
+            // device registry keeps row ids).
+            tx.prepare_cached(BUMP_SEQUENCE_SQL)?.execute([last_id])?;
+        }
+        let acked = apply_acks(&tx, &old_acks)?;
         tx.commit()?;
-        let inserted = u64::try_from(last_id - self.last_id).unwrap_or(0);
         self.last_id = last_id;
         Ok(GroupOutcome {
             inserted,
-            last_id: (inserted > 0).then_some(last_id),
+            delivered: delivered_ids.len() as u64,
+            last_id: (total > 0).then_some(last_id),
             acked,
         })
     }
@@ -588,13 +643,10 @@ fn insert_row(
 
 /// Sets the acked bits of `acks` (deleting rows left with nothing waiting); returns how many
 /// records were newly acked. Ids no longer in the queue are ignored.
-fn apply_acks(conn: &Connection, acks: &[&[i64]]) -> rusqlite::Result<u64> {
-    let mut ids: Vec<i64> = acks.iter().flat_map(|a| a.iter().copied()).collect();
+fn apply_acks(conn: &Connection, ids: &[i64]) -> rusqlite::Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }
-    ids.sort_unstable();
-    ids.dedup();
     let mut find = conn.prepare_cached(FIND_ROW_SQL)?;
     let mut acked = 0u64;
     let mut i = 0;
@@ -637,13 +689,15 @@ fn read_row(
         let result = match &mut decoded {
             Err(reason) => Err(reason.clone()),
             Ok(records) => match records.get_mut(index) {
-                Some(r) => decode_record(std::mem::take(r)),
+                Some(r) => {
+                    decode_record(std::mem::take(r)).map(|(record, text)| (record, Some(text)))
+                }
                 None => Err(format!("record {index} is missing from its row")),
             },
         };
         match result {
-            Ok(record) => {
-                good.push(StoredRecord { id, record });
+            Ok((record, text)) => {
+                good.push(StoredRecord { id, record, text });
                 if good.len() >= max_records {
                     return true;
                 }
@@ -732,17 +786,22 @@ impl Codec {
 }
 
 /// One stored record back to a [`Record`]; the error says why this version cannot send it.
-fn decode_record((kind_raw, device, device_type, payload): BodyRecord) -> Result<Record, String> {
+fn decode_record(
+    (kind_raw, device, device_type, payload): BodyRecord,
+) -> Result<(Record, String), String> {
     let Some(kind) = u8::try_from(kind_raw).ok().and_then(RecordKind::from_u8) else {
         return Err(format!("unknown record kind {kind_raw}"));
     };
     match serde_json::from_str(&payload) {
-        Ok(payload) => Ok(Record {
-            device,
-            device_type,
-            kind,
+        Ok(value) => Ok((
+            Record {
+                device,
+                device_type,
+                kind,
+                payload: value,
+            },
             payload,
-        }),
+        )),
         Err(e) => Err(format!("payload is not JSON: {e}")),
     }
 }
@@ -983,6 +1042,49 @@ mod tests {
         let (rows, _) = db.read_batch(300, 2).expect("read");
         assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [301, 302]);
         assert_eq!(db.count().expect("count"), 604);
+    }
+
+    /// Records acked in the group that takes them (delivered before their commit) are never
+    /// written; the others keep their ids, in rows of consecutive ids around the gaps.
+    #[test]
+    fn records_acked_in_their_own_group_are_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut db = Db::open(&dir.path().join("q.db")).expect("open");
+        let first: Vec<EncodedRecord> = (0..3).map(|i| encoded(i, 10)).collect();
+        db.commit_group(1, &[&first[..]], &[]).expect("commit");
+        let group: Vec<EncodedRecord> = (3..10).map(|i| encoded(i, 10)).collect();
+        // Ids 4..=10 are this group's; 4, 5 and 8 were delivered already, 2 is an older row.
+        let out = db
+            .commit_group(2, &[&group[..]], &[&[8, 4, 2], &[5]])
+            .expect("commit");
+        assert_eq!(out.inserted, 4, "6, 7, 9, 10 written");
+        assert_eq!(out.delivered, 3);
+        assert_eq!(out.acked, 1, "the older record 2");
+        assert_eq!(out.last_id, Some(10));
+        assert_eq!(row_counts(&db), [(3, 3), (7, 2), (10, 2)]);
+        let (rows, bad) = db.read_batch(0, 100).expect("read");
+        assert!(bad.is_empty(), "{bad:?}");
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 3, 6, 7, 9, 10]);
+        for r in &rows {
+            assert_eq!(
+                r.record.payload["seq"],
+                serde_json::json!(r.id - 1),
+                "row content"
+            );
+        }
+        // A group whose records were all delivered writes no row and still moves the ids on.
+        let all = [encoded(10, 10), encoded(11, 10)];
+        let out = db
+            .commit_group(3, &[&all[..]], &[&[11, 12]])
+            .expect("commit");
+        assert_eq!((out.inserted, out.delivered), (0, 2));
+        assert_eq!(db.last_id(), 12);
+        assert_eq!(row_counts(&db).len(), 3);
+        // Those ids stay used after a restart.
+        drop(db);
+        let db = Db::open(&dir.path().join("q.db")).expect("reopen");
+        assert_eq!(db.last_id(), 12);
     }
 
     #[test]

@@ -65,6 +65,10 @@ use tls::TlsSettings;
 
 /// Rows read from the store at once; a full read means a backlog, read again without lingering.
 pub const READ_BATCH_ROWS: usize = 1000;
+/// The longest linger the uplink grows to on a dense stream (see `Uplink::adapt_linger`).
+pub const MAX_ADAPTIVE_LINGER: Duration = Duration::from_millis(25);
+/// A read this small never lengthens the linger (a few records say nothing of the rate).
+const MIN_ROWS_TO_GROW_LINGER: usize = 16;
 /// How long `run` waits for outstanding PUBACKs after cancellation, unless set otherwise.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Period of the housekeeping tick (PUBACK deadline, resend after a failed PUBACK, shutdown).
@@ -448,7 +452,7 @@ impl Uplink {
         let _poller = AbortOnDrop(tokio::spawn(conn.drive(ev_tx)));
         self.status_tx.send_modify(|s| s.connect_attempts += 1);
         let mut s = Session::default();
-        let mut store_rx = self.store.subscribe();
+        let mut store_rx = self.store.subscribe_ready();
         let mut store_open = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -524,7 +528,7 @@ impl Uplink {
                         store_open = false;
                     } else if s.read_at.is_none() && !s.need_read {
                         // Linger briefly so one publish carries more entries per device.
-                        s.read_at = Some(Instant::now() + self.cfg.batch_linger);
+                        s.read_at = Some(Instant::now() + s.linger.max(self.cfg.batch_linger));
                     }
                 }
                 _ = sleep_until_opt(read_at), if read_at.is_some() => {
@@ -648,8 +652,24 @@ impl Uplink {
                 return Ok(());
             };
             s.cursor = last.id;
+            let devices = rows
+                .iter()
+                .map(|r| r.record.device.as_str())
+                .collect::<HashSet<_>>()
+                .len();
+            self.adapt_linger(s, rows.len(), devices);
             self.plan(rows, life, s).await;
         }
+    }
+
+    /// Lingers longer while the stream is dense: when a read found at least two records per
+    /// device on average, the next linger doubles (up to [`MAX_ADAPTIVE_LINGER`]), so each
+    /// publish carries more entries and ThingsBoard handles fewer messages; below 1.5 per device
+    /// it halves back towards `batch_linger`. A sparse stream (many devices at a few messages a
+    /// second each, the usual meter load) keeps the configured linger and its latency.
+    /// `batch_linger = "0s"` turns lingering off altogether.
+    fn adapt_linger(&self, s: &mut Session, rows: usize, devices: usize) {
+        s.linger = next_linger(s.linger, self.cfg.batch_linger, rows, devices);
     }
 
     /// Turn rows into publishes: per device in order, `connect` first if not yet announced in
@@ -675,12 +695,13 @@ impl Uplink {
                     row.record.device = name;
                 }
             }
-            per.entry(row.record.device.clone())
-                .or_insert_with(|| {
+            match per.get_mut(&row.record.device) {
+                Some(rows) => rows.push(row),
+                None => {
                     order.push(row.record.device.clone());
-                    Vec::new()
-                })
-                .push(row);
+                    per.insert(row.record.device.clone(), vec![row]);
+                }
+            }
         }
         if !recreated.is_empty() {
             self.persist_names(life, recreated).await;
@@ -743,7 +764,11 @@ impl Uplink {
                         let refs: Vec<(i64, &Value)> =
                             run.iter().map(|r| (r.id, &r.record.payload)).collect();
                         let (batches, rej) = if kind == RecordKind::Telemetry {
-                            tb::telemetry_batches(&device, &refs, max)
+                            let texts: Vec<(i64, &Value, Option<&str>)> = run
+                                .iter()
+                                .map(|r| (r.id, &r.record.payload, r.text.as_deref()))
+                                .collect();
+                            tb::telemetry_batches_of_texts(&device, &texts, max)
                         } else {
                             tb::attribute_batches(&device, &refs, max)
                         };
@@ -1158,6 +1183,23 @@ fn announcement(device: &str, device_type: &str) -> Out {
     }
 }
 
+/// The linger after a read of `rows` records of `devices` devices (see `Uplink::adapt_linger`);
+/// `floor` is `batch_linger`.
+fn next_linger(current: Duration, floor: Duration, rows: usize, devices: usize) -> Duration {
+    if floor.is_zero() {
+        return Duration::ZERO;
+    }
+    let cap = floor.max(MAX_ADAPTIVE_LINGER);
+    let current = current.max(floor);
+    if rows >= 2 * devices.max(1) && rows >= MIN_ROWS_TO_GROW_LINGER {
+        (current * 2).min(cap)
+    } else if 2 * rows < 3 * devices {
+        (current / 2).max(floor)
+    } else {
+        current
+    }
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -1308,6 +1350,8 @@ struct Session {
     need_read: bool,
     /// A lingering read is scheduled for then.
     read_at: Option<Instant>,
+    /// The current linger (see [`Uplink::adapt_linger`]); never below `batch_linger`.
+    linger: Duration,
     /// Publishes built but not yet handed to the client (the window was full).
     pending: VecDeque<Out>,
     inflight: Inflight<Tag>,
@@ -1730,6 +1774,28 @@ mod tests {
             v4_error(rumqttc::ConnectionError::Io(refused)),
             NetError::Other(_)
         ));
+    }
+
+    #[test]
+    fn the_linger_grows_on_a_dense_stream_and_shrinks_back_on_a_sparse_one() {
+        let ms = Duration::from_millis;
+        let floor = ms(5);
+        // 100 devices at a few messages a second each: one record per device, no change.
+        assert_eq!(next_linger(floor, floor, 100, 100), floor);
+        // Three records per device: doubles, up to the cap.
+        let mut l = floor;
+        for _ in 0..5 {
+            l = next_linger(l, floor, 300, 100);
+        }
+        assert_eq!(l, MAX_ADAPTIVE_LINGER);
+        // A few records say nothing: no growth.
+        assert_eq!(next_linger(floor, floor, 10, 1), floor);
+        // Sparse again: halves back, never below the configured linger.
+        assert_eq!(next_linger(ms(20), floor, 100, 100), ms(10));
+        assert_eq!(next_linger(ms(6), floor, 1, 1), floor);
+        // "0s" turns lingering off; a configured linger above the cap is kept.
+        assert_eq!(next_linger(ms(20), Duration::ZERO, 300, 10), Duration::ZERO);
+        assert_eq!(next_linger(ms(100), ms(100), 300, 10), ms(100));
     }
 
     #[test]

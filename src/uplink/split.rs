@@ -41,6 +41,14 @@ fn fixed_cost(rec: &Record) -> Option<usize> {
     }
 }
 
+/// True when `rec`, whose payload serialises to `payload_len` bytes, fits one publish as it is:
+/// [`split_record`] would return it unchanged. A cheap test on the text the router has anyway
+/// (the payload's text is never shorter than the sum of its entries that `split_record`
+/// measures one by one).
+pub fn fits_as_is(rec: &Record, payload_len: usize, max_packet_size: usize) -> bool {
+    fixed_cost(rec).is_none_or(|fixed| fixed + payload_len <= max_packet_size)
+}
+
 /// Split `rec` so that every part fits a publish of at most `max_packet_size` bytes. Records of
 /// other kinds, and records that fit, come back unchanged.
 pub fn split_record(rec: Record, max_packet_size: usize) -> (Vec<Record>, Vec<Oversize>) {
@@ -133,6 +141,35 @@ mod tests {
             seen.extend(p.payload["values"].as_object().unwrap().clone());
         }
         assert_eq!(seen, values);
+    }
+
+    /// The router's shortcut: a record `fits_as_is` says fits is one `split_record` returns
+    /// unchanged, at every limit around its size.
+    #[test]
+    fn fits_as_is_agrees_with_split_record() {
+        let mut values = Map::new();
+        for i in 0..40 {
+            values.insert(format!("key_{i}"), json!(i as f64 + 0.5));
+        }
+        let records = [
+            Record::telemetry("Meter 1", "T", 1_700_000_000_000, values.clone()),
+            Record::attributes("Meter 1", "T", values),
+        ];
+        for rec in records {
+            let len = serde_json::to_string(&rec.payload).unwrap().len();
+            let mut fitted = 0;
+            for max in (len..len + 1_200).step_by(7) {
+                if fits_as_is(&rec, len, max) {
+                    fitted += 1;
+                    assert_eq!(
+                        split_record(rec.clone(), max).0,
+                        vec![rec.clone()],
+                        "max {max}"
+                    );
+                }
+            }
+            assert!(fitted > 0, "some limit fits the record whole");
+        }
     }
 
     #[test]

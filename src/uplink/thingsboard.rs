@@ -142,6 +142,18 @@ pub fn telemetry_batches(
     rows: &[(i64, &Value)],
     max_packet_size: usize,
 ) -> (Vec<Batch>, Vec<(i64, Error)>) {
+    let rows: Vec<(i64, &Value, Option<&str>)> =
+        rows.iter().map(|&(id, entry)| (id, entry, None)).collect();
+    telemetry_batches_of_texts(device, &rows, max_packet_size)
+}
+
+/// [`telemetry_batches`] with each entry's JSON text when the caller has it (the store keeps
+/// it): that text goes into the publish as it is, the entry is not serialised again.
+pub fn telemetry_batches_of_texts(
+    device: &str,
+    rows: &[(i64, &Value, Option<&str>)],
+    max_packet_size: usize,
+) -> (Vec<Batch>, Vec<(i64, Error)>) {
     let topic = TOPIC_TELEMETRY;
     let head = format!("{{{}:[", Value::String(device.to_owned()));
     // `{"dev":[` + entries joined by `,` + `]}`
@@ -164,12 +176,19 @@ pub fn telemetry_batches(
         body.clear();
     };
 
-    for (id, entry) in rows {
+    for (id, entry, text) in rows {
         if let Err(what) = check_entry(entry) {
             rejected.push((*id, shape(topic, what)));
             continue;
         }
-        let text = entry.to_string();
+        let owned;
+        let text = match text {
+            Some(t) => *t,
+            None => {
+                owned = entry.to_string();
+                owned.as_str()
+            }
+        };
         if fixed + text.len() > max_packet_size {
             rejected.push((
                 *id,
@@ -188,7 +207,7 @@ pub fn telemetry_batches(
         if !ids.is_empty() {
             body.push(',');
         }
-        body.push_str(&text);
+        body.push_str(text);
         ids.push(*id);
     }
     flush(&mut body, &mut ids, &mut out);
@@ -361,6 +380,29 @@ mod tests {
 
     fn entry(ts: i64, v: f64) -> Value {
         json!({"ts": ts, "values": {"voltage_l1": v}})
+    }
+
+    /// The store's text of an entry goes into the publish as it is (not serialised again);
+    /// entries without one are serialised; the packet limit counts the text.
+    #[test]
+    fn telemetry_entries_are_sent_as_their_stored_text() {
+        let a = entry(1, 230.1);
+        let b = entry(2, 231.0);
+        let a_text = r#"{"ts":1,"values":{"voltage_l1":230.10}}"#;
+        let rows = [(7, &a, Some(a_text)), (9, &b, None)];
+        let (batches, rejected) = telemetry_batches_of_texts("Meter 1", &rows, 65_536);
+        assert!(rejected.is_empty());
+        assert_eq!(batches.len(), 1);
+        assert_eq!(
+            String::from_utf8(batches[0].payload.clone()).unwrap(),
+            format!(r#"{{"Meter 1":[{a_text},{}]}}"#, b)
+        );
+        assert_eq!(batches[0].ids, [7, 9]);
+        // One packet holds exactly the first entry's text: the second goes into another.
+        let one = publish_overhead(TOPIC_TELEMETRY) + r#"{"Meter 1":[]}"#.len() + a_text.len();
+        let (batches, _) = telemetry_batches_of_texts("Meter 1", &rows, one);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].ids, [7]);
     }
 
     #[test]
