@@ -69,6 +69,13 @@ pub const READ_BATCH_ROWS: usize = 1000;
 pub const MAX_ADAPTIVE_LINGER: Duration = Duration::from_millis(25);
 /// A read this small never lengthens the linger (a few records say nothing of the rate).
 const MIN_ROWS_TO_GROW_LINGER: usize = 16;
+/// Rows acked by ThingsBoard wait up to this long to be deleted together: one store call (one
+/// wake-up of its thread) per batch instead of one per burst of PUBACKs. Short next to the
+/// commit interval, so most records delivered within their commit group are still never
+/// written (docs/ARCHITECTURE.md).
+const ACK_LINGER: Duration = Duration::from_millis(5);
+/// ... unless this many are waiting.
+const ACK_FLUSH_IDS: usize = 1024;
 /// How long `run` waits for outstanding PUBACKs after cancellation, unless set otherwise.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Period of the housekeeping tick (PUBACK deadline, resend after a failed PUBACK, shutdown).
@@ -460,10 +467,10 @@ impl Uplink {
         let mut stats_tick = tokio::time::interval(stats_every.max(Duration::from_secs(1)));
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        loop {
+        let end = 'session: loop {
             if s.connected_at.is_some() && s.stopping.is_none() {
                 if let Err(f) = self.pump(&client, life, &mut s).await {
-                    return SessionEnd::Failed(f);
+                    break 'session SessionEnd::Failed(f);
                 }
             }
             if let Some(deadline) = s.stopping {
@@ -484,7 +491,7 @@ impl Uplink {
                         }
                     })
                     .await;
-                    return SessionEnd::Stopped;
+                    break 'session SessionEnd::Stopped;
                 }
             }
             let live = s.connected_at.is_some() && s.stopping.is_none();
@@ -518,18 +525,31 @@ impl Uplink {
                             next = ev_rx.try_recv().ok();
                         }
                     }
-                    self.flush_acks(life, &mut s).await;
+                    // Deletes go to the store in batches: at once when many are waiting, else
+                    // after ACK_LINGER (each store call wakes its thread).
+                    if s.acked.len() >= ACK_FLUSH_IDS {
+                        self.flush_acks(life, &mut s).await;
+                    } else if s.acks_due.is_none() && (!s.acked.is_empty() || s.acked_publishes > 0) {
+                        s.acks_due = Some(Instant::now() + ACK_LINGER);
+                    }
                     if let Some(f) = failure {
-                        return SessionEnd::Failed(f);
+                        break 'session SessionEnd::Failed(f);
                     }
                 }
-                changed = store_rx.changed(), if live && store_open => {
+                // Not polled while a read is already due: new records then wake no one (at
+                // 1,000 msg/s that is most of them), and the next poll still sees the change.
+                changed = store_rx.changed(),
+                    if live && store_open && s.read_at.is_none() && !s.need_read =>
+                {
                     if changed.is_err() {
                         store_open = false;
-                    } else if s.read_at.is_none() && !s.need_read {
+                    } else {
                         // Linger briefly so one publish carries more entries per device.
                         s.read_at = Some(Instant::now() + s.linger.max(self.cfg.batch_linger));
                     }
+                }
+                _ = sleep_until_opt(s.acks_due), if s.acks_due.is_some() => {
+                    self.flush_acks(life, &mut s).await;
                 }
                 _ = sleep_until_opt(read_at), if read_at.is_some() => {
                     s.read_at = None;
@@ -544,7 +564,7 @@ impl Uplink {
                 }
                 _ = tick.tick() => {
                     if let Err(f) = self.housekeeping(&mut s) {
-                        return SessionEnd::Failed(f);
+                        break 'session SessionEnd::Failed(f);
                     }
                 }
                 _ = stats_tick.tick(), if live && !stats_every.is_zero() => {
@@ -552,13 +572,16 @@ impl Uplink {
                 }
                 _ = cancel.cancelled(), if s.stopping.is_none() => {
                     if s.connected_at.is_none() {
-                        return SessionEnd::Stopped;
+                        break 'session SessionEnd::Stopped;
                     }
                     s.stopping = Some(Instant::now() + self.grace);
                     s.pending.clear();
                 }
             }
-        }
+        };
+        // Acks not yet handed to the store go now (the next session re-reads after them).
+        self.flush_acks(life, &mut s).await;
+        end
     }
 
     /// PUBACK deadline, announcement expiry, resend after a failed PUBACK.
@@ -640,6 +663,7 @@ impl Uplink {
             }
             if s.cursor == 0 {
                 // Re-reading from the oldest row: let outstanding deletes land first.
+                self.flush_acks(life, s).await;
                 while life.acks.join_next().await.is_some() {}
             }
             let rows = self
@@ -840,6 +864,7 @@ impl Uplink {
     /// meanwhile. At most [`MAX_ACK_CALLS`] run at once; before the session re-reads from the
     /// oldest row they are all awaited (see `pump`), so acked rows are not sent again.
     async fn flush_acks(&self, life: &mut Life, s: &mut Session) {
+        s.acks_due = None;
         if s.acked.is_empty() && s.acked_publishes == 0 {
             return;
         }
@@ -1369,6 +1394,8 @@ struct Session {
     /// many publishes those PUBACKs were.
     acked: Vec<i64>,
     acked_publishes: u64,
+    /// `acked` goes to the store then (see `ACK_LINGER`).
+    acks_due: Option<Instant>,
 }
 
 /// A publish ready to go.
