@@ -4,6 +4,9 @@
 //! `broker_conformance.rs` and `broker_hostile.rs`; this file covers the bridge-facing side
 //! (identity, backpressure, durable acknowledgements, the handle API, persistence).
 
+#[path = "common/v4_client.rs"]
+mod v4_client;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use v4_client::{v4_options, V4Client};
 
 /// Upper bound for anything that should happen promptly.
 const WAIT: Duration = Duration::from_secs(10);
@@ -109,94 +113,10 @@ fn config() -> BrokerConfig {
 
 // ---------- rumqttc clients ----------
 
-struct V4Client {
-    client: rumqttc::AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
-}
-
-fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    o
-}
-
 fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
     let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     o
-}
-
-impl V4Client {
-    async fn connect(opts: rumqttc::MqttOptions) -> V4Client {
-        let mut c = Self::start(opts);
-        c.wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))))
-            .await;
-        c
-    }
-
-    fn start(opts: rumqttc::MqttOptions) -> V4Client {
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 32);
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let r = eventloop.poll().await.map_err(|e| e.to_string());
-                let stop = r.is_err();
-                if tx.send(r).is_err() || stop {
-                    break;
-                }
-            }
-        });
-        V4Client { client, events }
-    }
-
-    async fn wait(&mut self, want: impl Fn(&rumqttc::Event) -> bool) -> rumqttc::Event {
-        let found = timeout(WAIT, async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(e)) if want(&e) => return e,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => panic!("v4 client failed: {e}"),
-                    None => panic!("v4 client event loop ended"),
-                }
-            }
-        })
-        .await;
-        found.expect("v4 client event in time")
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: QoS) {
-        self.client
-            .subscribe(filter, qos)
-            .await
-            .expect("subscribe queued");
-        self.wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))))
-            .await;
-    }
-
-    async fn next_publish(&mut self) -> v4::Publish {
-        match self
-            .wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))))
-            .await
-        {
-            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => p,
-            _ => unreachable!("filtered above"),
-        }
-    }
-
-    /// The first connection error (e.g. a refused CONNACK).
-    async fn error(&mut self) -> String {
-        let found = timeout(WAIT, async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return e,
-                    None => panic!("event loop ended without error"),
-                }
-            }
-        })
-        .await;
-        found.expect("v4 client error in time")
-    }
 }
 
 struct V5Client {
@@ -384,10 +304,10 @@ fn publish_v4(topic: &str, qos: QoS, pkid: u16, payload: &'static [u8]) -> v4::P
 #[tokio::test]
 async fn v311_publish_reaches_router_and_subscribers_at_every_qos() {
     let mut b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "sub-v4")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "sub-v4", None)).await;
     sub.subscribe("meters/#", QoS::ExactlyOnce).await;
 
-    let mut opts = v4_options(b.addr(), "pub-v4");
+    let mut opts = v4_options(b.addr(), "pub-v4", None);
     opts.set_credentials("alice", "");
     let publisher = V4Client::connect(opts).await;
 
@@ -448,7 +368,7 @@ async fn qos2_resend_is_reported_once() {
 #[tokio::test]
 async fn v5_publisher_with_topic_alias_talks_to_v311_subscriber() {
     let mut b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "sub-v4")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "sub-v4", None)).await;
     sub.subscribe("a/#", QoS::AtLeastOnce).await;
 
     let mut raw = Raw::connect(b.addr()).await;
@@ -502,7 +422,7 @@ async fn keep_alive_zero_client_stays_connected_while_idle() {
     // Keep-alive 0 means no timeout at all (MQTT 3.1.1 §3.1.2.10): a silent client stays
     // connected, and the broker sends it nothing unasked.
     let mut b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "watcher")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "watcher", None)).await;
     sub.subscribe("ka0/#", QoS::AtMostOnce).await;
 
     let mut raw = raw_v4_connected(b.addr(), v4_connect("telegraf", 0, true)).await;
@@ -651,7 +571,7 @@ async fn misbehaving_clients_are_closed_and_others_keep_working() {
     // Fresh v5 and v4 clients work, and talk to the early one.
     let mut v5c = V5Client::connect(v5_options(b.addr(), "after-v5")).await;
     v5c.subscribe("ok/#", QoS5::AtLeastOnce).await;
-    let v4c = V4Client::connect(v4_options(b.addr(), "after-v4")).await;
+    let v4c = V4Client::connect(v4_options(b.addr(), "after-v4", None)).await;
     v4c.client
         .publish("ok/1", QoS::AtLeastOnce, false, "fine")
         .await
@@ -675,12 +595,12 @@ async fn credentials_are_checked_by_the_front() {
     };
     let mut b = TestBroker::start(cfg).await;
 
-    let mut wrong = v4_options(b.addr(), "wrong");
+    let mut wrong = v4_options(b.addr(), "wrong", None);
     wrong.set_credentials("meter", "nope");
     let err = V4Client::start(wrong).error().await;
     assert!(err.contains("NotAuthorized"), "{err}");
 
-    let mut anon = V4Client::start(v4_options(b.addr(), "anon"));
+    let mut anon = V4Client::start(v4_options(b.addr(), "anon", None));
     assert!(anon.error().await.contains("NotAuthorized"));
 
     let mut raw5 = Raw::connect(b.addr()).await;
@@ -692,7 +612,7 @@ async fn credentials_are_checked_by_the_front() {
         other => panic!("expected CONNACK, got {other:?}"),
     }
 
-    let mut right = v4_options(b.addr(), "right");
+    let mut right = v4_options(b.addr(), "right", None);
     right.set_credentials("meter", "s3cret");
     let ok = V4Client::connect(right).await;
     ok.client
@@ -709,7 +629,7 @@ async fn credentials_are_checked_by_the_front() {
 #[tokio::test]
 async fn retained_message_reaches_later_subscriber() {
     let mut b = TestBroker::start(config()).await;
-    let publisher = V4Client::connect(v4_options(b.addr(), "retainer")).await;
+    let publisher = V4Client::connect(v4_options(b.addr(), "retainer", None)).await;
     publisher
         .client
         .publish("state/door", QoS::AtLeastOnce, true, "open")
@@ -730,7 +650,7 @@ async fn retained_message_reaches_later_subscriber() {
 #[tokio::test]
 async fn last_will_is_published_on_abrupt_close() {
     let b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher", None)).await;
     sub.subscribe("wills/#", QoS::AtLeastOnce).await;
 
     let mut c = v4::Connect::new("dies");
@@ -754,7 +674,7 @@ async fn last_will_is_published_on_abrupt_close() {
 #[tokio::test]
 async fn handle_publish_reaches_local_client_but_not_the_router() {
     let mut b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "rpc-device")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "rpc-device", None)).await;
     sub.subscribe("v1/devices/me/rpc/request/+", QoS::AtLeastOnce)
         .await;
 
@@ -783,7 +703,7 @@ async fn handle_publish_reaches_local_client_but_not_the_router() {
         .publish("attrs/shared", Bytes::from_static(b"{\"a\":1}"), true)
         .await
         .expect("bridge publish");
-    let mut late = V4Client::connect(v4_options(b.addr(), "late")).await;
+    let mut late = V4Client::connect(v4_options(b.addr(), "late", None)).await;
     late.subscribe("attrs/#", QoS::AtMostOnce).await;
     assert_eq!(late.next_publish().await.topic, "attrs/shared");
 }
@@ -926,7 +846,7 @@ async fn cancel_closes_clients_and_stops_accepting() {
 #[tokio::test]
 async fn clean_disconnect_does_not_publish_the_will() {
     let mut b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "will-watcher", None)).await;
     sub.subscribe("wills/#", QoS::AtLeastOnce).await;
 
     let mut c = v4::Connect::new("polite");
@@ -942,7 +862,7 @@ async fn clean_disconnect_does_not_publish_the_will() {
     raw.closed().await;
 
     // A later message arrives first and alone: no will was published in between.
-    let marker = V4Client::connect(v4_options(b.addr(), "marker")).await;
+    let marker = V4Client::connect(v4_options(b.addr(), "marker", None)).await;
     marker
         .client
         .publish("wills/marker", QoS::AtLeastOnce, false, "m")
@@ -1008,7 +928,7 @@ async fn v5_subscriber_with_topic_alias_maximum_gets_right_topics() {
     .await;
     assert!(matches!(sub.recv_v5().await, Some(v5::Packet::SubAck(_))));
 
-    let publisher = V4Client::connect(v4_options(b.addr(), "alias-pub")).await;
+    let publisher = V4Client::connect(v4_options(b.addr(), "alias-pub", None)).await;
     let mut aliases = std::collections::HashMap::new();
     for topic in ["w/1", "w/2", "w/1"] {
         publisher
@@ -1149,7 +1069,7 @@ async fn large_payload_passes_intact() {
     sub_opts.set_max_packet_size(Some(1024 * 1024));
     let mut sub = V5Client::connect(sub_opts).await;
     sub.subscribe("big", QoS5::AtLeastOnce).await;
-    let mut opts = v4_options(b.addr(), "big-pub");
+    let mut opts = v4_options(b.addr(), "big-pub", None);
     opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
     let publisher = V4Client::connect(opts).await;
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -1165,7 +1085,7 @@ async fn large_payload_passes_intact() {
 #[tokio::test]
 async fn v5_will_with_properties_reaches_v311_subscriber() {
     let b = TestBroker::start(config()).await;
-    let mut sub = V4Client::connect(v4_options(b.addr(), "v4-watcher")).await;
+    let mut sub = V4Client::connect(v4_options(b.addr(), "v4-watcher", None)).await;
     sub.subscribe("wills/#", QoS::AtLeastOnce).await;
 
     let will = v5::LastWill::new(
@@ -1277,7 +1197,7 @@ async fn publish_to_reaches_one_session_only() {
 #[tokio::test]
 async fn clients_lists_connected_clients_with_their_identity_and_counts() {
     let mut b = TestBroker::start(config()).await;
-    let mut opts = v4_options(b.addr(), "stat-v4");
+    let mut opts = v4_options(b.addr(), "stat-v4", None);
     opts.set_credentials("alice", "");
     let v4c = V4Client::connect(opts).await;
     let mut v5raw = Raw::connect(b.addr()).await;
@@ -1338,7 +1258,7 @@ async fn panic_in_one_connection_closes_only_that_connection() {
         ..Tuning::default()
     };
     let mut b = TestBroker::start_tuned(config(), tuning).await;
-    let mut healthy = V4Client::connect(v4_options(b.addr(), "healthy")).await;
+    let mut healthy = V4Client::connect(v4_options(b.addr(), "healthy", None)).await;
     healthy.subscribe("rt/#", QoS::AtLeastOnce).await;
     healthy.subscribe("wills/#", QoS::AtLeastOnce).await;
 
@@ -1491,7 +1411,7 @@ async fn persistence_keeps_retained_messages_and_sessions_across_a_restart() {
             ("keep/state".to_owned(), false)
         ]
     );
-    let mut fresh = V4Client::connect(v4_options(b2.addr(), "fresh")).await;
+    let mut fresh = V4Client::connect(v4_options(b2.addr(), "fresh", None)).await;
     fresh.subscribe("keep/#", QoS::AtLeastOnce).await;
     let p = fresh.next_publish().await;
     assert_eq!(

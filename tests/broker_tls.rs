@@ -7,6 +7,8 @@
 mod bridge_config;
 #[path = "common/certs.rs"]
 mod certs;
+#[path = "common/v4_client.rs"]
+mod v4_client;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use v4_client::{v4_options, V4Client};
 
 /// Upper bound for anything that should happen promptly.
 const WAIT: Duration = Duration::from_secs(10);
@@ -167,111 +170,6 @@ impl TestBroker {
 
 // ---------- clients ----------
 
-struct V4Client {
-    client: rumqttc::AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
-}
-
-fn v4_options(
-    addr: SocketAddr,
-    id: &str,
-    tls: Option<Arc<rustls::ClientConfig>>,
-) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    if let Some(c) = tls {
-        o.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(c),
-        ));
-    }
-    o
-}
-
-impl V4Client {
-    fn start(opts: rumqttc::MqttOptions) -> V4Client {
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 32);
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let r = eventloop.poll().await.map_err(|e| format!("{e:?}"));
-                let stop = r.is_err();
-                if tx.send(r).is_err() || stop {
-                    break;
-                }
-            }
-        });
-        V4Client { client, events }
-    }
-
-    async fn connect(opts: rumqttc::MqttOptions) -> V4Client {
-        let mut c = Self::start(opts);
-        c.wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))))
-            .await;
-        c
-    }
-
-    async fn wait(&mut self, want: impl Fn(&rumqttc::Event) -> bool) -> rumqttc::Event {
-        let found = timeout(WAIT, async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(e)) if want(&e) => return e,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => panic!("v4 client failed: {e}"),
-                    None => panic!("v4 client event loop ended"),
-                }
-            }
-        })
-        .await;
-        found.expect("v4 client event in time")
-    }
-
-    /// The first connection error (a failed handshake, a refused CONNACK, a closed link).
-    async fn error(&mut self) -> String {
-        let found = timeout(WAIT, async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
-                        panic!("connected, but should not have: {a:?}")
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return e,
-                    None => panic!("event loop ended without error"),
-                }
-            }
-        })
-        .await;
-        found.expect("v4 client error in time")
-    }
-
-    async fn subscribe(&mut self, filter: &str) {
-        self.client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe queued");
-        self.wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))))
-            .await;
-    }
-
-    async fn publish(&mut self, topic: &str, payload: &'static [u8]) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .expect("publish queued");
-        self.wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))))
-            .await;
-    }
-
-    async fn next_publish(&mut self) -> v4::Publish {
-        match self
-            .wait(|e| matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))))
-            .await
-        {
-            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => p,
-            _ => unreachable!("filtered above"),
-        }
-    }
-}
-
 /// Wait until the peer closes `stream` (ignoring what it sends first); panics after [`WAIT`].
 async fn closed_by_peer(stream: &mut (impl AsyncRead + Unpin)) {
     timeout(WAIT, async {
@@ -298,9 +196,9 @@ fn v4_connect_bytes(id: &str) -> BytesMut {
 /// A TLS client and the broker's own subscriber both see a plain publish and a TLS publish.
 async fn assert_round_trip(b: &mut TestBroker, tls: Arc<rustls::ClientConfig>, id: &str) {
     let mut over_tls = V4Client::connect(v4_options(b.tls(), id, Some(tls))).await;
-    over_tls.subscribe("from/plain").await;
+    over_tls.subscribe("from/plain", QoS::AtLeastOnce).await;
     let mut plain = V4Client::connect(v4_options(b.plain(), &format!("{id}-plain"), None)).await;
-    plain.subscribe("from/tls").await;
+    plain.subscribe("from/tls", QoS::AtLeastOnce).await;
 
     over_tls.publish("from/tls", b"secret").await;
     let p = plain.next_publish().await;
@@ -347,7 +245,7 @@ async fn mqtt5_over_tls() {
     ));
     let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 32);
     let mut plain = V4Client::connect(v4_options(b.plain(), "v5-peer", None)).await;
-    plain.subscribe("v5/out").await;
+    plain.subscribe("v5/out", QoS::AtLeastOnce).await;
     client
         .subscribe("v5/in", QoS5::AtLeastOnce)
         .await
