@@ -122,19 +122,9 @@ async fn store(path: &Path, end: u32) -> Result<(), Error> {
         source,
     };
     let tmp = path.with_extension("ic.tmp");
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(err)?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, format!("{end}\n").as_bytes())
+    super::write_file_durably(path, &tmp, format!("{end}\n").as_bytes())
         .await
-        .map_err(err)?;
-    f.sync_all().await.map_err(err)?;
-    drop(f);
-    tokio::fs::rename(&tmp, path).await.map_err(err)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = tokio::fs::File::open(dir).await {
-            let _ = d.sync_all().await;
-        }
-    }
-    Ok(())
+        .map_err(err)
 }
 
 #[cfg(test)]

@@ -227,6 +227,27 @@ pub fn load_meter_registry(entry: &MeterConfig) -> Result<Vec<MeterConfig>, Erro
     Ok(out)
 }
 
+/// Replaces the small state file `path` (invocation counter, profile position) durably: writes
+/// `bytes` to `tmp`, syncs it, renames it over `path`, then syncs the directory so the rename
+/// survives a power cut too.
+pub(crate) async fn write_file_durably(
+    path: &std::path::Path,
+    tmp: &std::path::Path,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut f = tokio::fs::File::create(tmp).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut f, bytes).await?;
+    f.sync_all().await?;
+    drop(f);
+    tokio::fs::rename(tmp, path).await?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = tokio::fs::File::open(dir).await {
+            let _ = d.sync_all().await;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,19 +340,9 @@ pub async fn store_position(path: &Path, ts_ms: i64) -> Result<(), Error> {
         source,
     };
     let tmp = path.with_extension("pos.tmp");
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(err)?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, ts_ms.to_string().as_bytes())
+    super::write_file_durably(path, &tmp, ts_ms.to_string().as_bytes())
         .await
-        .map_err(err)?;
-    f.sync_all().await.map_err(err)?;
-    drop(f);
-    tokio::fs::rename(&tmp, path).await.map_err(err)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = tokio::fs::File::open(dir).await {
-            let _ = d.sync_all().await;
-        }
-    }
-    Ok(())
+        .map_err(err)
 }
 
 #[cfg(test)]
