@@ -184,6 +184,18 @@ pub struct Security {
     pub dedicated_key: bool,
 }
 
+impl Security {
+    /// The next invocation counter value (reserved on disk before it is used).
+    async fn next_invocation(&self) -> Result<u32> {
+        self.counter
+            .lock()
+            .await
+            .take()
+            .await
+            .map_err(Error::Counter)
+    }
+}
+
 impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Security")
@@ -365,10 +377,10 @@ impl<L: Link> DlmsClient<L> {
         let Some(sec) = self.settings.security.clone() else {
             return Ok(req.to_vec());
         };
-        let ic = sec.counter.lock().await.take().await.map_err(|e| {
-            self.assoc = None;
-            Error::Counter(e)
-        })?;
+        let ic = sec
+            .next_invocation()
+            .await
+            .inspect_err(|_| self.assoc = None)?;
         let plain = req.first().copied().unwrap_or(0);
         match self
             .ciphered
@@ -478,13 +490,7 @@ impl<L: Link> DlmsClient<L> {
     async fn associate_hls(&mut self, sec: &Security) -> Result<Aare> {
         let mut ctos = [0u8; CTOS_LEN];
         rand::Rng::fill(&mut rand::rng(), &mut ctos[..]);
-        let ic = sec
-            .counter
-            .lock()
-            .await
-            .take()
-            .await
-            .map_err(Error::Counter)?;
+        let ic = sec.next_invocation().await?;
         let dedicated = sec.dedicated_key.then(|| {
             let mut k = [0u8; 16];
             rand::Rng::fill(&mut rand::rng(), &mut k[..]);
@@ -554,13 +560,7 @@ impl<L: Link> DlmsClient<L> {
         self.assoc = Some(aare);
 
         // Pass 3: f(StoC) = SC ‖ IC ‖ GMAC(StoC), under our title and a fresh counter value.
-        let ic = sec
-            .counter
-            .lock()
-            .await
-            .take()
-            .await
-            .map_err(Error::Counter)?;
+        let ic = sec.next_invocation().await?;
         let f_stoc = ciphering::hls_response(&sec.keys, &sec.system_title, ic, &stoc);
         let r = self
             .action(
