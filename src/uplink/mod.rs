@@ -676,12 +676,6 @@ impl Uplink {
                 return Ok(());
             };
             s.cursor = last.id;
-            let devices = rows
-                .iter()
-                .map(|r| r.record.device.as_str())
-                .collect::<HashSet<_>>()
-                .len();
-            self.adapt_linger(s, rows.len(), devices);
             self.plan(rows, life, s).await;
         }
     }
@@ -698,7 +692,9 @@ impl Uplink {
 
     /// Turn rows into publishes: per device in order, `connect` first if not yet announced in
     /// this session, consecutive telemetry/attribute rows coalesced, split to fit a packet.
+    /// The rows and devices it finds also set the next linger ([`Uplink::adapt_linger`]).
     async fn plan(&self, rows: Vec<StoredRecord>, life: &mut Life, s: &mut Session) {
+        let read = rows.len();
         let max = life.max_packet_size(&self.cfg);
         let mut order: Vec<String> = Vec::new();
         let mut per: HashMap<String, Vec<StoredRecord>> = HashMap::new();
@@ -727,6 +723,7 @@ impl Uplink {
                 }
             }
         }
+        self.adapt_linger(s, read - forgotten.len(), order.len());
         if !recreated.is_empty() {
             self.persist_names(life, recreated).await;
         }
