@@ -64,11 +64,17 @@ use thingsboard as tb;
 use tls::TlsSettings;
 
 /// Rows read from the store at once; a full read means a backlog, read again without lingering.
-pub const READ_BATCH_ROWS: usize = 1000;
+/// Room for one linger of 100 busy devices (60,000 msg/s × 20 ms = 1,200 rows): a read cut
+/// short sends each device twice, in a full and a small publish.
+pub const READ_BATCH_ROWS: usize = 2000;
 /// The longest linger the uplink grows to on a dense stream (see `Uplink::adapt_linger`).
 pub const MAX_ADAPTIVE_LINGER: Duration = Duration::from_millis(25);
 /// A read this small never lengthens the linger (a few records say nothing of the rate).
 const MIN_ROWS_TO_GROW_LINGER: usize = 16;
+/// Records per device a lingering read aims at on a dense stream: ThingsBoard handles a
+/// twelfth of the messages, and no record waits longer than it takes to gather them
+/// (docs/benchmarks.md: with 8 the emulated ThingsBoard was busier and the tail longer).
+const TARGET_ROWS_PER_DEVICE: usize = 12;
 /// Rows acked by ThingsBoard wait up to this long to be deleted together: one store call (one
 /// wake-up of its thread) per batch instead of one per burst of PUBACKs. Short next to the
 /// commit interval, so most records delivered within their commit group are still never
@@ -681,8 +687,9 @@ impl Uplink {
     }
 
     /// Lingers longer while the stream is dense: when a read found at least two records per
-    /// device on average, the next linger doubles (up to [`MAX_ADAPTIVE_LINGER`]), so each
-    /// publish carries more entries and ThingsBoard handles fewer messages; below 1.5 per device
+    /// device on average, the next linger moves towards the one that gathers
+    /// [`TARGET_ROWS_PER_DEVICE`] (up to [`MAX_ADAPTIVE_LINGER`]), so each publish carries
+    /// several entries and ThingsBoard handles fewer messages; below 1.5 per device
     /// it halves back towards `batch_linger`. A sparse stream (many devices at a few messages a
     /// second each, the usual meter load) keeps the configured linger and its latency.
     /// `batch_linger = "0s"` turns lingering off altogether.
@@ -1206,15 +1213,20 @@ fn announcement(device: &str, device_type: &str) -> Out {
 }
 
 /// The linger after a read of `rows` records of `devices` devices (see `Uplink::adapt_linger`);
-/// `floor` is `batch_linger`.
+/// `floor` is `batch_linger`. On a dense stream the records a read finds per device grow with
+/// the linger, so the linger moves halfway towards the one that would have found
+/// [`TARGET_ROWS_PER_DEVICE`]: at 60,000 msg/s from 100 devices that settles near 20 ms, at
+/// 90,000 near 13 ms. A linger no longer than the rate needs keeps latency down.
 fn next_linger(current: Duration, floor: Duration, rows: usize, devices: usize) -> Duration {
     if floor.is_zero() {
         return Duration::ZERO;
     }
     let cap = floor.max(MAX_ADAPTIVE_LINGER);
     let current = current.max(floor);
-    if rows >= 2 * devices.max(1) && rows >= MIN_ROWS_TO_GROW_LINGER {
-        (current * 2).min(cap)
+    let devices = devices.max(1);
+    if rows >= 2 * devices && rows >= MIN_ROWS_TO_GROW_LINGER {
+        let want = current.mul_f64((TARGET_ROWS_PER_DEVICE * devices) as f64 / rows as f64);
+        ((current + want) / 2).clamp(floor, cap)
     } else if 2 * rows < 3 * devices {
         (current / 2).max(floor)
     } else {
@@ -1806,10 +1818,31 @@ mod tests {
         let floor = ms(5);
         // 100 devices at a few messages a second each: one record per device, no change.
         assert_eq!(next_linger(floor, floor, 100, 100), floor);
-        // Three records per device: doubles, up to the cap.
-        let mut l = floor;
-        for _ in 0..5 {
-            l = next_linger(l, floor, 300, 100);
+        // A steady dense stream: the records a read finds per device grow with the linger,
+        // which settles where that is the target, below the cap.
+        let settle = |per_device_per_ms: f64| {
+            let mut l = floor;
+            for _ in 0..30 {
+                let rows = (per_device_per_ms * l.as_secs_f64() * 1000.0 * 100.0) as usize;
+                l = next_linger(l, floor, rows.min(READ_BATCH_ROWS), 100);
+            }
+            l
+        };
+        // 600 msg/s per device (60,000 from 100): 12 records in 20 ms.
+        let l = settle(0.6);
+        assert!(l > ms(19) && l < ms(21), "{l:?}");
+        // 900 msg/s per device: 13.3 ms.
+        let l = settle(0.9);
+        assert!(l > ms(12) && l < ms(15), "{l:?}");
+        // 400 msg/s per device: 12 records would take 30 ms, so the cap.
+        assert_eq!(settle(0.4), MAX_ADAPTIVE_LINGER);
+        // 3,000 msg/s per device: 4 ms would do, but never below the configured linger.
+        assert_eq!(settle(3.0), floor);
+        // 200 msg/s per device once grown: stays at the cap.
+        let rows = |l: Duration| (0.2 * l.as_secs_f64() * 1000.0 * 100.0) as usize;
+        let mut l = ms(10);
+        for _ in 0..10 {
+            l = next_linger(l, floor, rows(l), 100);
         }
         assert_eq!(l, MAX_ADAPTIVE_LINGER);
         // A few records say nothing: no growth.
