@@ -14,6 +14,11 @@ pub const LIVE_KEYS: &[&str] = &[
     "broker.tls_key_file",
     "broker.tls_ca_file",
     "broker.tls_require_client_cert",
+    // Re-read by the uplink at every reload, used from its next connection (TLS on or off,
+    // `thingsboard.tls` and `port`, needs a restart).
+    "thingsboard.ca_file",
+    "thingsboard.cert_file",
+    "thingsboard.key_file",
 ];
 
 /// Keys (`thingsboard.host`, `meters`) whose values differ. Secrets are compared by value,
@@ -119,6 +124,26 @@ mod tests {
         let (live, restart) = split_live(&changed);
         assert_eq!(live, ["log.level", "meters"]);
         assert_eq!(restart, ["thingsboard.access_token", "thingsboard.host"]);
+    }
+
+    #[test]
+    fn the_thingsboard_certificate_files_are_live_and_tls_on_off_needs_a_restart() {
+        let a = load_str("[thingsboard]\naccess_token = \"x\"\n").expect("parses");
+        let mut b = a.clone();
+        b.thingsboard.ca_file = Some("/etc/dlms-bridge/ca.pem".into());
+        b.thingsboard.cert_file = Some("/etc/dlms-bridge/gw.pem".into());
+        b.thingsboard.key_file = Some("/etc/dlms-bridge/gw.key".into());
+        b.thingsboard.tls = Some(true);
+        let (live, restart) = split_live(&changed_keys(&a, &b));
+        assert_eq!(
+            live,
+            [
+                "thingsboard.ca_file",
+                "thingsboard.cert_file",
+                "thingsboard.key_file"
+            ]
+        );
+        assert_eq!(restart, ["thingsboard.tls"]);
     }
 
     #[test]

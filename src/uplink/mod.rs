@@ -191,8 +191,14 @@ pub struct TlsReloader(Arc<watch::Sender<TlsSettings>>);
 
 impl TlsReloader {
     /// Re-read the files named in `settings` (even when they are the same paths as before).
+    /// Whether TLS is on stays as the uplink started: it follows `thingsboard.tls` and `port`,
+    /// which need a restart, and TLS switched on against the old plain port would only fail.
     pub fn reload(&self, settings: TlsSettings) {
-        self.0.send_replace(settings);
+        self.0.send_modify(|s| {
+            let enabled = s.enabled;
+            *s = settings;
+            s.enabled = enabled;
+        });
     }
 }
 
@@ -1810,6 +1816,40 @@ mod tests {
             v4_error(rumqttc::ConnectionError::Io(refused)),
             NetError::Other(_)
         ));
+    }
+
+    #[test]
+    fn a_reload_changes_the_certificate_files_but_not_whether_tls_is_on() {
+        let started = TlsSettings {
+            enabled: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        let (tx, rx) = watch::channel(started);
+        let reloader = TlsReloader(Arc::new(tx));
+        // The file now says port 8883 (TLS on) and names certificates.
+        reloader.reload(TlsSettings {
+            enabled: true,
+            ca_file: Some("/etc/dlms-bridge/ca.pem".into()),
+            cert_file: Some("/etc/dlms-bridge/gw.pem".into()),
+            key_file: Some("/etc/dlms-bridge/gw.key".into()),
+        });
+        assert!(rx.has_changed().expect("open"), "the uplink is woken");
+        let now = rx.borrow();
+        assert!(!now.enabled, "TLS on/off waits for the restart");
+        assert_eq!(
+            now.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/dlms-bridge/ca.pem"))
+        );
+        assert_eq!(
+            now.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/dlms-bridge/gw.pem"))
+        );
+        assert_eq!(
+            now.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/dlms-bridge/gw.key"))
+        );
     }
 
     #[test]
