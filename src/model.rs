@@ -74,7 +74,11 @@ impl Record {
             device: device.into(),
             device_type: device_type.into(),
             kind: RecordKind::Telemetry,
-            payload: serde_json::json!({ "ts": ts, "values": Value::Object(values) }),
+            // Built by hand: `json!` would serialise `values` into a deep copy of itself.
+            payload: Value::Object(Map::from_iter([
+                ("ts".to_owned(), Value::from(ts)),
+                ("values".to_owned(), Value::Object(values)),
+            ])),
         }
     }
 

@@ -167,7 +167,10 @@ pub fn telemetry_batches_of_texts(
         if ids.is_empty() {
             return;
         }
-        let payload = format!("{head}{body}]}}").into_bytes();
+        let mut payload = Vec::with_capacity(head.len() + body.len() + 2);
+        payload.extend_from_slice(head.as_bytes());
+        payload.extend_from_slice(body.as_bytes());
+        payload.extend_from_slice(b"]}");
         out.push(Batch {
             topic,
             payload,
