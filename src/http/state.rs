@@ -164,24 +164,31 @@ impl LiveState {
                 let Ok(mut g) = self.inner.write() else {
                     return;
                 };
-                if !g.clients.contains_key(&msg.client_id) && g.clients.len() >= MAX_CLIENTS {
-                    let oldest = g
-                        .clients
-                        .values()
-                        .min_by_key(|c| c.last_seen_ms)
-                        .map(|c| c.client_id.clone());
-                    if let Some(o) = oldest {
-                        g.clients.remove(&o);
+                // Looked up before inserting: every local message passes here, and `entry` would
+                // allocate the client id each time.
+                if !g.clients.contains_key(&msg.client_id) {
+                    if g.clients.len() >= MAX_CLIENTS {
+                        let oldest = g
+                            .clients
+                            .values()
+                            .min_by_key(|c| c.last_seen_ms)
+                            .map(|c| c.client_id.clone());
+                        if let Some(o) = oldest {
+                            g.clients.remove(&o);
+                        }
                     }
+                    g.clients.insert(
+                        msg.client_id.clone(),
+                        ClientLive {
+                            client_id: msg.client_id.clone(),
+                            first_seen_ms: msg.received_ms,
+                            ..ClientLive::default()
+                        },
+                    );
                 }
-                let c = g
-                    .clients
-                    .entry(msg.client_id.clone())
-                    .or_insert_with(|| ClientLive {
-                        client_id: msg.client_id.clone(),
-                        first_seen_ms: msg.received_ms,
-                        ..ClientLive::default()
-                    });
+                let Some(c) = g.clients.get_mut(&msg.client_id) else {
+                    return;
+                };
                 c.username.clone_from(&msg.username);
                 c.messages += 1;
                 c.bytes += len;

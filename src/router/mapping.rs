@@ -664,11 +664,21 @@ impl MappingSet {
             ..
         } = self;
 
-        for rule in data.iter().filter(|r| r.filter.matches(topic)) {
+        let data_rules: Vec<&DataRule> = data.iter().filter(|r| r.filter.matches(topic)).collect();
+        // The parsed payload is read by no rule after the last data rule (the usual case: one
+        // data rule and nothing else on the topic): that rule may move its `"*"` values out of
+        // it instead of copying them.
+        let others = connect
+            .iter()
+            .chain(disconnect.iter())
+            .any(|r| r.filter.matches(topic))
+            || attr_requests.iter().any(|r| r.filter.matches(topic));
+        for (i, rule) in data_rules.iter().enumerate() {
             if rule.bytes.is_none() {
                 parse(&mut json_cache)?;
             }
-            apply_data_rule(rule, msg, json_cache.as_ref(), state, &mut out)?;
+            let last_use = !others && i + 1 == data_rules.len();
+            apply_data_rule(rule, msg, json_cache.as_mut(), last_use, state, &mut out)?;
         }
 
         for (rules, kind) in [
@@ -938,27 +948,31 @@ struct DeviceOut {
     telemetry: Vec<(TimestampMs, Map<String, Value>)>,
 }
 
+/// `last_use`: nothing reads `json` after this rule, so `"*"` values may be moved out of it.
 fn apply_data_rule(
     rule: &DataRule,
     msg: &LocalPublish,
-    json: Option<&Value>,
+    json: Option<&mut Value>,
+    last_use: bool,
     state: &mut HashMap<String, DeviceState>,
     out: &mut Vec<Record>,
 ) -> Result<(), Error> {
-    let items: &[Value] = match json {
-        Some(Value::Array(a)) => a,
-        Some(v) => std::slice::from_ref(v),
-        None => &[],
+    let mut bytes_item = [Value::Null];
+    let items: &mut [Value] = if rule.bytes.is_some() {
+        &mut bytes_item[..]
+    } else {
+        match json {
+            Some(Value::Array(a)) => a,
+            Some(v) => std::slice::from_mut(v),
+            None => &mut [],
+        }
     };
+    // Moving is safe only when the rule's telemetry reads nothing but `"*"`: listed
+    // datapoints would evaluate their expressions on the item after the move.
+    let take = last_use && rule.timeseries.all && rule.timeseries.list.is_empty();
     let mut devices: Vec<DeviceOut> = Vec::with_capacity(1);
     let mut pending: Vec<(String, Value, Strategy)> = Vec::new();
-    let bytes_item = [Value::Null];
-    let items = if rule.bytes.is_some() {
-        &bytes_item[..]
-    } else {
-        items
-    };
-    for item in items {
+    for item in items.iter_mut() {
         let input = Input {
             topic: &msg.topic,
             json: if rule.bytes.is_some() {
@@ -1008,14 +1022,18 @@ fn apply_data_rule(
         );
         // Telemetry: `"*"` over a `{"ts","values"}` payload takes its ts.
         let mut ts_override = None;
-        collect(
-            rule,
-            &rule.timeseries,
-            &input,
-            item,
-            &mut pending,
-            &mut ts_override,
-        );
+        if take {
+            take_all(rule, item, &mut pending, &mut ts_override);
+        } else {
+            collect(
+                rule,
+                &rule.timeseries,
+                &input,
+                item,
+                &mut pending,
+                &mut ts_override,
+            );
+        }
         if let Some(t) = ts_override.filter(|_| !rule.use_received_ts) {
             ts = t;
         }
@@ -1072,6 +1090,34 @@ fn payload_ts(item: &Value) -> Option<TimestampMs> {
             .filter(|f| f.is_finite())
             .map(|f| f as i64),
         _ => None,
+    }
+}
+
+/// What [`collect`] gives for `"*"` alone, moving the keys and values out of `item` instead of
+/// copying them (the item is not read again: see `apply_data_rule`).
+fn take_all(
+    rule: &DataRule,
+    item: &mut Value,
+    out: &mut Vec<(String, Value, Strategy)>,
+    ts_override: &mut Option<TimestampMs>,
+) {
+    let Some(o) = item.as_object_mut() else {
+        return;
+    };
+    if o.get("values").is_some_and(Value::is_object) {
+        if let Some(ts) = o.get("ts") {
+            *ts_override = payload_ts(&json!({ "ts": ts }));
+            if let Some(Value::Object(vals)) = o.remove("values") {
+                out.extend(vals.into_iter().map(|(k, v)| (k, v, rule.strategy)));
+            }
+            return;
+        }
+    }
+    for (k, v) in std::mem::take(o) {
+        if v.is_null() || rule.skip_keys.contains(&k) {
+            continue;
+        }
+        out.push((k, v, rule.strategy));
     }
 }
 
@@ -2141,6 +2187,69 @@ mod tests {
         device_name_json = "${deviceName}"
         timeseries = ["*"]
     "#;
+
+    /// `"*"` moves its values out of the parsed payload only on its last use: a second rule on
+    /// the same topic, the attributes of the same rule and every item of an array still see
+    /// every value, and both payload shapes give what they gave when the values were copied.
+    #[test]
+    fn star_values_are_the_same_whether_moved_or_copied() {
+        let mut set = native(
+            r#"
+            [[mappings]]
+            topic_filter = "s/+/t"
+            device_name_json = "${deviceName}"
+            attributes = ["*"]
+            timeseries = ["*"]
+            [[mappings]]
+            topic_filter = "s/#"
+            device_name_json = "${deviceName}-copy"
+            timeseries = ["*"]
+            "#,
+        );
+        let out = set
+            .map(&publish(
+                "s/a/t",
+                r#"[{"deviceName":"A","ts":5,"t":1.5,"on":true,"n":null},
+                    {"deviceName":"B","ts":6,"values":{"t":2}}]"#,
+            ))
+            .expect("matched")
+            .expect("mapped");
+        let got: Vec<(String, RecordKind, Value)> = out
+            .iter()
+            .map(|r| (r.device.clone(), r.kind, r.payload.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "A".into(),
+                    RecordKind::Attributes,
+                    json!({"t": 1.5, "on": true})
+                ),
+                (
+                    "A".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 5, "values": {"t": 1.5, "on": true}})
+                ),
+                ("B".into(), RecordKind::Attributes, json!({"t": 2})),
+                (
+                    "B".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 6, "values": {"t": 2}})
+                ),
+                (
+                    "A-copy".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 5, "values": {"t": 1.5, "on": true}})
+                ),
+                (
+                    "B-copy".into(),
+                    RecordKind::Telemetry,
+                    json!({"ts": 6, "values": {"t": 2}})
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn native_pass_through_maps_every_key_but_the_name() {
