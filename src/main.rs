@@ -290,7 +290,7 @@ async fn reload(
     let (raw, cfg) = match preflight::load_and_check(path) {
         Ok(c) => c,
         Err(e) => {
-            warn!(
+            error!(
                 error = chain(&e),
                 "Reload: configuration not applied; keeping the running one."
             );
@@ -315,7 +315,7 @@ async fn reload(
     }
     // Meters are always re-applied: a `database` entry's registry may change without the file.
     if let Err(e) = running.reload(&cfg).await {
-        warn!(
+        error!(
             error = format!("{e:#}"),
             "Reload: meters/mappings not applied."
         );

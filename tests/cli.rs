@@ -921,6 +921,9 @@ fn reload_names_only_what_changed_and_what_needs_a_restart() {
     hup();
     let lines = lines_until(&rx, "Reload: configuration not applied");
     let all = lines.join("\n");
+    // An ERROR, like Mosquitto's for a configuration it cannot load: `journalctl -p err` shows it.
+    let refused = lines.last().expect("line");
+    assert!(refused.contains("ERROR"), "{refused}");
     assert!(
         all.contains("line") && all.contains("access_token = ***"),
         "{all}"
