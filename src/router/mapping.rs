@@ -664,7 +664,6 @@ impl MappingSet {
             ..
         } = self;
 
-        let data_rules: Vec<&DataRule> = data.iter().filter(|r| r.filter.matches(topic)).collect();
         // The parsed payload is read by no rule after the last data rule (the usual case: one
         // data rule and nothing else on the topic): that rule may move its `"*"` values out of
         // it instead of copying them.
@@ -673,11 +672,15 @@ impl MappingSet {
             .chain(disconnect.iter())
             .any(|r| r.filter.matches(topic))
             || attr_requests.iter().any(|r| r.filter.matches(topic));
-        for (i, rule) in data_rules.iter().enumerate() {
+        let last = data.iter().rposition(|r| r.filter.matches(topic));
+        for (i, rule) in data.iter().enumerate() {
+            if !rule.filter.matches(topic) {
+                continue;
+            }
             if rule.bytes.is_none() {
                 parse(&mut json_cache)?;
             }
-            let last_use = !others && i + 1 == data_rules.len();
+            let last_use = !others && last == Some(i);
             apply_data_rule(rule, msg, json_cache.as_mut(), last_use, state, &mut out)?;
         }
 
