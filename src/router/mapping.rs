@@ -1081,7 +1081,11 @@ fn apply_data_rule(
 /// A top-level `ts`/`timestamp` in ms (number or numeric text).
 fn payload_ts(item: &Value) -> Option<TimestampMs> {
     let o = item.as_object()?;
-    let v = o.get("ts").or_else(|| o.get("timestamp"))?;
+    ts_ms(o.get("ts").or_else(|| o.get("timestamp"))?)
+}
+
+/// A timestamp in ms from a number or numeric text.
+fn ts_ms(v: &Value) -> Option<TimestampMs> {
     match v {
         Value::Number(n) => n
             .as_i64()
@@ -1107,21 +1111,30 @@ fn take_all(
     let Some(o) = item.as_object_mut() else {
         return;
     };
-    if o.get("values").is_some_and(Value::is_object) {
-        if let Some(ts) = o.get("ts") {
-            *ts_override = payload_ts(&json!({ "ts": ts }));
-            if let Some(Value::Object(vals)) = o.remove("values") {
-                out.extend(vals.into_iter().map(|(k, v)| (k, v, rule.strategy)));
-            }
-            return;
+    if let Some(ts) = ts_values_form(o) {
+        *ts_override = ts_ms(ts);
+        if let Some(Value::Object(vals)) = o.remove("values") {
+            out.extend(vals.into_iter().map(|(k, v)| (k, v, rule.strategy)));
         }
+        return;
     }
-    for (k, v) in std::mem::take(o) {
-        if v.is_null() || rule.skip_keys.contains(&k) {
-            continue;
-        }
-        out.push((k, v, rule.strategy));
-    }
+    out.extend(
+        std::mem::take(o)
+            .into_iter()
+            .filter(|(k, v)| star_keeps(rule, k, v))
+            .map(|(k, v)| (k, v, rule.strategy)),
+    );
+}
+
+/// The `ts` of an object in ThingsBoard's `{"ts": .., "values": {..}}` form, whose `"*"` is
+/// the `values` (at that `ts`) rather than every key.
+fn ts_values_form(o: &Map<String, Value>) -> Option<&Value> {
+    o.get("values").filter(|v| v.is_object()).and(o.get("ts"))
+}
+
+/// Whether `"*"` over a plain object takes key `k`: not null, not the device name or time.
+fn star_keeps(rule: &DataRule, k: &str, v: &Value) -> bool {
+    !v.is_null() && !rule.skip_keys.iter().any(|s| s == k)
 }
 
 /// Evaluate datapoints into `(key, value, strategy)`; missing values are skipped (spec §6.4).
@@ -1135,21 +1148,20 @@ fn collect(
 ) {
     if dps.all {
         if let Some(o) = item.as_object() {
-            if let (Some(vals), Some(ts)) =
-                (o.get("values").and_then(Value::as_object), o.get("ts"))
-            {
-                *ts_override = payload_ts(&json!({ "ts": ts }));
+            if let Some(ts) = ts_values_form(o) {
+                *ts_override = ts_ms(ts);
+                if let Some(vals) = o.get("values").and_then(Value::as_object) {
+                    out.extend(
+                        vals.iter()
+                            .map(|(k, v)| (k.clone(), v.clone(), rule.strategy)),
+                    );
+                }
+            } else {
                 out.extend(
-                    vals.iter()
+                    o.iter()
+                        .filter(|(k, v)| star_keeps(rule, k, v))
                         .map(|(k, v)| (k.clone(), v.clone(), rule.strategy)),
                 );
-            } else {
-                for (k, v) in o {
-                    if v.is_null() || rule.skip_keys.iter().any(|s| s == k) {
-                        continue;
-                    }
-                    out.push((k.clone(), v.clone(), rule.strategy));
-                }
             }
         }
     }
